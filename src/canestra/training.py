@@ -1,0 +1,196 @@
+"""train / evaluate: catalog -> features table -> PCA + classifier -> one PipelineModel.
+
+Features are computed once, written as a table, and read back (cached) for the
+PCA and classifier fits: the CNN, the expensive part, never runs twice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import __version__, backbone, storage
+from .catalog import ingest
+from .config import Settings
+from .errors import InputError
+from .featurizer import ImageFeaturizer
+from .metrics import classification_metrics
+from .progress import Progress
+from .report import write_report
+from .split import METHOD, DEFAULT_BLOCKS
+
+FEATURES = "features"
+MODEL = "model"
+METRICS_JSON = "metrics.json"
+REPORT_HTML = "report.html"
+PREDICTION_COL = "predicted_label"
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    metrics: dict
+    timings: dict = field(default_factory=dict)
+
+
+def make_featurizer(cfg: Settings) -> ImageFeaturizer:
+    return ImageFeaturizer(
+        inputCol="content",
+        outputCol="features",
+        batchSize=cfg.batch_size,
+        imageSizes=list(cfg.image_sizes),
+        threads=cfg.threads,
+    )
+
+
+def featurize_table(spark, catalog_path: str, out_path: str, featurizer: ImageFeaturizer) -> str:
+    """Write the features table (image_id, label, split, features) atomically."""
+    catalog = spark.read.parquet(catalog_path)
+    staging = storage.staging_dir(out_path)
+    (
+        featurizer.transform(catalog.select("image_id", "label", "split", "content"))
+        .drop("content")
+        .write.mode("overwrite")
+        .parquet(staging)
+    )
+    storage.publish_dir(staging, out_path)
+    return out_path
+
+
+def fit_pca(train_df, cfg: Settings, input_dim: int):
+    """Fit PCA with ``pca_k`` components, or the fewest reaching ``pca_variance``."""
+    from pyspark.ml.feature import PCA
+
+    if cfg.pca_variance is not None:
+        # One fit with many components gives the spectrum; refit at the chosen k.
+        probe_k = min(input_dim, 512)
+        probe = PCA(k=probe_k, inputCol="features", outputCol="pca").fit(train_df)
+        cum, k = 0.0, probe_k
+        for i, v in enumerate(probe.explainedVariance.toArray(), start=1):
+            cum += float(v)
+            if cum >= cfg.pca_variance:
+                k = i
+                break
+    else:
+        k = min(cfg.pca_k, input_dim)
+    return PCA(k=k, inputCol="features", outputCol="pca").fit(train_df)
+
+
+def make_classifier(cfg: Settings, features_col: str):
+    from pyspark.ml.classification import LogisticRegression
+
+    return LogisticRegression(
+        featuresCol=features_col,
+        labelCol="label_index",
+        predictionCol="prediction",
+        family="multinomial",
+        regParam=cfg.reg_param,
+        elasticNetParam=cfg.elastic_net,
+        maxIter=cfg.max_iter,
+        tol=1e-7,
+    )
+
+
+def confusion_counts(predictions, label_col: str = "label", pred_col: str = PREDICTION_COL):
+    rows = predictions.groupBy(label_col, pred_col).count().collect()
+    return [(r[label_col], r[pred_col], int(r["count"])) for r in rows]
+
+
+def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None = None) -> TrainResult:
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.feature import IndexToString, StringIndexer
+
+    progress = progress or Progress()
+    out_dir = storage.ensure_output_dir(out)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    with progress.stage("ingest") as st:
+        res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        st.note(
+            f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined"
+            + (" (catalog reused)" if res.reused else "")
+        )
+    timings["ingest"] = st.seconds
+
+    featurizer = make_featurizer(cfg)
+    features_path = os.path.join(out_dir, FEATURES)
+    with progress.stage("featurize") as st:
+        featurize_table(spark, res.catalog_path, features_path, featurizer)
+        st.note(f"{featurizer.featureDim()}-d EfficientNet-Lite0 embeddings at {'+'.join(map(str, cfg.image_sizes))} px")
+    timings["featurize"] = st.seconds
+
+    with progress.stage("fit") as st:
+        feats = spark.read.parquet(features_path).where("features IS NOT NULL").cache()
+        train_df = feats.where("split = 'train'")
+        test_df = feats.where("split = 'test'")
+        indexer = StringIndexer(inputCol="label", outputCol="label_index", stringOrderType="alphabetAsc").fit(train_df)
+        train_idx = indexer.transform(train_df).cache()
+        n_train = train_idx.count()
+        if n_train == 0:
+            raise InputError("no training images left after the split: add images or lower --test-fraction")
+        pca = fit_pca(train_idx, cfg, featurizer.featureDim())
+        clf = make_classifier(cfg, "pca").fit(pca.transform(train_idx))
+        to_label = IndexToString(inputCol="prediction", outputCol=PREDICTION_COL, labels=indexer.labels)
+        model = PipelineModel(stages=[featurizer, pca, clf, to_label])
+        st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims, logistic regression on {n_train} images")
+    timings["fit"] = st.seconds
+
+    with progress.stage("evaluate") as st:
+        # Evaluate from the cached features (the same stages minus the CNN).
+        scored = PipelineModel(stages=[pca, clf, to_label]).transform(test_df)
+        counts = confusion_counts(scored)
+        metrics = classification_metrics(counts, classes=list(indexer.labels))
+        st.note(f"top-1 accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} held-out images")
+    timings["evaluate"] = st.seconds
+
+    with progress.stage("save") as st:
+        model_path = os.path.join(out_dir, MODEL)
+        staging = storage.staging_dir(model_path)
+        model.write().overwrite().save(staging)
+        storage.publish_dir(staging, model_path)
+        n_test = test_df.count()
+        feats.unpersist()
+        train_idx.unpersist()
+        ev = [float(v) for v in pca.explainedVariance.toArray()]
+        timings["total"] = time.perf_counter() - t_start
+        metrics.update(
+            {
+                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "canestra_version": __version__,
+                "pca": {
+                    "k": pca.getK(),
+                    "input_dim": featurizer.featureDim(),
+                    "explained_variance": sum(ev),
+                    "explained_variance_ratio": ev,
+                },
+                "counts": {
+                    "images": res.images,
+                    "train": n_train,
+                    "test": n_test,
+                    "quarantined": res.quarantined,
+                    "classes": len(indexer.labels),
+                },
+                "split": {
+                    "method": METHOD,
+                    "test_fraction": cfg.test_fraction,
+                    "seed": cfg.seed,
+                    "blocks_per_class": DEFAULT_BLOCKS,
+                },
+                "model": {
+                    "backbone": backbone.MODEL_NAME + " (ImageNet, ONNX Runtime)",
+                    "image_sizes": list(cfg.image_sizes),
+                    "classifier": "multinomial logistic regression (Spark ML)",
+                    "reg_param": cfg.reg_param,
+                    "max_iter": cfg.max_iter,
+                },
+                "timings_s": timings,
+            }
+        )
+        storage.write_text_atomic(os.path.join(out_dir, METRICS_JSON), json.dumps(metrics, indent=2, allow_nan=False))
+        write_report(metrics, os.path.join(out_dir, REPORT_HTML))
+    timings["save"] = st.seconds
+    return TrainResult(out_dir, metrics, timings)
