@@ -32,13 +32,13 @@ class Settings:
     batch_size: int = 64  # images per ONNX Runtime call
     arrow_batch: int = 256  # rows per Arrow batch into the UDF: bounds worker memory
     threads: int = 1  # ONNX Runtime threads per Spark task
-    pca_k: int | None = 128
+    pca_k: int | None = 256
     pca_variance: float | None = None
     test_fraction: float = 0.2
     seed: int = 42
-    reg_param: float = 1e-3
+    reg_param: float = 1e-4
     elastic_net: float = 0.0
-    max_iter: int = 200
+    max_iter: int = 100
     driver_memory: str = "4g"
     debug: bool = False
     extra_spark_conf: dict[str, str] = field(default_factory=dict)
@@ -60,6 +60,10 @@ class Settings:
             if not 0.0 < s.pca_variance <= 1.0:
                 raise InputError(f"--pca-variance must be in (0, 1], got {s.pca_variance}")
             s.pca_k = None
+        if not 0.0 < s.test_fraction < 1.0:
+            raise InputError(f"--test-fraction must be between 0 and 1 (exclusive), got {s.test_fraction}")
+        if s.batch_size < 1 or s.threads < 1 or s.arrow_batch < 1:
+            raise InputError("--batch-size, --threads and --arrow-batch must be positive numbers")
         if s.pca_k is not None and s.pca_k < 1:
             raise InputError(f"--pca-k must be a positive number of components, got {s.pca_k}")
         return s

@@ -74,7 +74,8 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
         .appName(app_name)
         .config("spark.driver.extraJavaOptions", log_opt)
         .config("spark.executor.extraJavaOptions", log_opt)
-        .config("spark.ui.showConsoleProgress", "true")
+        # Spark's progress bar only where a person watches; CI logs get our stage lines.
+        .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")
         .config("spark.ui.enabled", "false")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.python.worker.reuse", "true")

@@ -90,7 +90,10 @@ def make_classifier(cfg: Settings, features_col: str):
         regParam=cfg.reg_param,
         elasticNetParam=cfg.elastic_net,
         maxIter=cfg.max_iter,
-        tol=1e-7,
+        tol=1e-6,
+        # PCA output is already on the scale of the embedding's variance; re-standardising
+        # each component would amplify the low-variance (noisy) tail (measured: -0.3 points).
+        standardization=False,
     )
 
 

@@ -1,0 +1,46 @@
+"""Shared fixtures: one local SparkSession per test run, the bundled sample, a trained model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample" / "fruits-360"
+SHARED = ROOT.parent / "shared" / "data" / "fruits-360-sample" / "Training"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/corpus.py
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from canestra.sparkctx import get_spark
+
+    session = get_spark("local[2]", app_name="canestra-tests",
+                        conf={"spark.sql.execution.arrow.maxRecordsPerBatch": "128", "spark.sql.shuffle.partitions": "4"})
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    assert SAMPLE.is_dir(), "the bundled sample is missing"
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def trained(spark, tmp_path_factory, sample_dir):
+    """Train once on the bundled sample (10 classes x 32 images) for the tests that need a model."""
+    from canestra.config import Settings
+    from canestra.progress import Progress
+    from canestra.training import train
+
+    out = tmp_path_factory.mktemp("trained")
+    cfg = Settings.load(pca_k=32)
+    result = train(spark, str(sample_dir), str(out), cfg, Progress(quiet=True))
+    return result

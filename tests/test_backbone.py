@@ -1,0 +1,96 @@
+"""The pretrained network: built without torch, numerically right, classifies ImageNet-like fruit."""
+
+from __future__ import annotations
+
+import glob
+import io
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from canestra import backbone
+from canestra.torch_weights import load_state_dict
+
+# ImageNet-1k indices of fruit/vegetable classes that Fruits-360 also has.
+IMAGENET = {"Banana": 954, "Orange": 950, "Lemon": 951, "Strawberry": 949, "Apple Granny Smith": 948,
+            "Pomegranate": 957, "Pepper Red": 945, "Cauliflower": 938, "Pineapple": 953}
+
+
+def _load(folder):
+    return [np.asarray(Image.open(f).convert("RGB")) for f in sorted(glob.glob(f"{folder}/*.jpg"))]
+
+
+def test_weights_read_without_torch_have_expected_shapes():
+    sd = load_state_dict(backbone.weights_path())
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert sd["_fc.weight"].shape == (1000, 1280)
+    assert sd["_conv_head.weight"].dtype == np.float32
+
+
+def test_weights_reader_refuses_code_in_pickle(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:
+        for obj in (0x1950A86A20F9469CFC6C, 1001, {}):
+            pickle.dump(obj, fh)
+        pickle.dump({"w": Evil()}, fh)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        load_state_dict(str(path))
+
+
+def test_fruit_images_get_their_imagenet_class(sample_dir):
+    """Not just 'it loads': real fruit photos land on the right ImageNet class."""
+    top1 = top5 = n = 0
+    for cls, idx in IMAGENET.items():
+        folder = sample_dir / cls
+        if not folder.is_dir():
+            continue
+        images = _load(folder)[::4]
+        _, logits = backbone.embed(images, (224,), threads=2, with_logits=True)
+        order = np.argsort(-logits, axis=1)
+        top1 += int((order[:, 0] == idx).sum())
+        top5 += int((order[:, :5] == idx).any(axis=1).sum())
+        n += len(images)
+    assert n >= 40
+    assert top5 / n >= 0.9, f"top-5 ImageNet hit rate {top5 / n:.2f}"
+    assert top1 / n >= 0.7, f"top-1 ImageNet hit rate {top1 / n:.2f}"
+
+
+def test_preprocessing_is_pinned_inside_the_graph():
+    """Feeding uint8 pixels is the only way in: the graph does (x-127)/128 itself."""
+    import onnx
+
+    model = onnx.load(backbone.default_model_path())
+    inp = model.graph.input[0]
+    assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert float(inits["mean"]) == 127.0 and abs(float(inits["inv_std"]) - 1 / 128) < 1e-9
+
+
+def test_embeddings_are_batch_independent_and_size_concatenates(sample_dir):
+    images = _load(sample_dir / "Banana")[:5]
+    one_by_one = np.concatenate([backbone.embed([im], (100,)) for im in images])
+    batched = backbone.embed(images, (100,))
+    np.testing.assert_allclose(one_by_one, batched, rtol=1e-4, atol=1e-4)
+    both = backbone.embed(images, (100, 224))
+    assert both.shape == (5, 2 * backbone.FEATURE_DIM)
+    np.testing.assert_allclose(both[:, : backbone.FEATURE_DIM], batched, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_graph_matches_the_torch_reference():
+    torch = pytest.importorskip("torch")
+    effnet = pytest.importorskip("efficientnet_lite_pytorch")
+    net = effnet.EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(backbone.weights_path(), map_location="cpu"))
+    net.eval()
+    x = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    feats, logits = backbone.embed(list(x), (224,), with_logits=True)
+    xt = torch.from_numpy(((x.astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2))
+    with torch.no_grad():
+        ref = net(xt).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-3)
