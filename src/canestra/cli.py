@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, help="share of frame blocks per class held out (default 0.2)")
     p.add_argument("--seed", type=int, help="split seed (default 42)")
     p.add_argument("--reg-param", type=float, help="logistic regression L2 strength (default 1e-4)")
-    p.add_argument("--max-iter", type=int, help="logistic regression iterations (default 100)")
+    p.add_argument("--max-iter", type=int, help="logistic regression iterations (default 50)")
     _feature_opts(p)
     _common(p)
 

@@ -38,7 +38,7 @@ class Settings:
     seed: int = 42
     reg_param: float = 1e-4
     elastic_net: float = 0.0
-    max_iter: int = 100
+    max_iter: int = 50
     driver_memory: str = "4g"
     debug: bool = False
     extra_spark_conf: dict[str, str] = field(default_factory=dict)

@@ -1,6 +1,5 @@
 """predict / evaluate with a saved PipelineModel on a folder of images."""
 
-from __future__ import annotations
 
 import csv
 import io

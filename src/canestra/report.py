@@ -1,147 +1,489 @@
-"""report.html: a self-contained page (inline SVG + CSS, no script, no network)."""
+"""report.html: one self-contained page (inline SVG + CSS; no script, no network, no external file).
+
+``render_report`` takes the dict canestra writes to ``metrics.json`` and renders
+whatever part of it is present; every key is optional. All text that comes from
+the data (class names are folder names) is escaped. The output is also
+well-formed XML, so it can be checked with any XML parser.
+"""
 
 from __future__ import annotations
 
 import html
+import json
+import math
 import os
-import tempfile
+from collections.abc import Sequence
+
+# Colour ramps (ColorBrewer): green for the diagonal (correct share of the
+# row = recall), red for off-diagonal cells (share of the row going there).
+_GREENS = ("#e5f5e0", "#a1d99b", "#41ab5d", "#006d2c")
+_REDS = ("#fde0d2", "#fc9272", "#de2d26", "#67000d")
+_ERR_FULL = 0.5  # an off-diagonal cell with this share of its row gets the darkest red
+_BAR, _LINE = "#9ecae1", "#08519c"
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
-main{max-width:1100px;margin:0 auto;padding:16px}
-h1{font-size:22px;margin:8px 0 4px}h2{font-size:17px;margin:28px 0 8px}
-.cards{display:flex;flex-wrap:wrap;gap:10px}.card{background:#fff;border-radius:8px;padding:10px 14px;
-box-shadow:0 1px 2px #0002;min-width:120px}.card b{display:block;font-size:20px}
-table{border-collapse:collapse;background:#fff;font-size:13px}td,th{padding:3px 8px;border-bottom:1px solid #e3e6ea;
-text-align:right}td:first-child,th:first-child{text-align:left}.scroll{overflow:auto;max-width:100%;background:#fff;
-border-radius:8px;padding:8px}.muted{color:#667}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;
+color:#1d2430;background:#f4f6f8}
+main{max-width:1180px;margin:0 auto;padding:16px 20px 40px}
+h1{font-size:24px;margin:6px 0 2px}
+h2{font-size:18px;margin:30px 0 6px}
+p{margin:4px 0 10px}
+.muted{color:#5f6b7a}
+.small{font-size:12px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px;margin-top:14px}
+.card{background:#fff;border-radius:10px;padding:10px 14px;box-shadow:0 1px 2px rgba(0,0,0,.12)}
+.card .k{font-size:12px;color:#5f6b7a;text-transform:uppercase;letter-spacing:.03em}
+.card .v{display:block;font-size:22px;font-weight:600;margin-top:2px;white-space:nowrap}
+.card .s{display:block;font-size:12px;color:#5f6b7a}
+.panel{background:#fff;border-radius:10px;padding:10px;box-shadow:0 1px 2px rgba(0,0,0,.12);
+overflow:auto;max-width:100%}
+.panel svg{display:block}
+.tall{max-height:720px}
+table{border-collapse:collapse;font-size:13px;width:100%}
+th,td{padding:4px 10px;border-bottom:1px solid #e6e9ee;text-align:right;white-space:nowrap}
+th{position:sticky;top:0;background:#fff;font-weight:600;color:#3b4656}
+th:first-child,td:first-child{text-align:left;white-space:normal;word-break:break-word}
+td.l{text-align:left}
+tr.absent td{color:#8a94a3}
+.bar{display:inline-block;vertical-align:middle;height:8px;border-radius:2px;margin-left:8px;width:70px;
+background:#e6e9ee;overflow:hidden}
+.bar i{display:block;height:100%}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:14px}
+.grid h2{margin-top:14px}
+footer{margin-top:30px;font-size:12px;color:#8a94a3}
+@media (max-width:600px){main{padding:10px}h1{font-size:20px}.card .v{font-size:18px}th,td{padding:3px 6px}}
 """
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _pct(x) -> str:
-    return f"{float(x) * 100:.2f}%"
+def _num(x, default: float = 0.0) -> float:
+    """A finite float, or ``default`` for anything missing, non-numeric or not finite."""
+    if isinstance(x, bool):
+        return float(x)
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return default
+    return v if math.isfinite(v) else default
+
+
+def _int(x, default: int = 0) -> int:
+    return int(_num(x, default))
+
+
+def _pct(x, digits: int = 2) -> str:
+    return f"{_num(x) * 100:.{digits}f}%"
+
+
+def _mix(stops: Sequence[str], t: float) -> str:
+    """Colour at ``t`` in [0, 1] along a piecewise-linear ramp of hex colours."""
+    t = min(1.0, max(0.0, t)) * (len(stops) - 1)
+    i = min(int(t), len(stops) - 2)
+    f = t - i
+    a, b = stops[i], stops[i + 1]
+    rgb = [round(int(a[k:k + 2], 16) * (1 - f) + int(b[k:k + 2], 16) * f) for k in (1, 3, 5)]
+    return "#" + "".join(f"{c:02x}" for c in rgb)
+
+
+def _dark(stops: Sequence[str], t: float) -> bool:
+    c = _mix(stops, t)
+    r, g, b = (int(c[k:k + 2], 16) for k in (1, 3, 5))
+    return 0.299 * r + 0.587 * g + 0.114 * b < 140
+
+
+def _err_t(share: float) -> float:
+    return math.sqrt(min(1.0, share / _ERR_FULL))
+
+
+def _short(label: str, limit: int = 32) -> str:
+    return label if len(label) <= limit else label[: limit - 1] + "…"
+
+
+def _seconds(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f} s"
+    m, sec = divmod(int(round(s)), 60)
+    if m < 60:
+        return f"{m} min {sec:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
+
+
+def _value(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "—"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_value(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+def _nice(x: float) -> float:
+    """The smallest 1/2/2.5/5 x 10^n that is >= x (x > 0)."""
+    p = 10 ** math.floor(math.log10(x))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * p >= x * (1 - 1e-9):
+            return m * p
+    return 10 * p
+
+
+# ----------------------------------------------------------------------------- confusion matrix
+
+
+def _clean_matrix(cmx) -> tuple[list[str], list[list[int]]] | None:
+    if not isinstance(cmx, dict):
+        return None
+    labels, matrix = cmx.get("labels"), cmx.get("matrix")
+    if not isinstance(labels, list) or not isinstance(matrix, list) or not labels or len(matrix) != len(labels):
+        return None
+    n = len(labels)
+    rows = []
+    for row in matrix:
+        if not isinstance(row, list) or len(row) != n:
+            return None
+        rows.append([max(0, _int(v)) for v in row])
+    return [str(x) for x in labels], rows
 
 
 def _confusion_svg(labels: list[str], matrix: list[list[int]]) -> str:
     n = len(labels)
-    if n == 0:
-        return "<p class=muted>no confusion matrix</p>"
-    cell = max(5, min(28, 900 // n))
-    font = max(5, min(11, cell - 2))
-    margin = int(font * 0.62 * max(len(s) for s in labels)) + 14
-    size = margin + n * cell + 10
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" '
-             f'viewBox="0 0 {size} {size}" font-size="{font}" font-family="sans-serif">']
+    cell = max(9, min(30, 1000 // n))
+    font = max(7.5, min(12.0, cell * 0.85))
+    shown = [_short(s) for s in labels]
+    char_w = font * 0.56
+    margin = int(char_w * max(len(s) for s in shown)) + 14
+    top = margin + 18  # room for the "predicted" axis title
+    left = margin + 18
+    side = n * cell
+    width, height = left + side + 12, top + side + 12
+    show_counts = cell >= 22
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+         f'viewBox="0 0 {width} {height}" font-family="system-ui,Helvetica,Arial,sans-serif" '
+         f'font-size="{font:.1f}" role="img" aria-label="confusion matrix, {n} classes">']
+    o.append(f'<rect x="{left}" y="{top}" width="{side}" height="{side}" fill="#fbfcfd"/>')
+    # guide lines every 5 classes (darker every 10) to follow rows and columns
+    step = 5 if n > 15 else 1
+    for k in range(step, n, step):
+        c = "#d5dae1" if k % 10 == 0 or step == 1 else "#eceff3"
+        p = k * cell
+        o.append(f'<line x1="{left}" x2="{left + side}" y1="{top + p}" y2="{top + p}" stroke="{c}" stroke-width="0.6"/>'
+                 f'<line x1="{left + p}" x2="{left + p}" y1="{top}" y2="{top + side}" stroke="{c}" stroke-width="0.6"/>')
     for i, row in enumerate(matrix):
-        total = sum(row) or 1
+        total = sum(row)
+        if not total:
+            continue
         for j, v in enumerate(row):
             if not v:
                 continue
             share = v / total
-            if i == j:
-                color = f"rgb({int(235 - 200 * share)},{int(245 - 110 * share)},{int(235 - 200 * share)})"
-            else:
-                color = f"rgb(230,{int(200 - 170 * min(1, share * 3))},{int(200 - 170 * min(1, share * 3))})"
-            parts.append(
-                f'<rect x="{margin + j * cell}" y="{margin + i * cell}" width="{cell}" height="{cell}" fill="{color}">'
-                f"<title>{_e(labels[i])} → {_e(labels[j])}: {v}</title></rect>"
-            )
-    for k, lab in enumerate(labels):
-        y = margin + k * cell + cell / 2 + font / 3
-        parts.append(f'<text x="{margin - 4}" y="{y:.1f}" text-anchor="end">{_e(lab)}</text>')
-        x = margin + k * cell + cell / 2 + font / 3
-        parts.append(f'<text transform="translate({x:.1f},{margin - 4}) rotate(-90)">{_e(lab)}</text>')
-    parts.append(f'<rect x="{margin}" y="{margin}" width="{n * cell}" height="{n * cell}" fill="none" stroke="#999"/>')
-    parts.append("</svg>")
-    return "".join(parts)
+            stops, t = (_GREENS, share) if i == j else (_REDS, _err_t(share))
+            x, y = left + j * cell, top + i * cell
+            o.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{_mix(stops, t)}">'
+                     f"<title>{_e(labels[i])} → {_e(labels[j])}: {v} ({share * 100:.1f}% of row)</title></rect>")
+            if show_counts:
+                fill = "#fff" if _dark(stops, t) else "#1d2430"
+                o.append(f'<text x="{x + cell / 2:.1f}" y="{y + cell / 2 + font * 0.35:.1f}" text-anchor="middle" '
+                         f'fill="{fill}" font-size="{min(font, cell * 0.45):.1f}" pointer-events="none">{v}</text>')
+    o.append(f'<rect x="{left}" y="{top}" width="{side}" height="{side}" fill="none" stroke="#9aa3ae"/>')
+    o.append('<g fill="#2b3442">')
+    for k, (lab, short) in enumerate(zip(labels, shown)):
+        mid = k * cell + cell / 2 + font * 0.35
+        tip = f"<title>{_e(lab)}</title>" if short != lab else ""
+        o.append(f'<text x="{left - 4}" y="{top + mid:.1f}" text-anchor="end">{tip}{_e(short)}</text>')
+        o.append(f'<text transform="translate({left + mid:.1f},{top - 4}) rotate(-90)">{tip}{_e(short)}</text>')
+    o.append("</g>")
+    o.append(f'<text x="{left + side / 2:.1f}" y="12" text-anchor="middle" font-size="12" font-weight="600" '
+             f'fill="#3b4656">predicted →</text>')
+    o.append(f'<text transform="translate(12,{top + side / 2:.1f}) rotate(-90)" text-anchor="middle" font-size="12" '
+             f'font-weight="600" fill="#3b4656">← true</text>')
+    o.append("</svg>")
+    return "".join(o)
 
 
-def _variance_svg(ratios: list[float]) -> str:
-    if not ratios:
-        return "<p class=muted>no PCA spectrum</p>"
-    w, h, left, bottom, top = 760, 280, 50, 30, 12
-    pw, ph = w - left - 12, h - bottom - top
+def _legend_svg() -> str:
+    w, h, bw = 560, 44, 200
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+         f'font-family="system-ui,Helvetica,Arial,sans-serif" font-size="11" fill="#3b4656" role="img" '
+         f'aria-label="colour legend">']
+    for x0, stops, title, ticks in (
+        (10, _GREENS, "correct (diagonal), share of the true class", [(0, "0%"), (0.5, "50%"), (1, "100%")]),
+        (290, _REDS, "errors (off-diagonal), share of the true class",
+         [(0, "0%"), (_err_t(0.05), "5%"), (_err_t(0.2), "20%"), (1, f"≥{_ERR_FULL * 100:.0f}%")]),
+    ):
+        o.append(f'<text x="{x0}" y="11">{_e(title)}</text>')
+        steps = 40
+        for s in range(steps):
+            o.append(f'<rect x="{x0 + s * bw / steps:.1f}" y="16" width="{bw / steps + 0.4:.1f}" height="10" '
+                     f'fill="{_mix(stops, (s + 0.5) / steps)}"/>')
+        for t, lab in ticks:
+            anchor = "start" if t == 0 else "end" if t == 1 else "middle"
+            o.append(f'<text x="{x0 + t * bw:.1f}" y="39" text-anchor="{anchor}">{_e(lab)}</text>')
+    o.append("</svg>")
+    return "".join(o)
+
+
+# ----------------------------------------------------------------------------- PCA spectrum
+
+
+def _variance_svg(ratios: list[float], cumulative: float | None) -> str:
     k = len(ratios)
+    w, h = 760, 320
+    left, right, top, bottom = 56, 62, 34, 44
+    pw, ph = w - left - right, h - top - bottom
+    ymax_r = _nice(max(max(ratios), 1e-6) * 100 * 1.05)  # right axis (per component), in %
     bar = pw / k
-    cum, points = 0.0, []
-    top_bar = max(ratios)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-             f'font-size="11" font-family="sans-serif">']
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+         f'font-family="system-ui,Helvetica,Arial,sans-serif" font-size="11" fill="#3b4656" role="img" '
+         f'aria-label="PCA explained variance">']
+    # left axis: cumulative share 0..100 %, with grid lines
     for t in range(0, 101, 20):
         y = top + ph * (1 - t / 100)
-        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e3e6ea"/>'
-                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{t}%</text>')
+        o.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e9ee"/>'
+                 f'<line x1="{left - 4}" x2="{left}" y1="{y:.1f}" y2="{y:.1f}" stroke="#3b4656"/>'
+                 f'<text x="{left - 7}" y="{y + 4:.1f}" text-anchor="end" fill="{_LINE}">{t}%</text>')
+    # right axis: per-component share 0..ymax_r %
+    for s in range(6):
+        val = ymax_r * s / 5
+        y = top + ph * (1 - s / 5)
+        lab = f"{val:.3g}%"
+        o.append(f'<line x1="{left + pw}" x2="{left + pw + 4}" y1="{y:.1f}" y2="{y:.1f}" stroke="#3b4656"/>'
+                 f'<text x="{left + pw + 7}" y="{y + 4:.1f}" fill="#4a7fa8">{lab}</text>')
+    # bars (right axis)
+    for i, r in enumerate(ratios):
+        bh = ph * min(1.0, r * 100 / ymax_r)
+        x = left + i * bar
+        gap = min(1.0, bar * 0.15)
+        o.append(f'<rect x="{x + gap / 2:.2f}" y="{top + ph - bh:.2f}" width="{max(bar - gap, 0.6):.2f}" '
+                 f'height="{bh:.2f}" fill="{_BAR}"><title>component {i + 1}: {r * 100:.2f}%</title></rect>')
+    # cumulative line (left axis), from (0, 0%)
+    cum, pts = 0.0, [f"{left},{top + ph}"]
     for i, r in enumerate(ratios):
         cum += r
-        bh = ph * r / top_bar * 0.5  # bars scaled to half height: per-component share
-        x = left + i * bar
-        parts.append(f'<rect x="{x:.2f}" y="{top + ph - bh:.2f}" width="{max(bar - 0.5, 0.5):.2f}" height="{bh:.2f}" '
-                     f'fill="#7aa6d8"><title>component {i + 1}: {r * 100:.2f}%</title></rect>')
-        points.append(f"{x + bar / 2:.2f},{top + ph * (1 - cum):.2f}")
-    parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#1f5fa8" stroke-width="2"/>')
-    yc = top + ph * (1 - cum)
-    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{yc:.1f}" y2="{yc:.1f}" stroke="#1f5fa8" '
-                 f'stroke-dasharray="4 3"/><text x="{left + pw}" y="{yc - 4:.1f}" text-anchor="end">'
-                 f"cumulative {cum * 100:.1f}% at k={k}</text>")
-    for t in sorted({1, max(1, k // 4), max(1, k // 2), max(1, 3 * k // 4), k}):
+        pts.append(f"{left + (i + 1) * bar:.2f},{top + ph * (1 - min(cum, 1.0)):.2f}")
+    total = cumulative if cumulative is not None else cum
+    o.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{_LINE}" stroke-width="2" '
+             f'stroke-linejoin="round"/>')
+    yc = top + ph * (1 - min(max(total, 0.0), 1.0))
+    o.append(f'<line x1="{left}" x2="{left + pw}" y1="{yc:.1f}" y2="{yc:.1f}" stroke="{_LINE}" stroke-width="1.2" '
+             f'stroke-dasharray="5 4"/>')
+    ty = yc - 6 if yc - 6 > top + 10 else yc + 15
+    o.append(f'<text x="{left + pw - 4}" y="{ty:.1f}" text-anchor="end" fill="{_LINE}" font-weight="600">'
+             f"k = {k} keeps {total * 100:.1f}% of the variance</text>")
+    # x axis with ticks at component numbers
+    o.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#3b4656"/>'
+             f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#3b4656"/>'
+             f'<line x1="{left + pw}" x2="{left + pw}" y1="{top}" y2="{top + ph}" stroke="#3b4656"/>')
+    step = max(1, int(_nice(k / 8)))
+    ticks = sorted({1, *range(step, k + 1, step)})
+    if k - ticks[-1] >= step / 2:
+        ticks.append(k)
+    for t in ticks:
         x = left + (t - 0.5) * bar
-        parts.append(f'<text x="{x:.1f}" y="{h - 10}" text-anchor="middle">{t}</text>')
-    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#333"/></svg>')
-    return "".join(parts)
+        o.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#3b4656"/>'
+                 f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{t}</text>')
+    o.append(f'<text x="{left + pw / 2:.1f}" y="{h - 6}" text-anchor="middle">principal component</text>')
+    # legend
+    o.append(f'<line x1="{left}" x2="{left + 22}" y1="14" y2="14" stroke="{_LINE}" stroke-width="2"/>'
+             f'<text x="{left + 28}" y="18">cumulative share (left axis)</text>'
+             f'<rect x="{left + 210}" y="8" width="14" height="11" fill="{_BAR}"/>'
+             f'<text x="{left + 230}" y="18">share per component (right axis)</text>')
+    o.append("</svg>")
+    return "".join(o)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _cards(metrics: dict) -> str:
+    counts = metrics.get("counts") if isinstance(metrics.get("counts"), dict) else {}
+    pca = metrics.get("pca") if isinstance(metrics.get("pca"), dict) else {}
+    per = metrics.get("per_class") if isinstance(metrics.get("per_class"), dict) else {}
+    cards: list[tuple[str, str, str]] = []
+    if "accuracy" in metrics:
+        cards.append(("top-1 accuracy", _pct(metrics["accuracy"]), ""))
+    if "macro_f1" in metrics:
+        sub = f"weighted {_num(metrics['weighted_f1']):.4f}" if "weighted_f1" in metrics else ""
+        cards.append(("macro-F1", f"{_num(metrics['macro_f1']):.4f}", sub))
+    n_test = metrics.get("n", counts.get("test"))
+    if n_test is not None:
+        sub = f"{_int(counts['train']):,} train" if "train" in counts else ""
+        cards.append(("test images", f"{_int(n_test):,}", sub))
+    n_classes = counts.get("classes", len(per) if per else None)
+    if n_classes is not None:
+        cards.append(("classes", f"{_int(n_classes):,}", ""))
+    if pca:
+        dim = pca.get("input_dim")
+        sub = (f"{_pct(pca['explained_variance'], 1)} of variance" if "explained_variance" in pca else "")
+        cards.append(("PCA components", f"{pca.get('k', '?')}", (f"from {dim} · " if dim is not None else "") + sub))
+    if "quarantined" in counts:
+        cards.append(("quarantined", f"{_int(counts['quarantined']):,}", "unreadable files skipped"))
+    timings = metrics.get("timings_s") if isinstance(metrics.get("timings_s"), dict) else {}
+    if "total" in timings:
+        cards.append(("total time", _seconds(_num(timings["total"])), ""))
+    if not cards:
+        return ""
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><span class="k">{_e(k)}</span><span class="v">{_e(v)}</span>'
+        + (f'<span class="s">{_e(s)}</span>' if s else "") + "</div>"
+        for k, v, s in cards) + "</div>"
+
+
+def _confusion_section(metrics: dict) -> str:
+    cm = _clean_matrix(metrics.get("confusion_matrix"))
+    if cm is None:
+        return ""
+    labels, matrix = cm
+    return ("<h2>Confusion matrix</h2>"
+            '<p class="muted">Rows: true class; columns: predicted class. Green: share of the class predicted '
+            "correctly (recall); red: share of the class sent to another class. Hover a cell for its count.</p>"
+            f'<div class="panel">{_confusion_svg(labels, matrix)}{_legend_svg()}</div>')
+
+
+def _pca_section(metrics: dict) -> str:
+    pca = metrics.get("pca")
+    if not isinstance(pca, dict) or not pca:
+        return ""
+    raw = pca.get("explained_variance_ratio")
+    ratios = [max(0.0, _num(r)) for r in raw] if isinstance(raw, list) else []
+    cumulative = _num(pca["explained_variance"]) if "explained_variance" in pca else None
+    dim = pca.get("input_dim")
+    text = (f"{_e(dim)}-dimensional CNN features projected on " if dim is not None else "Projected on ") + \
+        f"{_e(pca.get('k', len(ratios) or '?'))} principal components"
+    if cumulative is not None:
+        text += f", keeping {_pct(cumulative, 1)} of the variance"
+    out = f'<h2>PCA explained variance</h2><p class="muted">{text}.</p>'
+    if ratios:
+        out += f'<div class="panel">{_variance_svg(ratios, cumulative)}</div>'
+    return out
+
+
+def _per_class_section(metrics: dict) -> str:
+    per = metrics.get("per_class")
+    if not isinstance(per, dict) or not per:
+        return ""
+    rows = []
+    for c, v in per.items():
+        v = v if isinstance(v, dict) else {}
+        rows.append((str(c), _num(v.get("precision")), _num(v.get("recall")), _num(v.get("f1")), _int(v.get("support"))))
+    rows.sort(key=lambda r: (r[4] == 0, r[3], r[0]))
+    body = []
+    for c, p, r, f, s in rows:
+        colour = _mix(_REDS, 1 - f) if f < 0.9 else _mix(_GREENS, 0.35 + f * 0.5)
+        cls = ' class="absent"' if s == 0 else ""
+        note = ' <span class="small">(not in the test set)</span>' if s == 0 else ""
+        body.append(f"<tr{cls}><td>{_e(c)}{note}</td><td>{p:.3f}</td><td>{r:.3f}</td>"
+                    f'<td>{f:.3f}<span class="bar"><i style="width:{f * 100:.1f}%;background:{colour}"></i></span></td>'
+                    f"<td>{s:,}</td></tr>")
+    return ('<h2>Per class</h2><p class="muted">Worst F1 first. Precision is 0 for a class never predicted.</p>'
+            '<div class="panel tall"><table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>'
+            "<th>support</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
+
+
+def _confusions_section(metrics: dict) -> str:
+    conf = metrics.get("top_confusions")
+    if not isinstance(conf, list):
+        return ""
+    conf = [c for c in conf if isinstance(c, dict)]
+    if not conf:
+        return ""
+    per = metrics.get("per_class") if isinstance(metrics.get("per_class"), dict) else {}
+    body = []
+    for c in conf:
+        t, p, n = str(c.get("true", "?")), str(c.get("predicted", "?")), _int(c.get("count"))
+        sup = _int((per.get(t) or {}).get("support")) if isinstance(per.get(t), dict) else 0
+        share = f"{n / sup * 100:.1f}%" if sup else "—"
+        body.append(f'<tr><td>{_e(t)}</td><td class="l">{_e(p)}</td><td>{n:,}</td><td>{share}</td></tr>')
+    return ('<h2>Top confusions</h2><p class="muted">The largest off-diagonal cells of the confusion matrix.</p>'
+            '<div class="panel"><table><thead><tr><th>true class</th><th class="l" style="text-align:left">'
+            "predicted as</th><th>images</th><th>of the true class</th></tr></thead><tbody>"
+            + "".join(body) + "</tbody></table></div>")
+
+
+def _timings_section(metrics: dict) -> str:
+    t = metrics.get("timings_s")
+    if not isinstance(t, dict) or not t:
+        return ""
+    stages = [(str(k), _num(v)) for k, v in t.items() if k != "total"]
+    total = _num(t["total"]) if "total" in t else sum(s for _, s in stages)
+    body = []
+    for k, s in stages:
+        share = s / total if total > 0 else 0.0
+        body.append(f"<tr><td>{_e(k)}</td><td>{_e(_seconds(s))}</td><td>{share * 100:.1f}%"
+                    f'<span class="bar"><i style="width:{min(share, 1) * 100:.1f}%;background:{_LINE}"></i>'
+                    "</span></td></tr>")
+    if "total" in t:
+        body.append(f"<tr><td><b>total</b></td><td><b>{_e(_seconds(total))}</b></td><td></td></tr>")
+    return ('<div><h2>Stage timings</h2><div class="panel"><table><thead><tr><th>stage</th><th>time</th>'
+            "<th>share</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div></div>")
+
+
+def _kv_section(title: str, d) -> str:
+    if not isinstance(d, dict) or not d:
+        return ""
+    rows = "".join(f'<tr><td>{_e(k)}</td><td class="l">{_e(_value(v))}</td></tr>' for k, v in d.items())
+    return f'<div><h2>{_e(title)}</h2><div class="panel"><table><tbody>{rows}</tbody></table></div></div>'
 
 
 def render_report(metrics: dict) -> str:
-    counts = metrics.get("counts", {})
-    pca = metrics.get("pca") or {}
-    cards = [("top-1 accuracy", _pct(metrics.get("accuracy", 0))), ("macro-F1", f"{metrics.get('macro_f1', 0):.4f}"),
-             ("test images", metrics.get("n", 0)), ("classes", counts.get("classes", len(metrics.get("per_class", {}))))]
-    if pca:
-        cards.append(("PCA", f"{pca.get('input_dim', '?')}→{pca.get('k')} ({_pct(pca.get('explained_variance', 0))})"))
-    if counts.get("quarantined") is not None:
-        cards.append(("quarantined", counts["quarantined"]))
-    body = ['<main><h1>canestra — training report</h1>',
-            f'<p class=muted>{_e(metrics.get("created_at", ""))} · canestra {_e(metrics.get("canestra_version", ""))}</p>',
-            '<div class=cards>' + "".join(f"<div class=card>{_e(k)}<b>{_e(v)}</b></div>" for k, v in cards) + "</div>"]
-    cmx = metrics.get("confusion_matrix", {})
-    body.append("<h2>Confusion matrix</h2><p class=muted>rows: true class, columns: predicted; "
-                "green = correct share of the row, red = errors. Hover a cell for its count.</p>")
-    body.append(f'<div class=scroll>{_confusion_svg(cmx.get("labels", []), cmx.get("matrix", []))}</div>')
-    if pca:
-        body.append("<h2>PCA explained variance</h2><p class=muted>bars: share of each component; "
-                    "line: cumulative share.</p>")
-        body.append(f'<div class=scroll>{_variance_svg(pca.get("explained_variance_ratio", []))}</div>')
-    conf = metrics.get("top_confusions", [])
-    if conf:
-        body.append("<h2>Top confusions</h2><table><tr><th>true</th><th>predicted</th><th>count</th></tr>"
-                    + "".join(f"<tr><td>{_e(c['true'])}</td><td>{_e(c['predicted'])}</td><td>{c['count']}</td></tr>"
-                              for c in conf) + "</table>")
-    per = metrics.get("per_class", {})
-    if per:
-        rows = sorted(per.items(), key=lambda kv: (kv[1]["f1"], kv[0]))
-        body.append("<h2>Per class (worst F1 first)</h2><div class=scroll><table><tr><th>class</th><th>precision</th>"
-                    "<th>recall</th><th>F1</th><th>support</th></tr>"
-                    + "".join(f"<tr><td>{_e(c)}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
-                              f"<td>{v['f1']:.3f}</td><td>{v['support']}</td></tr>" for c, v in rows)
-                    + "</table></div>")
-    for title, key in (("Stage timings (s)", "timings_s"), ("Split", "split"), ("Model", "model"), ("Counts", "counts")):
-        d = metrics.get(key)
-        if d:
-            body.append(f"<h2>{title}</h2><table>" + "".join(
-                f"<tr><td>{_e(k)}</td><td>{_e(f'{v:.1f}' if isinstance(v, float) and key == 'timings_s' else v)}</td></tr>"
-                for k, v in d.items()) + "</table>")
-    body.append("</main>")
-    return ('<!doctype html><html lang=en><head><meta charset=utf-8>'
-            '<meta name=viewport content="width=device-width,initial-scale=1">'
-            f"<title>canestra report</title><style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
+    """The full HTML document for ``metrics`` (the content of metrics.json); every key is optional."""
+    if not isinstance(metrics, dict):
+        metrics = {}
+    counts = metrics.get("counts") if isinstance(metrics.get("counts"), dict) else {}
+    kind = "training" if isinstance(metrics.get("pca"), dict) or "train" in counts else "evaluation"
+    sub = [x for x in (str(metrics.get("created_at", "") or ""),
+                       f"canestra {metrics['canestra_version']}" if metrics.get("canestra_version") else "") if x]
+    page_title = f"canestra {kind} report"
+    if "accuracy" in metrics:
+        page_title += f" — accuracy {_pct(metrics['accuracy'], 1)}"
+    info = "".join(s for s in (
+        _timings_section(metrics),
+        _kv_section("Split", metrics.get("split")),
+        _kv_section("Model", metrics.get("model")),
+        _kv_section("Counts", metrics.get("counts")),
+    ) if s)
+    body = [
+        "<main>",
+        f"<h1>canestra — {kind} report</h1>",
+        f'<p class="muted">{" · ".join(_e(s) for s in sub)}</p>' if sub else "",
+        _cards(metrics),
+        _confusion_section(metrics),
+        _pca_section(metrics),
+        _per_class_section(metrics),
+        _confusions_section(metrics),
+        f'<div class="grid">{info}</div>' if info else "",
+        "<footer>Self-contained report written by canestra: no scripts, no network.</footer>",
+        "</main>",
+    ]
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/>'
+            '<meta name="viewport" content="width=device-width, initial-scale=1"/>'
+            f"<title>{_e(page_title)}</title><style>{_CSS}</style></head>"
+            f"<body>{''.join(body)}</body></html>\n")
 
 
 def write_report(metrics: dict, path: str | os.PathLike) -> None:
+    """Render ``metrics`` and write it to ``path`` atomically (``path + '.tmp'``, then ``os.replace``)."""
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-report-")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(render_report(metrics))
-    os.replace(tmp, path)
+    text = render_report(metrics)  # render first: a rendering error leaves nothing behind
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise

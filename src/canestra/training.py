@@ -136,7 +136,10 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
         if n_train == 0:
             raise InputError("no training images left after the split: add images or lower --test-fraction")
         pca = fit_pca(train_idx, cfg, featurizer.featureDim())
-        clf = make_classifier(cfg, "pca").fit(pca.transform(train_idx))
+        # Cut the lineage before the iterative fit: otherwise every L-BFGS iteration ships
+        # the PCA matrix inside its task binary (measured 1.7 s -> 0.3 s per iteration).
+        projected = pca.transform(train_idx).select("pca", "label_index").localCheckpoint(eager=True)
+        clf = make_classifier(cfg, "pca").fit(projected)
         to_label = IndexToString(inputCol="prediction", outputCol=PREDICTION_COL, labels=indexer.labels)
         model = PipelineModel(stages=[featurizer, pca, clf, to_label])
         st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims, logistic regression on {n_train} images")
