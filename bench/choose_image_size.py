@@ -1,6 +1,6 @@
 """Choose the default CNN input size: accuracy (validation) and speed, measured.
 
-For each candidate (100 px native, 128, 160, 224 upscaled, 100+224 concatenated):
+For each candidate (100 px native, 160 and 224 upscaled, 100+224 concatenated):
   * speed: canestra's Spark featurizer (local[*]) on a class-balanced subset, img/s;
   * accuracy: Spark PCA(k) + the same logistic regression as `canestra train`, fitted on
     the *fit* part of the training split and scored on a *validation* split carved from the
@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "fruits-360-sample" / "Training"
-CANDIDATES = ["100", "128", "160", "224", "100+224"]
+CANDIDATES = ["100", "160", "224", "100+224"]
 
 
 def load_images(root: Path):
@@ -121,7 +121,7 @@ def main() -> None:
     inner = np.array(assign_splits([labels[i] for i in train_idx], [names[i] for i in train_idx], 0.2, 7))
     fit_idx, val_idx = train_idx[inner == "train"], train_idx[inner == "test"]
 
-    feats = {s: bare_features(images, s, Path(args.cache)) for s in (100, 128, 160, 224)}
+    feats = {s: bare_features(images, s, Path(args.cache)) for s in (100, 160, 224)}
     spark = get_spark("local[*]", conf={"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch)})
     rows = []
     for cand in CANDIDATES:

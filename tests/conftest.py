@@ -22,7 +22,8 @@ def spark():
     from canestra.sparkctx import get_spark
 
     session = get_spark("local[2]", app_name="canestra-tests",
-                        conf={"spark.sql.execution.arrow.maxRecordsPerBatch": "128", "spark.sql.shuffle.partitions": "4"})
+                        conf={"spark.sql.execution.arrow.maxRecordsPerBatch": "128", "spark.sql.shuffle.partitions": "2",
+                              "spark.default.parallelism": "2"})
     yield session
     session.stop()
 
@@ -41,6 +42,6 @@ def trained(spark, tmp_path_factory, sample_dir):
     from canestra.training import train
 
     out = tmp_path_factory.mktemp("trained")
-    cfg = Settings.load(pca_k=32)
+    cfg = Settings.load(pca_k=32, max_iter=30)
     result = train(spark, str(sample_dir), str(out), cfg, Progress(quiet=True))
     return result

@@ -112,7 +112,7 @@ def test_rerun_is_idempotent(spark, sample_dir, tmp_path):
     small = tmp_path / "imgs"
     for cls in ("Banana", "Kiwi", "Lemon"):
         shutil.copytree(sample_dir / cls, small / cls)
-    cfg = Settings.load(pca_k=8)
+    cfg = Settings.load(pca_k=8, max_iter=20)
     first = train(spark, str(small), str(tmp_path / "out"), cfg, QUIET)
     preds1 = predict(spark, str(tmp_path / "out" / "model"), str(small), str(tmp_path / "pred"), QUIET)
     rows1 = read_csv(tmp_path / "pred" / "predictions.csv")

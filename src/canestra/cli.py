@@ -87,9 +87,25 @@ def _spark(cfg: Settings):
     return get_spark(cfg.master, conf=conf)
 
 
+def _precheck(args: argparse.Namespace) -> None:
+    """Fail fast on bad paths before paying for a JVM start."""
+    from .catalog import list_for_ingest
+    from .storage import ensure_output_dir
+
+    if args.command in ("ingest", "train"):
+        list_for_ingest(args.images, require_labels=True)
+    if args.command in ("predict", "evaluate"):
+        from .prediction import check_model_dir
+
+        check_model_dir(args.model)
+        list_for_ingest(args.images, require_labels=args.command == "evaluate")
+    ensure_output_dir(args.out)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = _settings(args)
     progress = Progress(quiet=args.quiet)
+    _precheck(args)
     if args.command == "ingest":
         from .catalog import ingest
         from .storage import ensure_output_dir

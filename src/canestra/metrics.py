@@ -105,7 +105,7 @@ def format_summary(metrics: dict) -> str:
     """
     per = metrics.get("per_class") or {}
     n_classes = (metrics.get("counts") or {}).get("classes") or len(per)
-    head = f"accuracy   {_num(metrics.get('accuracy')) * 100:6.2f}%   on {int(_num(metrics.get('n'))):,} test images"
+    head = f"accuracy   {_num(metrics.get('accuracy')) * 100:.2f}%   on {int(_num(metrics.get('n'))):,} test images"
     if n_classes:
         head += f", {n_classes} classes"
     lines = [head, f"macro-F1   {_num(metrics.get('macro_f1')):.4f}"

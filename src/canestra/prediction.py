@@ -28,10 +28,7 @@ class PredictResult:
     predictions_path: str
 
 
-def load_model(path: str):
-    """Load a canestra PipelineModel, with a plain error when ``path`` is not one."""
-    from pyspark.ml import PipelineModel
-
+def check_model_dir(path: str) -> str:
     local = storage.local_path(path)
     if not os.path.isdir(local):
         raise InputError(f"model folder {local} does not exist: pass the model/ folder written by `canestra train`")
@@ -40,6 +37,14 @@ def load_model(path: str):
             f"{local} is not a saved canestra model (no metadata/ and stages/): "
             "pass the model/ folder written by `canestra train`"
         )
+    return local
+
+
+def load_model(path: str):
+    """Load a canestra PipelineModel, with a plain error when ``path`` is not one."""
+    from pyspark.ml import PipelineModel
+
+    local = check_model_dir(path)
     try:
         return PipelineModel.load(local)
     except Exception as exc:  # corrupt or foreign model folder

@@ -34,17 +34,21 @@ p{margin:4px 0 10px}
 .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px;margin-top:14px}
 .card{background:#fff;border-radius:10px;padding:10px 14px;box-shadow:0 1px 2px rgba(0,0,0,.12)}
 .card .k{font-size:12px;color:#5f6b7a;text-transform:uppercase;letter-spacing:.03em}
-.card .v{display:block;font-size:22px;font-weight:600;margin-top:2px;white-space:nowrap}
+.card .v{display:block;font-size:22px;font-weight:600;margin-top:2px}
 .card .s{display:block;font-size:12px;color:#5f6b7a}
 .panel{background:#fff;border-radius:10px;padding:10px;box-shadow:0 1px 2px rgba(0,0,0,.12);
 overflow:auto;max-width:100%}
 .panel svg{display:block}
+.panel svg.fluid{width:100%;min-width:520px;max-width:760px;height:auto}
 .tall{max-height:720px}
 table{border-collapse:collapse;font-size:13px;width:100%}
 th,td{padding:4px 10px;border-bottom:1px solid #e6e9ee;text-align:right;white-space:nowrap}
 th{position:sticky;top:0;background:#fff;font-weight:600;color:#3b4656}
-th:first-child,td:first-child{text-align:left;white-space:normal;word-break:break-word}
-td.l{text-align:left}
+th:first-child,td:first-child{text-align:left;white-space:normal;min-width:9em;overflow-wrap:anywhere}
+td.l,th.l{text-align:left}
+table.kv td:first-child{white-space:nowrap;width:1%;min-width:0;color:#5f6b7a}
+table.kv td{white-space:normal;overflow-wrap:anywhere}
+.narrow{max-width:860px}
 tr.absent td{color:#8a94a3}
 .bar{display:inline-block;vertical-align:middle;height:8px;border-radius:2px;margin-left:8px;width:70px;
 background:#e6e9ee;overflow:hidden}
@@ -52,7 +56,8 @@ background:#e6e9ee;overflow:hidden}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:14px}
 .grid h2{margin-top:14px}
 footer{margin-top:30px;font-size:12px;color:#8a94a3}
-@media (max-width:600px){main{padding:10px}h1{font-size:20px}.card .v{font-size:18px}th,td{padding:3px 6px}}
+@media print{.tall{max-height:none}.panel{box-shadow:none;border:1px solid #e6e9ee}}
+@media (max-width:600px){main{padding:10px}h1{font-size:20px}.card .v{font-size:18px}th,td{padding:3px 6px}.bar{display:none}.cards{grid-template-columns:1fr 1fr}}
 """
 
 
@@ -106,14 +111,17 @@ def _short(label: str, limit: int = 32) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 
-def _seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f} s"
+def _seconds(s: float, compact: bool = False) -> str:
+    if compact and s >= 59.95:
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m}m\u00a0{sec:02d}s" if m < 60 else f"{m // 60}h\u00a0{m % 60:02d}m"
+    if s < 59.95:
+        return f"{s:.1f}\u00a0s"
     m, sec = divmod(int(round(s)), 60)
     if m < 60:
-        return f"{m} min {sec:02d} s"
+        return f"{m}\u00a0min {sec:02d}\u00a0s"
     h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
+    return f"{h}\u00a0h {m:02d}\u00a0min"
 
 
 def _value(v) -> str:
@@ -157,11 +165,17 @@ def _clean_matrix(cmx) -> tuple[list[str], list[list[int]]] | None:
 
 def _confusion_svg(labels: list[str], matrix: list[list[int]]) -> str:
     n = len(labels)
-    cell = max(9, min(30, 1000 // n))
-    font = max(7.5, min(12.0, cell * 0.85))
     shown = [_short(s) for s in labels]
-    char_w = font * 0.56
-    margin = int(char_w * max(len(s) for s in shown)) + 14
+    longest = max(len(s) for s in shown)
+    # Largest cell (8..30 px) for which the whole figure fits in ~1110 px (the page width);
+    # below 8 px it scrolls rather than shrinking the labels further.
+    cell, font, margin = 8, 7.5, 0
+    for c in range(30, 7, -1):
+        f = max(7.5, min(12.0, c * 0.85))
+        m = int(f * 0.56 * longest) + 14
+        cell, font, margin = c, f, m
+        if m + 18 + n * c + 12 <= 1110:
+            break
     top = margin + 18  # room for the "predicted" axis title
     left = margin + 18
     side = n * cell
@@ -242,7 +256,7 @@ def _variance_svg(ratios: list[float], cumulative: float | None) -> str:
     pw, ph = w - left - right, h - top - bottom
     ymax_r = _nice(max(max(ratios), 1e-6) * 100 * 1.05)  # right axis (per component), in %
     bar = pw / k
-    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" class="fluid" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
          f'font-family="system-ui,Helvetica,Arial,sans-serif" font-size="11" fill="#3b4656" role="img" '
          f'aria-label="PCA explained variance">']
     # left axis: cumulative share 0..100 %, with grid lines
@@ -329,7 +343,7 @@ def _cards(metrics: dict) -> str:
         cards.append(("quarantined", f"{_int(counts['quarantined']):,}", "unreadable files skipped"))
     timings = metrics.get("timings_s") if isinstance(metrics.get("timings_s"), dict) else {}
     if "total" in timings:
-        cards.append(("total time", _seconds(_num(timings["total"])), ""))
+        cards.append(("total time", _seconds(_num(timings["total"]), compact=True), ""))
     if not cards:
         return ""
     return '<div class="cards">' + "".join(
@@ -354,7 +368,7 @@ def _pca_section(metrics: dict) -> str:
     if not isinstance(pca, dict) or not pca:
         return ""
     raw = pca.get("explained_variance_ratio")
-    ratios = [max(0.0, _num(r)) for r in raw] if isinstance(raw, list) else []
+    ratios = [max(0.0, _num(r)) for r in raw] if isinstance(raw, (list, tuple)) else []
     cumulative = _num(pca["explained_variance"]) if "explained_variance" in pca else None
     dim = pca.get("input_dim")
     text = (f"{_e(dim)}-dimensional CNN features projected on " if dim is not None else "Projected on ") + \
@@ -385,7 +399,7 @@ def _per_class_section(metrics: dict) -> str:
                     f'<td>{f:.3f}<span class="bar"><i style="width:{f * 100:.1f}%;background:{colour}"></i></span></td>'
                     f"<td>{s:,}</td></tr>")
     return ('<h2>Per class</h2><p class="muted">Worst F1 first. Precision is 0 for a class never predicted.</p>'
-            '<div class="panel tall"><table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>'
+            '<div class="panel tall narrow"><table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>'
             "<th>support</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div>")
 
 
@@ -395,7 +409,7 @@ def _confusions_section(metrics: dict) -> str:
         return ""
     conf = [c for c in conf if isinstance(c, dict)]
     if not conf:
-        return ""
+        return '<h2>Top confusions</h2><p class="muted">No misclassified test image.</p>' if "n" in metrics else ""
     per = metrics.get("per_class") if isinstance(metrics.get("per_class"), dict) else {}
     body = []
     for c in conf:
@@ -404,7 +418,7 @@ def _confusions_section(metrics: dict) -> str:
         share = f"{n / sup * 100:.1f}%" if sup else "—"
         body.append(f'<tr><td>{_e(t)}</td><td class="l">{_e(p)}</td><td>{n:,}</td><td>{share}</td></tr>')
     return ('<h2>Top confusions</h2><p class="muted">The largest off-diagonal cells of the confusion matrix.</p>'
-            '<div class="panel"><table><thead><tr><th>true class</th><th class="l" style="text-align:left">'
+            '<div class="panel narrow"><table><thead><tr><th>true class</th><th class="l">'
             "predicted as</th><th>images</th><th>of the true class</th></tr></thead><tbody>"
             + "".join(body) + "</tbody></table></div>")
 
@@ -427,11 +441,14 @@ def _timings_section(metrics: dict) -> str:
             "<th>share</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div></div>")
 
 
-def _kv_section(title: str, d) -> str:
+def _kv_section(title: str, d, thousands: bool = False) -> str:
     if not isinstance(d, dict) or not d:
         return ""
-    rows = "".join(f'<tr><td>{_e(k)}</td><td class="l">{_e(_value(v))}</td></tr>' for k, v in d.items())
-    return f'<div><h2>{_e(title)}</h2><div class="panel"><table><tbody>{rows}</tbody></table></div></div>'
+    def fmt(v):
+        return f"{v:,}" if thousands and isinstance(v, int) and not isinstance(v, bool) else _value(v)
+
+    rows = "".join(f'<tr><td>{_e(k)}</td><td class="l">{_e(fmt(v))}</td></tr>' for k, v in d.items())
+    return f'<div><h2>{_e(title)}</h2><div class="panel"><table class="kv"><tbody>{rows}</tbody></table></div></div>'
 
 
 def render_report(metrics: dict) -> str:
@@ -449,7 +466,7 @@ def render_report(metrics: dict) -> str:
         _timings_section(metrics),
         _kv_section("Split", metrics.get("split")),
         _kv_section("Model", metrics.get("model")),
-        _kv_section("Counts", metrics.get("counts")),
+        _kv_section("Counts", metrics.get("counts"), thousands=True),
     ) if s)
     body = [
         "<main>",
