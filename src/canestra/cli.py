@@ -25,7 +25,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _feature_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", dest="image_sizes", help="CNN input size: 100 (native), 224, or 100,224")
+    p.add_argument("--image-size", dest="image_sizes", help="CNN input size in px: 160 (default, upscaled), 100 (native, fastest), 224, or 100,224 (concatenated)")
     p.add_argument("--batch-size", type=int, help="images per ONNX Runtime call (default 64)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per Spark task (default 1)")
     p.add_argument("--arrow-batch", type=int, help="max rows per Arrow batch into the featurizer (default 256)")

@@ -28,7 +28,7 @@ def parse_sizes(value: str | int | list | tuple) -> tuple[int, ...]:
 @dataclass
 class Settings:
     master: str = "local[*]"
-    image_sizes: tuple[int, ...] = (100,)
+    image_sizes: tuple[int, ...] = (160,)  # chosen by bench/choose_image_size.py, see docs/image-size.md
     batch_size: int = 64  # images per ONNX Runtime call
     arrow_batch: int = 256  # rows per Arrow batch into the UDF: bounds worker memory
     threads: int = 1  # ONNX Runtime threads per Spark task

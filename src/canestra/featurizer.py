@@ -22,7 +22,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import backbone
 
-DEFAULT_IMAGE_SIZES = [100]
+DEFAULT_IMAGE_SIZES = [160]  # see docs/image-size.md
 DEFAULT_BATCH_SIZE = 64
 
 
