@@ -91,6 +91,25 @@ def _clean_partition(max_pixels: int):
     return run
 
 
+def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], frames: list[int | None],
+                  max_pixels: int):
+    """The listing as a DataFrame whose rows the executors read, decode and clean (schema ``_SCHEMA``).
+
+    Bad files come back as rows with ``error`` set, so callers can quarantine them.
+    """
+    listing = pd.DataFrame(
+        {
+            "source_path": [f.path for f in files],
+            "label": [f.label for f in files],
+            "split": splits,
+            "frame": pd.array(frames, dtype="Int32"),
+        }
+    )
+    n_parts = max(spark.sparkContext.defaultParallelism * 2, len(files) // 1000)
+    df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
+    return df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels), schema=_SCHEMA)
+
+
 def listing_fingerprint(files: list[storage.ListedFile], **params) -> str:
     h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for f in files:
@@ -166,18 +185,8 @@ def ingest(
     labels = [f.label or "" for f in files]
     names = [os.path.basename(f.path) for f in files]
     splits = assign_splits(labels, names, test_fraction, seed) if require_labels else ["predict"] * len(files)
-    listing = pd.DataFrame(
-        {
-            "source_path": [f.path for f in files],
-            "label": [f.label for f in files],
-            "split": splits,
-            "frame": pd.array([frame_number(n) for n in names], dtype="Int32"),
-        }
-    )
-    n_parts = max(spark.sparkContext.defaultParallelism * 2, len(files) // 1000)
-    df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
-    cleaned = df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels), schema=_SCHEMA)
-    cleaned = cleaned.persist()
+    frames = [frame_number(n) for n in names]
+    cleaned = cleaned_frame(spark, files, splits, frames, max_pixels).persist()
     try:
         staging = storage.staging_dir(final)
         (

@@ -71,7 +71,6 @@ class Settings:
     def _set(self, name: str, value: Any) -> None:
         if not hasattr(self, name):
             raise InputError(f"unknown setting {name}")
-        current = getattr(type(self), name, None) if name != "extra_spark_conf" else None
         default = self.__dataclass_fields__[name].default
         try:
             if name == "image_sizes":
@@ -88,7 +87,6 @@ class Settings:
                     value = kind(value)
         except ValueError:
             raise InputError(f"setting {name}={value!r} is not a valid {type(default).__name__}") from None
-        del current
         setattr(self, name, value)
 
     def as_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from . import storage
-from .catalog import QUARANTINE_CSV, _clean_partition, list_for_ingest, write_quarantine_csv
+from .catalog import QUARANTINE_CSV, cleaned_frame, list_for_ingest, write_quarantine_csv
 from .errors import InputError
 from .metrics import classification_metrics
 from .progress import Progress
@@ -26,6 +26,7 @@ class PredictResult:
     quarantined: int
     labelled: bool
     predictions_path: str
+    classes: list[str]
 
 
 def check_model_dir(path: str) -> str:
@@ -98,28 +99,16 @@ def predict_dataframe(model, df):
 
 
 def predict(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> PredictResult:
-    import pandas as pd
-
     progress = progress or Progress()
     model = load_model(model_path)
     out_dir = storage.ensure_output_dir(out)
     with progress.stage("read images") as st:
         files = list_for_ingest(images, require_labels=False)
         labelled = any(f.label is not None for f in files)
-        listing = pd.DataFrame(
-            {
-                "source_path": [f.path for f in files],
-                "label": [f.label for f in files],
-                "split": ["predict"] * len(files),
-                "frame": pd.array([None] * len(files), dtype="Int32"),
-            }
-        )
-        from .catalog import _SCHEMA
         from .images import DEFAULT_MAX_PIXELS
 
-        n_parts = max(spark.sparkContext.defaultParallelism * 2, len(files) // 1000)
-        df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
-        cleaned = df.repartition(n_parts).mapInPandas(_clean_partition(DEFAULT_MAX_PIXELS), schema=_SCHEMA).persist()
+        cleaned = cleaned_frame(spark, files, ["predict"] * len(files), [None] * len(files),
+                                DEFAULT_MAX_PIXELS).persist()
         st.note(f"{len(files)} files")
     try:
         with progress.stage("predict") as st:
@@ -155,7 +144,7 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
         storage.write_text_atomic(os.path.join(out_dir, PREDICTIONS_CSV), buf.getvalue())
         storage.publish_dir(staging, final)
         st.note(f"{n} predictions, {len(bad)} quarantined -> {out_dir}")
-    return PredictResult(out_dir, n, len(bad), labelled, final)
+    return PredictResult(out_dir, n, len(bad), labelled, final, model_labels(model))
 
 
 def evaluate(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> dict:
@@ -165,9 +154,8 @@ def evaluate(spark, model_path: str, images: str, out: str, progress: Progress |
         raise InputError("evaluate needs labelled images: put them in class folders, e.g. <root>/Banana/x.jpg")
     table = spark.read.parquet(res.predictions_path).where("label IS NOT NULL")
     rows = table.groupBy("label", "prediction").count().collect()
-    model = load_model(model_path)
     metrics = classification_metrics([(r["label"], r["prediction"], int(r["count"])) for r in rows],
-                                     classes=model_labels(model))
+                                     classes=res.classes)
     metrics["counts"] = {"images": res.predicted, "test": res.predicted, "quarantined": res.quarantined}
     storage.write_text_atomic(os.path.join(res.out_dir, "metrics.json"), json.dumps(metrics, indent=2, allow_nan=False))
     write_report(metrics, os.path.join(res.out_dir, "report.html"))
