@@ -45,3 +45,25 @@ def trained(spark, tmp_path_factory, sample_dir):
     cfg = Settings.load(pca_k=32, max_iter=30)
     result = train(spark, str(sample_dir), str(out), cfg, Progress(quiet=True))
     return result
+
+
+@pytest.fixture(scope="session")
+def spark_cluster(tmp_path_factory):
+    """A Spark standalone cluster (1 master + 2 one-core workers) on 127.0.0.1; its master URL."""
+    from cluster import standalone_cluster
+
+    with standalone_cluster(tmp_path_factory.mktemp("cluster-logs")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def canestra_wheel(tmp_path_factory) -> Path:
+    """canestra built as a wheel with `pip wheel` (what the EMR bootstrap action installs)."""
+    import subprocess
+
+    dest = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest),
+                    str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
+    wheels = sorted(dest.glob("canestra-*.whl"))
+    assert wheels, "pip wheel produced no canestra wheel"
+    return wheels[-1]

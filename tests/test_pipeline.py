@@ -64,7 +64,8 @@ def test_predict_csv_and_evaluate(spark, trained, sample_dir, tmp_path):
     model = os.path.join(trained.out_dir, "model")
     res = predict(spark, model, str(sample_dir), str(tmp_path / "p"), QUIET)
     rows = read_csv(tmp_path / "p" / "predictions.csv")
-    assert list(rows[0].keys()) == ["path", "image_id", "prediction", "probability", "top5", "label"]
+    # GDPR Art. 25: shared outputs carry the pseudonymous image_id, no source path by default.
+    assert list(rows[0].keys()) == ["image_id", "prediction", "probability", "top5", "label"]
     assert len(rows) == 320 and res.quarantined == 0
     for r in rows:
         top5 = json.loads(r["top5"])
@@ -79,7 +80,8 @@ def test_predict_csv_and_evaluate(spark, trained, sample_dir, tmp_path):
 
 def test_bad_inputs_quarantined_nothing_lost(spark, trained, sample_dir, tmp_path):
     corpus = build_bad_corpus(tmp_path / "imgs", sample_dir / "Banana")
-    res = predict(spark, os.path.join(trained.out_dir, "model"), str(tmp_path / "imgs"), str(tmp_path / "out"), QUIET)
+    res = predict(spark, os.path.join(trained.out_dir, "model"), str(tmp_path / "imgs"), str(tmp_path / "out"), QUIET,
+                  include_paths=True)
     preds = read_csv(tmp_path / "out" / "predictions.csv")
     quarantine = read_csv(tmp_path / "out" / "quarantine.csv")
     assert {r["path"] for r in preds} == {str(p) for p in corpus["valid"]}
@@ -121,7 +123,7 @@ def test_rerun_is_idempotent(spark, sample_dir, tmp_path):
     rows2 = read_csv(tmp_path / "pred" / "predictions.csv")
     assert first.metrics["accuracy"] == second.metrics["accuracy"]
     assert first.metrics["confusion_matrix"] == second.metrics["confusion_matrix"]
-    assert [(r["path"], r["prediction"]) for r in rows1] == [(r["path"], r["prediction"]) for r in rows2]
+    assert [(r["image_id"], r["prediction"]) for r in rows1] == [(r["image_id"], r["prediction"]) for r in rows2]
     assert len(rows2) == preds1.predicted == 96
     assert spark.read.parquet(str(tmp_path / "out" / "catalog")).count() == 96
     assert spark.read.parquet(str(tmp_path / "pred" / "predictions")).count() == 96

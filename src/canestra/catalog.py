@@ -43,7 +43,8 @@ class IngestResult:
     reused: bool = False
 
 
-def _clean_partition(max_pixels: int):
+def _clean_partition(max_pixels: int, s3_options=None):
+    # s3_options travels in the closure: executors must not depend on the driver's env.
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from . import storage as st
         from .images import BadImage, clean_image
@@ -69,7 +70,7 @@ def _clean_partition(max_pixels: int):
                         raise BadImage(f"unsupported file type {ext or '(none)'}: expected one of "
                                        + ", ".join(sorted(st.IMAGE_EXTENSIONS)))
                     try:
-                        data = st.read_bytes(rec.source_path)
+                        data = st.read_bytes(rec.source_path, s3_options)
                     except OSError as exc:
                         raise BadImage(f"unreadable file: {exc.strerror or exc}") from exc
                     img = clean_image(data, max_pixels=max_pixels)
@@ -92,7 +93,7 @@ def _clean_partition(max_pixels: int):
 
 
 def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], frames: list[int | None],
-                  max_pixels: int):
+                  max_pixels: int, s3_options=None):
     """The listing as a DataFrame whose rows the executors read, decode and clean (schema ``_SCHEMA``).
 
     Bad files come back as rows with ``error`` set, so callers can quarantine them.
@@ -107,7 +108,8 @@ def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], fra
     )
     n_parts = max(spark.sparkContext.defaultParallelism * 2, len(files) // 1000)
     df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
-    return df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels), schema=_SCHEMA)
+    return df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels, s3_options or storage.s3_options_for(files)),
+                                                schema=_SCHEMA)
 
 
 def listing_fingerprint(files: list[storage.ListedFile], **params) -> str:
@@ -119,13 +121,16 @@ def listing_fingerprint(files: list[storage.ListedFile], **params) -> str:
 
 def read_manifest(table_dir: str) -> dict | None:
     try:
-        with open(os.path.join(table_dir, MANIFEST), encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(storage.read_text(os.path.join(table_dir, MANIFEST)) or "null")
     except (OSError, ValueError):
         return None
 
 
 def write_quarantine_csv(path: str, rows: list[tuple[str, str]]) -> None:
+    # GDPR Art. 25: unlike predictions, quarantine.csv keeps source paths on purpose. It is the
+    # operator's list of files to fix or remove, never shared; rejected files have no image_id
+    # (they could not be decoded), so the path is the only way to find them. `canestra erase
+    # --source` removes rows from it.
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["path", "reason"])
@@ -135,7 +140,7 @@ def write_quarantine_csv(path: str, rows: list[tuple[str, str]]) -> None:
 
 def list_for_ingest(images_uri: str, require_labels: bool) -> list[storage.ListedFile]:
     files = storage.list_images(images_uri)
-    root = storage.local_path(images_uri)
+    root = storage.display(images_uri)
     if not files:
         raise InputError(f"no files found under {root}: put images in class folders, e.g. {root}/Banana/0_100.jpg")
     if require_labels:
@@ -179,7 +184,7 @@ def ingest(
     qpath = os.path.join(out_dir, quarantine_name)
     fp = listing_fingerprint(files, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels)
     manifest = read_manifest(final)
-    if reuse and manifest and manifest.get("fingerprint") == fp and os.path.exists(qpath):
+    if reuse and manifest and manifest.get("fingerprint") == fp and storage.exists(qpath):
         return IngestResult(final, manifest["images"], manifest["quarantined"], manifest["classes"], qpath, reused=True)
 
     labels = [f.label or "" for f in files]
@@ -205,7 +210,7 @@ def ingest(
         storage.publish_dir(staging, final)  # keep the empty table for inspection
         write_quarantine_csv(qpath, bad)
         raise InputError(
-            f"none of the {len(files)} files under {storage.local_path(images_uri)} is a usable image: see {qpath}"
+            f"none of the {len(files)} files under {storage.display(images_uri)} is a usable image: see {qpath}"
         )
     classes = len([c for c in per_class if c is not None])
     info = {

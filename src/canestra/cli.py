@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, audit
 from .config import Settings
 from .errors import EXIT_USER_ERROR, CanestraError
 from .progress import Progress
@@ -22,6 +22,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master", help="Spark master URL (default local[*]; e.g. spark://127.0.0.1:7077)")
     p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _audit_opt(p)
+    _storage_opts(p)
+
+
+def _storage_opts(p: argparse.ArgumentParser) -> None:
+    """S3 for --images/--out (docs/storage.md); each flag also reads CANESTRA_<NAME>."""
+    g = p.add_argument_group("S3 (--images/--out s3://bucket/prefix)")
+    g.add_argument("--s3-endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 or AWS's own)")
+    g.add_argument("--sse-kms-key-id", help="encrypt objects canestra writes with this KMS key (default SSE-S3, AES256)")
+    g.add_argument("--allow-non-eu-region", action="store_true", default=None,
+                   help="accept buckets outside the EU/EEA (GDPR Art. 44: only with a transfer safeguard)")
+    g.add_argument("--allow-http-endpoint", action="store_true", default=None,
+                   help="accept a plain http:// endpoint (local S3 emulators only)")
+
+
+def _audit_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--audit-log", help="also append this command's audit record to this JSON Lines file "
+                   "(env CANESTRA_AUDIT_LOG; <out>/_audit/audit.jsonl is always written)")
 
 
 def _feature_opts(p: argparse.ArgumentParser) -> None:
@@ -63,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
     p.add_argument("--images", required=True, help="folder of images (class sub-folders optional)")
     p.add_argument("--out", required=True, help="output folder (predictions/, predictions.csv, quarantine.csv)")
+    p.add_argument("--include-paths", action="store_true",
+                   help="add the source file path to predictions (default: pseudonymous image_id only, GDPR Art. 25)")
     _common(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a labelled image folder")
@@ -70,12 +90,92 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="root folder of <Class>/<image> files")
     p.add_argument("--out", default="canestra-evaluation", help="output folder (default ./canestra-evaluation)")
     _common(p)
+    _gdpr_parsers(sub)
+
+    p = sub.add_parser("serve", help="HTTP API + web page classifying uploaded images (no Spark needed)")
+    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; env CANESTRA_HOST)")
+    p.add_argument("--port", type=int, help="port (default 8000; env CANESTRA_PORT)")
+    p.add_argument("--workers", type=int, help="worker processes (default 1; env CANESTRA_WORKERS)")
+    p.add_argument("--threads", type=int, dest="serve_threads",
+                   help="ONNX Runtime threads per worker (default: cores / workers; env CANESTRA_SERVE_THREADS)")
+    p.add_argument("--max-upload-mb", type=float, help="largest accepted image in MB (default 10)")
+    p.add_argument("--max-batch", type=int, help="most images per /v1/predict/batch request (default 16)")
+    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
+    _audit_opt(p)
+
+    p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, EU regions)")
+    cloud = p.add_subparsers(dest="cloud", metavar="CLOUD", required=True)
+    from .deploy_aws import add_cli_arguments
+
+    add_cli_arguments(cloud.add_parser("aws", help="CloudFormation stack: encrypted S3 bucket, IAM roles, EMR 7 cluster"))
     return parser
+
+
+def _gdpr_parsers(sub) -> None:
+    """erase (Art. 17), purge (Art. 5(1)(e)), gdpr record (Art. 30): no Spark needed."""
+    p = sub.add_parser("erase", help="GDPR erasure: remove images and everything derived from them under --out")
+    p.add_argument("--out", required=True, help="output folder (a run, or a folder of runs) to erase from")
+    p.add_argument("--image-id", nargs="+", action="extend", default=[], metavar="ID", help="image_id(s) to erase")
+    p.add_argument("--source", nargs="+", action="extend", default=[], metavar="PATH", help="source image file(s) or folder(s) to erase")
+    p.add_argument("--delete-source", action="store_true", help="also delete the source image files")
+    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
+    _audit_opt(p)
+
+    p = sub.add_parser("purge", help="GDPR retention: remove run outputs older than --older-than days")
+    p.add_argument("--out", required=True, help="output folder (a run, or a folder of runs)")
+    p.add_argument("--older-than", type=float, dest="retention_days", metavar="DAYS",
+                   help="remove outputs older than this many days (env CANESTRA_RETENTION_DAYS)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
+    _audit_opt(p)
+
+    p = sub.add_parser("gdpr", help="GDPR documents")
+    gsub = p.add_subparsers(dest="gdpr_command", metavar="DOCUMENT", required=True)
+    g = gsub.add_parser("record", help="write the record of processing (Art. 30) for --out, Markdown + JSON")
+    g.add_argument("--out", required=True, help="output folder (a run, or a folder of runs)")
+    g.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
+    _audit_opt(g)
+
+
+def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
+    if args.command == "erase":
+        from .erase import erase
+
+        res = erase(args.out, args.image_id, args.source, delete_source=args.delete_source)
+        audit.note(images=res.image_ids, rows_removed=res.total_rows, files_deleted=len(res.files_deleted),
+                   sources_deleted=res.sources_deleted, models_to_retrain=len(res.retrain),
+                   outputs=[m for m, _ in res.retrain])
+        print(json.dumps({"images": res.image_ids, "rows_removed": res.rows_removed,
+                          "files_deleted": res.files_deleted, "sources_deleted": res.sources_deleted}))
+        for model, n in res.retrain:
+            print(f"the model at {model} was trained on {n} erased image(s): retrain it")
+        for model in res.unknown_models:
+            print(f"the model at {model} does not list its training images: retrain it if erased images were in them")
+    elif args.command == "purge":
+        from .retention import purge
+
+        res = purge(args.out, cfg.retention_days, dry_run=args.dry_run)
+        audit.note(removed=len(res.removed), kept=res.kept, bytes=res.bytes,
+                   details={"older_than_days": res.older_than_days, "dry_run": res.dry_run})
+        verb = "would remove" if res.dry_run else "removed"
+        for e in res.removed:
+            print(f"{verb} {e.kind} {e.path} ({e.age_days:g} days old, {e.bytes} bytes)")
+        print(f"{verb} {len(res.removed)} output(s) older than {res.older_than_days:g} days; kept {res.kept}")
+    else:
+        from .gdpr import write_record
+
+        md, js, rec = write_record(args.out, cfg)
+        audit.note(tables=len(rec["categories_of_data"]["tables"]), outputs=[md, js])
+        print(f"record of processing -> {md} (and {os.path.basename(js)})")
+    return 0
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     keys = ["master", "image_sizes", "batch_size", "threads", "arrow_batch", "pca_k", "pca_variance",
-            "test_fraction", "seed", "reg_param", "max_iter", "debug"]
+            "test_fraction", "seed", "reg_param", "max_iter", "debug", "retention_days", "audit_log",
+            "host", "port", "workers", "serve_threads", "max_upload_mb", "max_batch",
+            "s3_endpoint_url", "allow_http_endpoint", "allow_non_eu_region", "sse_kms_key_id"]
     return Settings.load(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -103,18 +203,33 @@ def _precheck(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "deploy":  # no Spark: plans and creates cloud resources
+        from .deploy_aws import run_cli
+
+        return run_cli(args)
     cfg = _settings(args)
+    from . import s3, storage
+
+    storage.configure_s3(s3.S3Options.from_settings(cfg))  # S3 endpoint/encryption/region settings
+    if args.command in ("erase", "purge", "gdpr"):
+        return _run_gdpr(args, cfg)
+    if args.command == "serve":  # no Spark: the model is read as plain files
+        from .server import run_serve
+
+        return run_serve(args.model, cfg)
     progress = Progress(quiet=args.quiet)
     _precheck(args)
     if args.command == "ingest":
         from .catalog import ingest
         from .storage import ensure_output_dir
 
-        out = ensure_output_dir(args.out)
         spark = _spark(cfg)
+        out = ensure_output_dir(args.out, spark)
         with progress.stage("ingest") as st:
             res = ingest(spark, args.images, out, test_fraction=cfg.test_fraction, seed=cfg.seed, reuse=False)
             st.note(f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined")
+        audit.note(images=res.images, classes=res.classes, quarantined=res.quarantined,
+                   outputs=[res.catalog_path, res.quarantine_csv])
         print(json.dumps({"catalog": res.catalog_path, "images": res.images, "quarantined": res.quarantined,
                           "quarantine_csv": res.quarantine_csv}))
     elif args.command == "train":
@@ -123,13 +238,19 @@ def run(args: argparse.Namespace) -> int:
 
         spark = _spark(cfg)
         res = train(spark, args.images, args.out, cfg, progress)
+        audit.note(**{k: v for k, v in res.metrics.get("counts", {}).items() if isinstance(v, int)},
+                   outputs=[os.path.join(res.out_dir, n) for n in ("model", "catalog", "features", "metrics.json",
+                                                                    "report.html", "quarantine.csv")])
         print(format_summary(res.metrics))
         print(f"model: {os.path.join(res.out_dir, 'model')}  report: {os.path.join(res.out_dir, 'report.html')}")
     elif args.command == "predict":
         from .prediction import predict
 
         spark = _spark(cfg)
-        res = predict(spark, args.model, args.images, args.out, progress)
+        res = predict(spark, args.model, args.images, args.out, progress, include_paths=args.include_paths)
+        audit.note(predicted=res.predicted, quarantined=res.quarantined, details={"include_paths": args.include_paths},
+                   outputs=[res.predictions_path, os.path.join(res.out_dir, "predictions.csv"),
+                            os.path.join(res.out_dir, "quarantine.csv")])
         print(f"{res.predicted} predictions -> {os.path.join(res.out_dir, 'predictions.csv')}; "
               f"{res.quarantined} quarantined -> {os.path.join(res.out_dir, 'quarantine.csv')}")
     elif args.command == "evaluate":
@@ -138,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
 
         spark = _spark(cfg)
         metrics = evaluate(spark, args.model, args.images, args.out, progress)
+        audit.note(**{k: v for k, v in metrics.get("counts", {}).items() if isinstance(v, int)},
+                   outputs=[os.path.join(args.out, n) for n in ("predictions", "metrics.json", "report.html")])
         print(format_summary(metrics))
     return 0
 
@@ -156,6 +279,11 @@ def _plain_spark_error(exc: BaseException) -> str | None:
     return None
 
 
+def _audit_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "gdpr_command", None) or getattr(args, "cloud", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -164,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     debug = bool(args.debug) or os.environ.get("CANESTRA_DEBUG", "").lower() in ("1", "true", "yes")
     try:
-        return run(args)
+        # GDPR Art. 30: every command, successful or not, leaves an audit record.
+        with audit.audited(_audit_name(args), out=getattr(args, "out", None), audit_log=getattr(args, "audit_log", None)):
+            return run(args)
     except CanestraError as exc:
         if debug:
             traceback.print_exc()

@@ -41,6 +41,24 @@ class Settings:
     max_iter: int = 50
     driver_memory: str = "4g"
     debug: bool = False
+    # GDPR: retention (purge default, record of processing), controller name, extra audit log.
+    retention_days: float | None = None
+    controller: str | None = None
+    audit_log: str | None = None
+    # canestra serve: bind address, worker processes, ONNX Runtime threads per worker
+    # (None = cores // workers), upload limit per image and images per batch request.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    serve_threads: int | None = None
+    max_upload_mb: float = 10.0
+    max_batch: int = 16
+    # S3 (docs/storage.md): endpoint (else AWS_ENDPOINT_URL_S3 / the AWS default), plain-http
+    # opt-in for local emulators, GDPR Art. 44 region opt-out, SSE-KMS key (default SSE-S3).
+    s3_endpoint_url: str | None = None
+    allow_http_endpoint: bool = False
+    allow_non_eu_region: bool = False
+    sse_kms_key_id: str | None = None
     extra_spark_conf: dict[str, str] = field(default_factory=dict)
 
     _ENV_PREFIX = "CANESTRA_"
@@ -66,6 +84,8 @@ class Settings:
             raise InputError("--batch-size, --threads and --arrow-batch must be positive numbers")
         if s.pca_k is not None and s.pca_k < 1:
             raise InputError(f"--pca-k must be a positive number of components, got {s.pca_k}")
+        if s.retention_days is not None and s.retention_days < 0:
+            raise InputError(f"retention must be a number of days >= 0 (--older-than / CANESTRA_RETENTION_DAYS), got {s.retention_days}")
         return s
 
     def _set(self, name: str, value: Any) -> None:
@@ -77,9 +97,9 @@ class Settings:
                 value = parse_sizes(value)
             elif isinstance(value, str):
                 kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-                if name in ("pca_k",):
+                if name in ("pca_k", "serve_threads"):
                     value = None if value.lower() in ("", "none", "0") else int(value)
-                elif name in ("pca_variance",):
+                elif name in ("pca_variance", "retention_days"):
                     value = None if value.lower() in ("", "none") else float(value)
                 elif kind is bool:
                     value = value.lower() in ("1", "true", "yes", "on")

@@ -30,6 +30,11 @@ class PredictResult:
 
 
 def check_model_dir(path: str) -> str:
+    if storage.is_remote(path):  # s3://: Spark loads it (EMRFS on EMR)
+        if not storage.is_dir(path.rstrip("/") + "/metadata"):
+            raise InputError(f"{path} is not a saved canestra model (no metadata/): pass the model/ folder "
+                             "written by `canestra train`")
+        return path.rstrip("/")
     local = storage.local_path(path)
     if not os.path.isdir(local):
         raise InputError(f"model folder {local} does not exist: pass the model/ folder written by `canestra train`")
@@ -98,10 +103,17 @@ def predict_dataframe(model, df):
     )
 
 
-def predict(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> PredictResult:
+def predict(spark, model_path: str, images: str, out: str, progress: Progress | None = None,
+            include_paths: bool = False) -> PredictResult:
+    """Score every image under ``images``; write predictions/ + predictions.csv (+ quarantine.csv).
+
+    GDPR Art. 25: predictions are shared beyond the catalog, so they carry the
+    pseudonymous ``image_id`` only; ``include_paths`` adds the source ``path`` column.
+    quarantine.csv keeps source paths: it is the operator's to-do list of files to fix.
+    """
     progress = progress or Progress()
     model = load_model(model_path)
-    out_dir = storage.ensure_output_dir(out)
+    out_dir = storage.ensure_output_dir(out, spark)
     with progress.stage("read images") as st:
         files = list_for_ingest(images, require_labels=False)
         labelled = any(f.label is not None for f in files)
@@ -114,9 +126,8 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
         with progress.stage("predict") as st:
             valid = cleaned.where("error IS NULL")
             scored = predict_dataframe(model, valid.select("source_path", "label", "image_id", "content"))
-            cols = ["source_path", "image_id", "prediction_label", "max_probability", "top5"] + (
-                ["label"] if labelled else []
-            )
+            cols = (["source_path"] if include_paths else []) + [
+                "image_id", "prediction_label", "max_probability", "top5"] + (["label"] if labelled else [])
             final = os.path.join(out_dir, PREDICTIONS)
             staging = storage.staging_dir(final)
             (
@@ -134,10 +145,12 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
         table = spark.read.parquet(staging)
         buf = io.StringIO()
         writer = csv.writer(buf)
-        header = ["path", "image_id", "prediction", "probability", "top5"] + (["label"] if labelled else [])
+        header = (["path"] if include_paths else []) + ["image_id", "prediction", "probability", "top5"] + (
+            ["label"] if labelled else [])
         writer.writerow(header)
         n = 0
-        for row in table.orderBy("path").toLocalIterator():
+        order = ["path"] if include_paths else (["label"] if labelled else []) + ["image_id"]
+        for row in table.orderBy(*order).toLocalIterator():
             writer.writerow([row[c] if c != "probability" else f"{row[c]:.6f}" for c in header])
             n += 1
         write_quarantine_csv(os.path.join(out_dir, QUARANTINE_CSV), bad)

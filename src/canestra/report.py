@@ -491,6 +491,11 @@ def write_report(metrics: dict, path: str | os.PathLike) -> None:
     """Render ``metrics`` and write it to ``path`` atomically (``path + '.tmp'``, then ``os.replace``)."""
     path = os.fspath(path)
     text = render_report(metrics)  # render first: a rendering error leaves nothing behind
+    from . import storage
+
+    if storage.is_remote(path):  # s3://: one encrypted PutObject through the storage seam
+        storage.write_text_atomic(path, text)
+        return
     tmp = path + ".tmp"
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:

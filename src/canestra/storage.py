@@ -1,9 +1,10 @@
 """Where bytes live: listing image trees, reading image bytes, publishing outputs.
 
-The one module that touches storage, so S3 (s3fs/boto3 from the executors) can
-slot in behind the same functions. Tables are published atomically: written to a
-staging directory, then renamed into place, so a crashed run never leaves a
-half-written table under its final name.
+The one module that touches storage. Local paths and ``file://`` are handled here;
+``s3://bucket/prefix`` dispatches to ``s3.py`` (s3fs/boto3, also on the executors).
+Tables are published atomically: written to a staging directory, then renamed into
+place, so a crashed run never leaves a half-written table under its final name
+(on S3, which has no rename, publishing is copy-then-delete; see docs/storage.md).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import s3
 from .errors import InputError, OutputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
@@ -28,22 +30,59 @@ class ListedFile:
     mtime: float
 
 
+_s3_options: s3.S3Options | None = None
+
+
+def configure_s3(options: s3.S3Options | None) -> None:
+    """Set the S3 options of this process (the CLI does, from its flags); None = from env."""
+    global _s3_options
+    _s3_options = options
+
+
+def s3_options() -> s3.S3Options:
+    """The driver's S3 options: configured, else from ``CANESTRA_*``/``AWS_*`` env vars."""
+    if _s3_options is not None:
+        return _s3_options
+    from .config import Settings
+
+    return s3.S3Options.from_settings(Settings.load())
+
+
+def s3_options_for(files: list["ListedFile"]) -> s3.S3Options | None:
+    """The options the executors need to read ``files``: None when none is on S3."""
+    return s3_options() if any(s3.is_s3(f.path) for f in files) else None
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def display(uri: str) -> str:
+    """How to show a location in messages: the URI for remote storage, else the absolute path."""
+    return str(uri).rstrip("/") if s3.is_s3(uri) else local_path(uri)
+
+
 def local_path(uri: str) -> str:
     """``file:///x`` or ``/x`` or ``x`` -> absolute local path."""
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif "://" in uri:
         scheme = uri.split("://", 1)[0]
-        raise InputError(f"storage scheme {scheme}:// is not supported yet: use a local path or file://")
+        if s3.is_s3(uri):
+            raise InputError(f"{uri}: this needs a local path or file:// (s3:// works for --images and --out "
+                             "of ingest, train, predict and evaluate)")
+        raise InputError(f"storage scheme {scheme}:// is not supported: use a local path, file:// or s3://")
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def list_images(uri: str) -> list[ListedFile]:
+def list_images(uri: str, s3_opts: s3.S3Options | None = None) -> list[ListedFile]:
     """List ``<root>/<Class>/<file>`` (label = folder) and ``<root>/<file>`` (no label).
 
     Hidden files are skipped; every other regular file or link is listed, so that
     non-images are reported in quarantine rather than silently ignored.
     """
+    if s3.is_s3(uri):
+        return _list_s3(uri, s3_opts or s3_options())
     root = local_path(uri)
     if not os.path.exists(root):
         raise InputError(f"images folder {root} does not exist: check the --images path")
@@ -79,13 +118,53 @@ def list_images(uri: str) -> list[ListedFile]:
     return out
 
 
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as fh:
+def _list_s3(uri: str, opts: s3.S3Options) -> list[ListedFile]:
+    out = []
+    for obj_uri, rel, size, mtime in s3.list_objects(uri, opts):
+        parts = rel.split("/")
+        if any(p.startswith(".") for p in parts):
+            continue
+        out.append(ListedFile(obj_uri, parts[0] if len(parts) > 1 else None, size, mtime))
+    return sorted(out, key=lambda f: (f.label is not None, f.label or "", f.path))
+
+
+def read_bytes(path: str, s3_opts: s3.S3Options | None = None) -> bytes:
+    """An image's bytes. Runs on the executors: pass the driver's ``s3_opts`` along for S3."""
+    if s3.is_s3(path):
+        return s3.read_bytes(path, s3_opts or s3_options())
+    with open(local_path(path) if path.startswith("file://") else path, "rb") as fh:
         return fh.read()
 
 
-def ensure_output_dir(uri: str) -> str:
-    """Create the output folder and prove it is writable; return its local path."""
+def check_spark_filesystem(spark, uri: str) -> None:
+    """Refuse a remote table location Spark has no Hadoop filesystem for, before anything is written."""
+    scheme = str(uri).split("://", 1)[0]
+    try:
+        jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()
+    except Exception:  # Spark Connect: no JVM to ask, let Spark report it
+        return
+    try:
+        jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(scheme, conf)
+    except Exception:
+        if s3.is_s3(uri):
+            raise OutputError(
+                f"writing tables to {scheme}:// needs EMRFS (on EMR) or the hadoop-aws jars: use a local/HDFS --out "
+                f"here (--images {scheme}://… works without them)"
+            ) from None
+        raise OutputError(f"Spark has no filesystem for {scheme}:// ({uri}): use a local or HDFS --out") from None
+
+
+def ensure_output_dir(uri: str, spark=None) -> str:
+    """Create the output folder and prove it is writable; return its local path (or URI).
+
+    With ``spark``, a remote ``uri`` is also checked against Spark's Hadoop filesystems,
+    so a run that could not write its tables fails before writing anything.
+    """
+    if s3.is_s3(uri):
+        if spark is not None:
+            check_spark_filesystem(spark, uri)
+        s3.probe_writable(uri, s3_options())
+        return str(uri).rstrip("/")
     out = local_path(uri)
     try:
         os.makedirs(out, exist_ok=True)
@@ -109,6 +188,9 @@ def publish_dir(staging: str, final: str) -> None:
     The old version is first renamed aside, so at every instant the final name is
     either the complete old table or the complete new one.
     """
+    if s3.is_s3(final):
+        s3.replace_tree(staging, final, s3_options())
+        return
     trash = None
     if os.path.exists(final):
         trash = staging + ".old"
@@ -124,8 +206,37 @@ def publish_dir(staging: str, final: str) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
+    """Write a small file whole or not at all (on S3: one encrypted PutObject)."""
+    if s3.is_s3(path):
+        s3.write_bytes(path, text.encode("utf-8"), s3_options())
+        return
+    path = local_path(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
     with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def read_text(path: str) -> str | None:
+    """A small file's text, or None when it does not exist."""
+    try:
+        if s3.is_s3(path):
+            return s3.read_bytes(path, s3_options()).decode("utf-8")
+        with open(local_path(path), encoding="utf-8") as fh:
+            return fh.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def exists(path: str) -> bool:
+    if s3.is_s3(path):
+        return s3.exists(path, s3_options())
+    return os.path.exists(local_path(path))
+
+
+def is_dir(path: str) -> bool:
+    """A local folder, or an S3 prefix with objects under it."""
+    if s3.is_s3(path):
+        return s3.exists(path, s3_options())
+    return os.path.isdir(local_path(path))

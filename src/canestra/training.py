@@ -107,7 +107,7 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
     from pyspark.ml.feature import IndexToString, StringIndexer
 
     progress = progress or Progress()
-    out_dir = storage.ensure_output_dir(out)
+    out_dir = storage.ensure_output_dir(out, spark)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
@@ -157,6 +157,10 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
         model_path = os.path.join(out_dir, MODEL)
         staging = storage.staging_dir(model_path)
         model.write().overwrite().save(staging)
+        # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.
+        from .erase import write_training_ids
+
+        write_training_ids(staging, (r.image_id for r in train_idx.select("image_id").toLocalIterator()))
         storage.publish_dir(staging, model_path)
         n_test = test_df.count()
         feats.unpersist()

@@ -1,0 +1,156 @@
+"""canestra vs the course's EMR template, same images, same cores, one run.
+
+The template (replicated here, not imported): Keras MobileNetV2 at 224 px without its
+top layer, weights broadcast from the driver as numpy arrays, the model rebuilt inside
+an iterator pandas UDF (``model.predict`` per Arrow batch), images read with Spark's
+``binaryFile`` source, ``repartition(20)``, features written as Parquet ``array<float>``.
+ImageNet weights cannot be downloaded here, so the replica uses random weights:
+throughput, not accuracy, is compared.
+
+canestra runs its full path from the same files: ``ingest`` (read, validate, strip
+metadata) then ``featurize_table`` -- more work than the template does.
+
+Needs TensorFlow (bench-only: ``pip install -e '.[bench]'`` in a separate venv, see
+docs/performance.md); it is never a runtime dependency.
+
+    python bench/vs_course_template.py [--images DIR] [--limit 2052] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import benchlib
+
+TEMPLATE_SIZE = 224
+TEMPLATE_PARTITIONS = 20
+TEMPLATE_ARROW_BATCH = 1024
+
+
+def template_features(spark, images: str, out: str) -> None:
+    """The course template's featurization, step by step."""
+    import numpy as np
+    import pandas as pd
+    from pyspark.sql import functions as F
+    from pyspark.sql.functions import pandas_udf
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tensorflow.keras import Model
+    from tensorflow.keras.applications.mobilenet_v2 import MobileNetV2
+
+    def build():
+        base = MobileNetV2(weights=None, include_top=True, input_shape=(TEMPLATE_SIZE, TEMPLATE_SIZE, 3))
+        for layer in base.layers:
+            layer.trainable = False
+        return Model(inputs=base.input, outputs=base.layers[-2].output)
+
+    weights = spark.sparkContext.broadcast(build().get_weights())
+
+    def featurize(batches):
+        import io
+
+        from PIL import Image
+        from tensorflow.keras.applications.mobilenet_v2 import preprocess_input
+
+        model = build()
+        model.set_weights(weights.value)
+        for content in batches:
+            arrs = []
+            for data in content:
+                img = Image.open(io.BytesIO(data)).convert("RGB").resize([TEMPLATE_SIZE, TEMPLATE_SIZE])
+                arrs.append(preprocess_input(np.asarray(img, dtype=np.float32)))
+            preds = model.predict(np.stack(arrs), verbose=0)
+            yield pd.Series([p.flatten() for p in preds])
+
+    udf = pandas_udf(featurize, "array<float>")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(TEMPLATE_ARROW_BATCH))
+    df = (spark.read.format("binaryFile").option("pathGlobFilter", "*.jpg")
+          .option("recursiveFileLookup", "true").load(images))
+    df = df.withColumn("label", F.element_at(F.split(df["path"], "/"), -2))
+    (df.repartition(TEMPLATE_PARTITIONS).select("path", "label", udf("content").alias("features"))
+     .write.mode("overwrite").parquet(out))
+    weights.unpersist()
+
+
+def canestra_features(spark, images: str, work: Path, sizes: str | None) -> int:
+    from canestra.catalog import ingest
+    from canestra.config import Settings
+    from canestra.training import featurize_table, make_featurizer
+
+    cfg = Settings.load(image_sizes=sizes)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch))
+    cat = ingest(spark, images, str(work), reuse=False)
+    featurize_table(spark, cat.catalog_path, str(work / "features"), make_featurizer(cfg))
+    return cat.images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", default=benchlib.default_images())
+    ap.add_argument("--limit", type=int, default=2052, help="images (spread over classes); 0 = all (default 2052)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating rounds (default 1)")
+    ap.add_argument("--workdir", help="keep outputs here (default: a temp dir, removed)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    benchlib.setup_env()
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        raise SystemExit("TensorFlow is not installed: this bench needs the bench extra in its own venv "
+                         "(python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]')")
+    from canestra.sparkctx import get_spark
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="canestra-vs-template-"))
+    files = benchlib.list_subset(args.images, args.limit or None)
+    images = benchlib.link_subset(files, work / "images") if args.limit else args.images
+    n = len(files)
+    spark = get_spark("local[*]", app_name="bench-vs-template")
+    # Start the Python workers once so neither side pays for it alone.
+    spark.range(4).repartition(2).rdd.map(lambda x: x).count()
+
+    runs = {"template_224": [], "canestra_224": [], "canestra_default": []}
+    for r in range(args.repeats):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for name in order:
+            with benchlib.Timer() as tm:
+                if name == "template_224":
+                    template_features(spark, images, str(work / "template"))
+                else:
+                    canestra_features(spark, images, work / name, "224" if name == "canestra_224" else None)
+            runs[name].append(n / tm.seconds)
+            print(f"round {r + 1}: {name:17s} {n / tm.seconds:7.1f} img/s  ({tm.seconds:.1f} s)", flush=True)
+    spark.stop()
+
+    med = {k: benchlib.median(v) for k, v in runs.items()}
+    from canestra.config import Settings
+
+    default_sizes = "+".join(map(str, Settings().image_sizes))
+    result = {
+        "images": n,
+        "template": {"framework": "tensorflow-keras", "model": "MobileNetV2 (random weights)", "size": TEMPLATE_SIZE,
+                     "partitions": TEMPLATE_PARTITIONS, "arrow_batch": TEMPLATE_ARROW_BATCH},
+        "img_s": {k: round(v, 1) for k, v in med.items()},
+        "multiple_at_224": round(med["canestra_224"] / med["template_224"], 2),
+        "multiple_at_default": round(med["canestra_default"] / med["template_224"], 2),
+        "canestra_default_sizes": default_sizes,
+        "target": "multiple_at_224 >= 4",
+    }
+    print()
+    print(benchlib.table([["course template (Keras MobileNetV2)", 224, round(med["template_224"], 1), "1.00x"],
+                          ["canestra (ingest + featurize)", 224, round(med["canestra_224"], 1),
+                           f"{result['multiple_at_224']:.2f}x"],
+                          ["canestra, default settings", default_sizes, round(med["canestra_default"], 1),
+                           f"{result['multiple_at_default']:.2f}x"]],
+                         ["pipeline", "px", "img/s", "vs template"]))
+    print(f"\n{n} images, local[*] on {os.cpu_count()} cores; target: >= 4x at 224 px")
+    benchlib.record("vs_course_template", result, args.json)
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

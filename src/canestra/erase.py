@@ -1,0 +1,493 @@
+"""GDPR Art. 17 (right to erasure): remove an image and everything derived from it.
+
+``erase(out_dir, image_ids=…, sources=…)`` finds every Parquet table, CSV, model
+and image copy under ``out_dir`` and removes what belongs to the erased images:
+
+* Parquet tables (catalog, features, predictions, …) with an ``image_id`` or a
+  ``source_path``/``path`` column are rewritten without those rows, part file by part
+  file with pyarrow (no Spark), into a staging folder that is then renamed into
+  place (``storage.publish_dir``): a table is always either the complete old one or
+  the complete new one, never half-written.
+* CSVs (predictions.csv, quarantine.csv) lose the matching rows (atomic rewrite).
+* Image files under ``out_dir`` whose pixels have an erased id are deleted, and so
+  are ``_staging`` leftovers of crashed runs (never a complete output).
+* A model keeps the ids it was trained on (``model/canestra_training_ids.txt``):
+  erased ids are removed from that list and counted in ``canestra_erasures.json``,
+  and the caller is told to retrain (the fitted weights still reflect the image).
+* Optionally the source files themselves are deleted.
+
+Finally every small file is searched for the erased ids and source paths, and every
+table re-checked: an erasure that left a trace raises instead of claiming success.
+Run it when no other canestra command writes into ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from . import storage
+from .errors import InputError, OutputError
+
+TRAINING_IDS = "canestra_training_ids.txt"  # inside a model dir: the image ids it was fitted on
+ERASURES = "canestra_erasures.json"  # inside a model dir: erasures since it was trained (no ids)
+ID_COLUMN = "image_id"
+PATH_COLUMNS = ("source_path", "path")
+MANIFEST = "_canestra.json"
+_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+_SKIP_DIRS = {"_audit", "_gdpr"}  # governance records: they hold no image ids or paths
+_SMALL_FILE = 64 * 1024 * 1024  # larger non-Parquet files are not searched for traces
+
+
+@dataclass
+class EraseResult:
+    out_dir: str
+    image_ids: int  # distinct image ids erased
+    rows_removed: dict[str, int] = field(default_factory=dict)  # table or CSV (relative path) -> rows
+    files_deleted: list[str] = field(default_factory=list)  # image copies and staging leftovers (relative)
+    sources_deleted: int = 0
+    retrain: list[tuple[str, int]] = field(default_factory=list)  # (model dir, erased images it was trained on)
+    unknown_models: list[str] = field(default_factory=list)  # model dirs that do not list their training ids
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows_removed.values())
+
+
+# ---------------------------------------------------------------------------- training ids (model side)
+
+
+def write_training_ids(model_dir: str, image_ids: Iterable[str]) -> str:
+    """List the ids a model was fitted on inside its folder, so erasure can say when to retrain."""
+    path = os.path.join(model_dir, TRAINING_IDS)
+    ids = sorted(set(image_ids))
+    storage.write_text_atomic(path, "".join(i + "\n" for i in ids))
+    return path
+
+
+def read_training_ids(model_dir: str) -> set[str] | None:
+    """The ids a model was trained on; None when the model does not list them (older models)."""
+    try:
+        with open(os.path.join(model_dir, TRAINING_IDS), encoding="ascii") as fh:
+            return {line.strip() for line in fh if line.strip()}
+    except FileNotFoundError:
+        return None
+
+
+def read_erasures(model_dir: str) -> dict:
+    try:
+        with open(os.path.join(model_dir, ERASURES), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def is_model_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "metadata")) and os.path.isdir(os.path.join(path, "stages"))
+
+
+# ---------------------------------------------------------------------------- walking the output folder
+
+
+def _walk(out_dir: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk without governance folders; model dirs are yielded but not descended into."""
+    for dirpath, dirnames, filenames in os.walk(out_dir):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        if is_model_dir(dirpath):
+            dirnames[:] = []
+        yield dirpath, dirnames, filenames
+
+
+def _parquet_parts(table_dir: str) -> list[str]:
+    return sorted(
+        os.path.join(table_dir, f)
+        for f in os.listdir(table_dir)
+        if f.endswith(".parquet") and not f.startswith((".", "_"))
+    )
+
+
+def find_tables(out_dir: str) -> list[str]:
+    """Folders holding Parquet part files (Spark tables), outside models and staging leftovers."""
+    tables = []
+    for dirpath, dirnames, filenames in _walk(out_dir):
+        if "_staging" in dirpath.split(os.sep) or is_model_dir(dirpath):
+            continue
+        if any(f.endswith(".parquet") and not f.startswith((".", "_")) for f in filenames):
+            tables.append(dirpath)
+            dirnames[:] = []
+    return tables
+
+
+def find_models(out_dir: str) -> list[str]:
+    return [d for d, _, _ in _walk(out_dir) if is_model_dir(d) and "_staging" not in d.split(os.sep)]
+
+
+# ---------------------------------------------------------------------------- matching rows
+
+
+def normalise_source(source: str) -> str:
+    if "://" in source and not source.startswith("file://"):
+        return source  # remote URIs are matched as written
+    return storage.local_path(source)
+
+
+class _Matcher:
+    """Which rows belong to the erased images: by image id or by source path (file or folder prefix)."""
+
+    def __init__(self, ids: set[str], sources: set[str]):
+        self.ids = ids
+        self.paths = set(sources)
+        for s in sources:
+            if "://" not in s:
+                self.paths.add(os.path.realpath(s))
+        # Folder sources erase everything under them (a file source is matched exactly).
+        self.prefixes = tuple(p.rstrip("/") + "/" for p in self.paths if p.endswith("/") or os.path.isdir(p))
+
+    def path_matches(self, value: str | None) -> bool:
+        return bool(value) and (value in self.paths or value.startswith(self.prefixes))
+
+    def count(self, table) -> int:
+        """How many rows of ``table`` belong to erased images."""
+        import pyarrow.compute as pc
+
+        return int(pc.sum(self.mask(table)).as_py() or 0)
+
+    def mask(self, table):
+        """pyarrow boolean mask of the rows to drop."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        mask = pa.repeat(pa.scalar(False), table.num_rows)
+        names = table.column_names
+        if ID_COLUMN in names and self.ids:
+            mask = pc.or_(mask, pc.fill_null(pc.is_in(table[ID_COLUMN], value_set=pa.array(sorted(self.ids))), False))
+        for col in PATH_COLUMNS:
+            if col in names and self.paths:
+                hit = pc.is_in(table[col], value_set=pa.array(sorted(self.paths)))
+                for prefix in self.prefixes:
+                    hit = pc.or_(hit, pc.starts_with(table[col], prefix))
+                mask = pc.or_(mask, pc.fill_null(hit, False))
+        return mask
+
+
+def _key_columns(pf) -> list[str]:
+    names = pf.schema_arrow.names
+    return [c for c in (ID_COLUMN, *PATH_COLUMNS) if c in names]
+
+
+def resolve_ids(out_dir: str, image_ids: Iterable[str],
+                sources: Iterable[str]) -> tuple[set[str], set[str], set[str]]:
+    """(image ids to erase, source paths to erase, source files of the ids given explicitly).
+
+    Ids come from the arguments, from tables that map a source path to an id (the
+    catalog; predictions written with --include-paths) and, for source files that
+    still exist, from their pixels (the id is the SHA-256 of the pixels), so
+    images that were only predicted are found too. Source paths known for the ids
+    (catalog ``source_path``) are added, for the CSVs and path columns. Only the
+    named sources and the sources of explicitly named ids are candidates for
+    --delete-source: another file that merely has the same pixels is not deleted.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    ids = set(image_ids)
+    named = set(ids)
+    srcs = {normalise_source(s) for s in sources}
+    of_named: set[str] = set()
+    for src in list(srcs):
+        for path in _image_files(src):
+            found = _pixel_id(path)
+            if found:
+                ids.add(found)
+    keyed = []  # (id, path) columns of every table that maps paths to ids
+    for table in find_tables(out_dir):
+        for part in _parquet_parts(table):
+            pf = pq.ParquetFile(part)
+            keys = _key_columns(pf)
+            if ID_COLUMN in keys and len(keys) > 1:
+                keyed.append(pf.read(columns=keys))
+    if srcs:
+        by_path = _Matcher(set(), srcs)
+        for t in keyed:
+            ids.update(v for v in t.filter(by_path.mask(t))[ID_COLUMN].to_pylist() if v)
+    if ids:
+        for t in keyed:
+            hit = t.filter(pc.fill_null(pc.is_in(t[ID_COLUMN], value_set=_id_array(ids)), False))
+            named_hit = hit.filter(pc.is_in(hit[ID_COLUMN], value_set=_id_array(named))) if named else hit.slice(0, 0)
+            for col in hit.column_names[1:]:
+                srcs.update(v for v in hit[col].to_pylist() if v)
+                of_named.update(v for v in named_hit[col].to_pylist() if v)
+    return ids, srcs, of_named
+
+
+def _id_array(ids: set[str]):
+    import pyarrow as pa
+
+    return pa.array(sorted(ids), type=pa.string())
+
+
+def _image_files(source: str) -> list[str]:
+    if "://" in source:
+        return []
+    if os.path.isfile(source):
+        return [source]
+    found = []
+    if os.path.isdir(source):
+        for dirpath, _, filenames in os.walk(source):
+            found += [os.path.join(dirpath, f) for f in filenames
+                      if os.path.splitext(f)[1].lower() in storage.IMAGE_EXTENSIONS]
+    return found
+
+
+def _pixel_id(path: str) -> str | None:
+    from .images import BadImage, clean_image
+
+    try:
+        return clean_image(storage.read_bytes(path)).image_id
+    except (BadImage, OSError):
+        return None
+
+
+# ---------------------------------------------------------------------------- rewriting
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # parts are never modified in place, so sharing the inode is safe and instant
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def rewrite_table(table_dir: str, matcher: _Matcher) -> int:
+    """Rewrite a Parquet table without the matching rows (staging + atomic publish); rows removed."""
+    import pyarrow.parquet as pq
+
+    hits: dict[str, int] = {}
+    for part in _parquet_parts(table_dir):
+        pf = pq.ParquetFile(part)
+        keys = _key_columns(pf)
+        if keys:
+            n = matcher.count(pf.read(columns=keys))
+            if n:
+                hits[part] = n
+    if not hits:
+        return 0
+    staging = storage.staging_dir(table_dir)
+    os.makedirs(staging)
+    try:
+        rewritten = {os.path.basename(p) for p in hits}
+        for name in sorted(os.listdir(table_dir)):
+            src, dst = os.path.join(table_dir, name), os.path.join(staging, name)
+            if name in rewritten:
+                _write_filtered(src, dst, matcher)
+            elif name.startswith(".") and name.endswith(".crc") and name[1:-4] in rewritten:
+                continue  # Hadoop checksum of the old bytes: Spark would reject the new part
+            elif name == MANIFEST:
+                _update_manifest(src, dst, sum(hits.values()))
+            elif os.path.isdir(src):
+                shutil.copytree(src, dst, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _rmdir_if_empty(os.path.dirname(staging))
+        raise
+    storage.publish_dir(staging, table_dir)
+    return sum(hits.values())
+
+
+def _write_filtered(src: str, dst: str, matcher: _Matcher) -> None:
+    """Copy one part without the matching rows, row group by row group (bounded memory).
+
+    The Arrow schema carries Spark's row metadata, so Spark reads vectors etc. back as before.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src)
+    with pq.ParquetWriter(dst, pf.schema_arrow, compression="snappy") as writer:
+        for i in range(pf.num_row_groups):
+            group = pf.read_row_group(i)
+            writer.write_table(group.filter(pc.invert(matcher.mask(group))))
+
+
+def _update_manifest(src: str, dst: str, removed: int) -> None:
+    try:
+        with open(src, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        shutil.copy2(src, dst)
+        return
+    if isinstance(info.get("images"), int):
+        info["images"] = max(0, info["images"] - removed)
+    info["erased"] = int(info.get("erased", 0)) + removed
+    with open(dst, "w", encoding="utf-8") as fh:
+        json.dump(info, fh, indent=2)
+
+
+def rewrite_csv(path: str, matcher: _Matcher) -> int:
+    """Drop CSV rows whose image_id / path / source_path matches; atomic rewrite; rows removed."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return 0
+    header = rows[0]
+    id_col = header.index(ID_COLUMN) if ID_COLUMN in header else None
+    path_cols = [header.index(c) for c in PATH_COLUMNS if c in header]
+    if id_col is None and not path_cols:
+        return 0
+
+    def erased(row: list[str]) -> bool:
+        if id_col is not None and id_col < len(row) and row[id_col] in matcher.ids:
+            return True
+        return any(c < len(row) and matcher.path_matches(row[c]) for c in path_cols)
+
+    kept = [header] + [r for r in rows[1:] if not erased(r)]
+    removed = len(rows) - len(kept)
+    if removed:
+        buf = io.StringIO()
+        csv.writer(buf).writerows(kept)
+        storage.write_text_atomic(path, buf.getvalue())
+    return removed
+
+
+def _rmdir_if_empty(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _update_model(model_dir: str, ids: set[str]) -> int | None:
+    """Drop erased ids from the model's training list; how many it was trained on (None: unknown)."""
+    trained_on = read_training_ids(model_dir)
+    if trained_on is None:
+        return None
+    hit = trained_on & ids
+    if hit:
+        write_training_ids(model_dir, trained_on - hit)
+        log = read_erasures(model_dir)
+        log["erased_since_training"] = int(log.get("erased_since_training", 0)) + len(hit)
+        log["last_erasure"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        log["action"] = "retrain this model: it was fitted on images that have since been erased"
+        storage.write_text_atomic(os.path.join(model_dir, ERASURES), json.dumps(log, indent=2))
+    return len(hit)
+
+
+# ---------------------------------------------------------------------------- verification
+
+
+def _traces(out_dir: str, matcher: _Matcher) -> list[str]:
+    """Files under out_dir that still mention an erased id or source path (relative paths)."""
+    import pyarrow.parquet as pq
+
+    # Folder sources are not searched for: a manifest may name the ingest root without naming an image.
+    needles = [i.encode() for i in matcher.ids] + [p.encode() for p in matcher.paths if not os.path.isdir(p)]
+    left = []
+    tables = set(find_tables(out_dir))
+    for table in tables:
+        for part in _parquet_parts(table):
+            pf = pq.ParquetFile(part)
+            keys = _key_columns(pf)
+            if keys and matcher.count(pf.read(columns=keys)):
+                left.append(os.path.relpath(part, out_dir))
+    for dirpath, _, filenames in os.walk(out_dir):
+        if dirpath in tables:
+            continue
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if name.endswith(".parquet") or os.path.getsize(path) > _SMALL_FILE:
+                continue
+            with open(path, "rb") as fh:
+                data = fh.read()
+            if any(n in data for n in needles):
+                left.append(os.path.relpath(path, out_dir))
+    return left
+
+
+# ---------------------------------------------------------------------------- the operation
+
+
+def validate_ids(image_ids: Iterable[str]) -> list[str]:
+    ids = [i.strip().lower() for i in image_ids]
+    for i in ids:
+        if not _IMAGE_ID.match(i):
+            raise InputError(f"{i!r} is not a canestra image_id (64 hex characters, as in predictions.csv)")
+    return ids
+
+
+def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = (),
+          delete_source: bool = False) -> EraseResult:
+    """Erase images (by id and/or source path) and everything derived from them under ``out_dir``."""
+    ids_in = validate_ids(image_ids)
+    sources = list(sources)
+    if not ids_in and not sources:
+        raise InputError("nothing to erase: pass --image-id ID… and/or --source PATH…")
+    root = storage.local_path(out_dir)
+    if not os.path.isdir(root):
+        raise InputError(f"output folder {root} does not exist: pass the --out folder of the runs to erase from")
+    if delete_source:
+        remote = [s for s in sources if "://" in s and not s.startswith("file://")]
+        if remote:
+            raise InputError(f"--delete-source can only delete local files; delete {remote[0]} with your storage tools")
+    ids, srcs, named_srcs = resolve_ids(root, ids_in, sources)
+    matcher = _Matcher(ids, srcs)
+    res = EraseResult(root, len(ids))
+
+    for table in find_tables(root):
+        n = rewrite_table(table, matcher)
+        if n:
+            res.rows_removed[os.path.relpath(table, root)] = n
+    for dirpath, _, filenames in _walk(root):
+        if "_staging" in dirpath.split(os.sep):
+            continue
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if name.endswith(".csv"):
+                n = rewrite_csv(path, matcher)
+                if n:
+                    res.rows_removed[os.path.relpath(path, root)] = n
+            elif os.path.splitext(name)[1].lower() in storage.IMAGE_EXTENSIONS and _pixel_id(path) in ids:
+                os.remove(path)  # a copy of an erased image inside the outputs
+                res.files_deleted.append(os.path.relpath(path, root))
+    for dirpath, dirnames, _ in os.walk(root):
+        if "_staging" in dirnames:  # leftovers of crashed runs may hold the image: never complete outputs
+            shutil.rmtree(os.path.join(dirpath, "_staging"))
+            res.files_deleted.append(os.path.relpath(os.path.join(dirpath, "_staging"), root))
+            dirnames.remove("_staging")
+    for model in find_models(root):
+        n = _update_model(model, ids)
+        if n is None:
+            res.unknown_models.append(model)
+        elif n:
+            res.retrain.append((model, n))
+
+    if delete_source:
+        res.sources_deleted = _delete_sources({normalise_source(s) for s in sources} | named_srcs)
+    left = _traces(root, matcher)
+    if left:
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+        raise OutputError(f"erasure incomplete: {len(left)} file(s) under {root} still mention an erased image "
+                          f"({shown}): remove them by hand or re-run erase")
+    return res
+
+
+def _delete_sources(sources: set[str]) -> int:
+    """Delete the erased images' local source files (a folder source: its erased files, not the folder)."""
+    deleted = 0
+    for src in sorted(sources):
+        if "://" in src or os.path.isdir(src):
+            continue
+        try:
+            os.remove(src)
+            deleted += 1
+        except FileNotFoundError:
+            pass
+    return deleted

@@ -1,0 +1,339 @@
+"""S3 behind canestra's storage seam: s3fs filesystems, GDPR guards, plain errors.
+
+- GDPR Art. 44: a bucket's region is asked from S3 (HeadBucket's ``x-amz-bucket-region``,
+  else GetBucketLocation), never assumed; outside the EU/EEA it is refused unless
+  ``--allow-non-eu-region``.
+- GDPR Art. 32: every object canestra writes (or copies) carries server-side encryption,
+  SSE-S3 (``AES256``) or SSE-KMS with ``--sse-kms-key-id``; plain ``http://`` endpoints
+  are refused unless ``--allow-http-endpoint`` (local emulators only).
+- Credentials come from the standard AWS chain (env, profile, instance role). They are
+  never printed: ``S3Options`` hides them from ``repr`` and error messages never quote them.
+
+Only the standard library is imported at module level: s3fs/botocore (the ``s3`` extra)
+load on first use, so local-only installs stay lean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CanestraError, EnvironmentProblem, InputError
+
+SCHEMES = ("s3://", "s3a://")
+_ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
+                 "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity"}
+_ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).lower().startswith(SCHEMES)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` -> ``("bucket", "a/b")``."""
+    rest = str(uri).split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise InputError(f"{uri} names no bucket: use s3://BUCKET/PREFIX")
+    return bucket, key.strip("/")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+@dataclass(frozen=True)
+class S3Options:
+    """How to reach S3. Picklable and hashable: it travels to the executors in the task closure."""
+
+    endpoint_url: str | None = None
+    allow_http_endpoint: bool = False
+    allow_non_eu_region: bool = False
+    sse_kms_key_id: str | None = None
+    # (key id, secret, session token) found in the driver's environment, so executors started
+    # before they were set can use them too (as Spark does for s3a). Never shown by repr.
+    credentials: tuple[str, str, str | None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, cfg: Any) -> "S3Options":
+        endpoint = (getattr(cfg, "s3_endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3")
+                    or os.environ.get("AWS_ENDPOINT_URL") or None)
+        key, secret, token = (os.environ.get(n) or None for n in _ENV_CREDENTIALS)
+        return cls(
+            endpoint_url=endpoint,
+            allow_http_endpoint=bool(getattr(cfg, "allow_http_endpoint", False)),
+            allow_non_eu_region=bool(getattr(cfg, "allow_non_eu_region", False)),
+            sse_kms_key_id=getattr(cfg, "sse_kms_key_id", None) or None,
+            credentials=(key, secret, token) if key and secret else None,
+        )
+
+    def check_endpoint(self) -> None:
+        """GDPR Art. 32: image bytes and credentials-signed requests only over TLS."""
+        if not self.endpoint_url:
+            return
+        scheme = self.endpoint_url.split("://", 1)[0].lower() if "://" in self.endpoint_url else ""
+        if scheme == "https":
+            return
+        if scheme == "http":
+            if self.allow_http_endpoint:
+                return
+            raise InputError(
+                f"S3 endpoint {self.endpoint_url} is plain http:// (unencrypted): use https://, or pass "
+                "--allow-http-endpoint (env CANESTRA_ALLOW_HTTP_ENDPOINT=1) for a local emulator"
+            )
+        raise InputError(f"S3 endpoint {self.endpoint_url!r} is not a URL: use e.g. https://s3.eu-west-3.amazonaws.com")
+
+    def sse_kwargs(self) -> dict[str, str]:
+        """Request parameters that make S3 encrypt what canestra writes (PutObject, CopyObject, uploads)."""
+        if self.sse_kms_key_id:
+            return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": self.sse_kms_key_id}
+        return {"ServerSideEncryption": "AES256"}
+
+    def where(self) -> str:
+        return self.endpoint_url or "AWS S3"
+
+
+# One filesystem per options per process: on executors, one per Python worker, reused by its tasks.
+_FILESYSTEMS: dict[S3Options, Any] = {}
+_CHECKED_BUCKETS: dict[tuple[S3Options, str], str] = {}
+
+
+def filesystem(opts: S3Options):
+    fs = _FILESYSTEMS.get(opts)
+    if fs is not None:
+        return fs
+    opts.check_endpoint()
+    try:
+        import s3fs
+    except ImportError:
+        raise EnvironmentProblem("s3:// paths need s3fs: pip install 'canestra[s3]'") from None
+    key, secret, token = opts.credentials or (None, None, None)
+    fs = s3fs.S3FileSystem(
+        key=key,
+        secret=secret,
+        token=token,
+        endpoint_url=opts.endpoint_url,
+        s3_additional_kwargs=opts.sse_kwargs(),  # s3fs passes them only to calls that accept them
+        use_listings_cache=False,  # a re-run must see objects added since the last listing
+        skip_instance_cache=True,
+        config_kwargs={"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 10},
+    )
+    fs.retries = 3  # s3fs's own retry loop on top of botocore's: keep a dead endpoint's error quick
+    _FILESYSTEMS[opts] = fs
+    return fs
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error_code(exc: BaseException) -> str | None:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            if code:
+                return str(code)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    names = set()
+    e: BaseException | None = exc
+    while e is not None and len(names) < 10:
+        names.update(c.__name__ for c in type(e).__mro__)
+        e = e.__cause__ or e.__context__
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                         "ServerDisconnectedError", "ConnectionRefusedError"})
+
+
+def plain_error(exc: BaseException, uri: str, opts: S3Options, error_cls: type[CanestraError] = InputError
+                ) -> CanestraError | None:
+    """A one-line, credential-free reading of an S3 failure, or None when it is not a known one."""
+    code = _error_code(exc)
+    if code in _ACCESS_CODES or (code is None and isinstance(exc, PermissionError)):
+        return error_cls(f"S3 access denied for {uri}: check credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                         "AWS_PROFILE or the instance role) and the bucket policy")
+    if code == "NoSuchBucket":
+        return error_cls(f"S3 bucket {split_uri(uri)[0]} does not exist ({uri}): check the bucket name")
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        return error_cls(f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                         "AWS_PROFILE, or run with an instance role")
+    if _is_unreachable(exc):
+        return error_cls(f"cannot reach the S3 endpoint {opts.where()} for {uri}: check --s3-endpoint-url "
+                         "(env CANESTRA_S3_ENDPOINT_URL) and the network")
+    return None
+
+
+@contextlib.contextmanager
+def plain_errors(uri: str, opts: S3Options, error_cls: type[CanestraError] = InputError) -> Iterator[None]:
+    """Turn known S3 failures inside the block into one-line canestra errors."""
+    try:
+        yield
+    except CanestraError:
+        raise
+    except Exception as exc:
+        plain = plain_error(exc, uri, opts, error_cls)
+        if plain is None:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            plain = error_cls(f"S3 request for {uri} failed ({type(exc).__name__}: {first})")
+        raise plain from None  # the chained botocore error would repeat request details
+
+
+# --------------------------------------------------------------------------- region (GDPR Art. 44)
+
+
+def bucket_region(opts: S3Options, bucket: str) -> str:
+    """The region S3 reports for ``bucket``: GetBucketLocation, else HeadBucket's ``x-amz-bucket-region``.
+
+    Least-privilege roles often allow s3:GetBucketLocation but s3:ListBucket only on some
+    prefixes (then HeadBucket is refused); callers of another account's bucket get the
+    opposite. S3 sends the region header even on a refused HeadBucket.
+    """
+    fs = filesystem(opts)
+    try:
+        location = fs.call_s3("get_bucket_location", Bucket=bucket).get("LocationConstraint")
+        # GetBucketLocation answers None for us-east-1 and "EU" for the legacy eu-west-1 name.
+        return str({None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location))
+    except Exception as first:
+        try:
+            response = fs.call_s3("head_bucket", Bucket=bucket)
+        except Exception as exc:
+            response = _response_of(exc) or {}
+        region = response.get("BucketRegion") or (response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                                                   .get("x-amz-bucket-region"))
+        if not region:
+            raise first
+        return str(region)
+
+
+def _response_of(exc: BaseException) -> dict | None:
+    e: BaseException | None = exc
+    for _ in range(5):
+        if e is None:
+            return None
+        if isinstance(getattr(e, "response", None), dict):
+            return e.response
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_bucket(uri: str, opts: S3Options, error_cls: type[CanestraError] = InputError) -> str:
+    """Reachable, readable and in an allowed region; returns the bucket's region."""
+    from .regions import check_region
+
+    bucket, _ = split_uri(uri)
+    cached = _CHECKED_BUCKETS.get((opts, bucket))
+    if cached:
+        return cached
+    with plain_errors(uri, opts, error_cls):
+        try:
+            region = bucket_region(opts, bucket)
+        except Exception as exc:
+            if _error_code(exc) in ("404", "NoSuchBucket") or isinstance(exc, FileNotFoundError):
+                raise error_cls(f"S3 bucket {bucket} does not exist ({uri}): check the bucket name") from None
+            raise
+    check_region(region, opts.allow_non_eu_region, f"S3 bucket {bucket} ({uri})")
+    _CHECKED_BUCKETS[(opts, bucket)] = region
+    return region
+
+
+# --------------------------------------------------------------------------- objects
+
+
+def list_objects(uri: str, opts: S3Options) -> list[tuple[str, str, int, float]]:
+    """Every object under ``uri`` as ``(uri, path relative to uri, size, mtime)``.
+
+    One paginated ListObjectsV2 listing (no delimiter) returns keys with sizes and
+    modification times: no request per object.
+    """
+    check_bucket(uri, opts)
+    bucket, prefix = split_uri(uri)
+    scheme = str(uri).split("://", 1)[0]
+    fs = filesystem(opts)
+    with plain_errors(uri, opts):
+        found = fs.find(f"{bucket}/{prefix}".rstrip("/"), detail=True)
+    out = []
+    for name, info in found.items():
+        key = name.split("/", 1)[1] if "/" in name else ""
+        if info.get("type") == "directory" or not key or key.endswith("/"):
+            continue  # "folder" placeholder objects
+        if not prefix:
+            rel = key
+        elif key.startswith(prefix + "/"):
+            rel = key[len(prefix) + 1:]
+        else:  # the URI names one object
+            rel = key.rsplit("/", 1)[-1]
+        modified = info.get("LastModified")
+        mtime = modified.timestamp() if hasattr(modified, "timestamp") else 0.0
+        out.append((f"{scheme}://{bucket}/{key}", rel, int(info.get("size") or 0), mtime))
+    return out
+
+
+def read_bytes(uri: str, opts: S3Options) -> bytes:
+    """An object's bytes; OSError with a plain message on failure (the caller quarantines the file)."""
+    bucket, key = split_uri(uri)
+    try:
+        return filesystem(opts).cat_file(f"{bucket}/{key}")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such S3 object {uri}") from None
+    except CanestraError as exc:
+        raise OSError(str(exc)) from None
+    except Exception as exc:
+        plain = plain_error(exc, uri, opts)
+        raise OSError(str(plain) if plain else f"S3 read of {uri} failed ({type(exc).__name__})") from None
+
+
+def write_bytes(uri: str, data: bytes, opts: S3Options) -> None:
+    """One PutObject (atomic on S3), encrypted at rest."""
+    from .errors import OutputError
+
+    check_bucket(uri, opts, OutputError)  # once per bucket and process
+    bucket, key = split_uri(uri)
+    with plain_errors(uri, opts, OutputError):
+        filesystem(opts).pipe_file(f"{bucket}/{key}", data)
+
+
+def exists(uri: str, opts: S3Options) -> bool:
+    bucket, key = split_uri(uri)
+    with plain_errors(uri, opts):
+        return bool(filesystem(opts).exists(f"{bucket}/{key}"))
+
+
+def probe_writable(uri: str, opts: S3Options) -> None:
+    """Prove ``uri`` accepts (encrypted) writes, leaving nothing behind."""
+    from .errors import OutputError
+
+    probe = join(uri, f".canestra-write-test-{uuid.uuid4().hex[:12]}")
+    write_bytes(probe, b"", opts)
+    bucket, key = split_uri(probe)
+    with plain_errors(probe, opts, OutputError):
+        filesystem(opts).rm_file(f"{bucket}/{key}")
+
+
+def replace_tree(staging: str, final: str, opts: S3Options) -> None:
+    """Publish ``staging`` as ``final``: copy every object (re-encrypted), then delete the staging copy.
+
+    S3 has no rename: between deleting the old table and the last copy a reader can see
+    a partial table. A crash leaves the complete staging copy under ``_staging/``.
+    """
+    from .errors import OutputError
+
+    fs = filesystem(opts)
+    src_bucket, src_key = split_uri(staging)
+    dst_bucket, dst_key = split_uri(final)
+    with plain_errors(final, opts, OutputError):
+        if fs.exists(f"{dst_bucket}/{dst_key}"):
+            fs.rm(f"{dst_bucket}/{dst_key}", recursive=True)
+        for name in fs.find(f"{src_bucket}/{src_key}"):
+            rel = name[len(f"{src_bucket}/{src_key}"):].lstrip("/")
+            fs.copy(name, f"{dst_bucket}/{dst_key}/{rel}")  # CopyObject with the SSE parameters
+        fs.rm(f"{src_bucket}/{src_key}", recursive=True)

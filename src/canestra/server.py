@@ -1,0 +1,489 @@
+"""``canestra serve``: online classification over HTTP (FastAPI + uvicorn), no Spark.
+
+Each uvicorn worker process loads the model once (:mod:`canestra.online`) and runs
+one inference at a time on its own ONNX Runtime session, so ``workers x threads``
+stays within the machine's cores.
+
+Privacy: uploads are read into memory, decoded, scored and dropped. Nothing is
+written to disk (the multipart body is parsed in memory, never spooled to a
+temporary file), no image bytes, file names or client addresses are logged (the
+uvicorn access log is off), and the audit log lines carry request counts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from .config import Settings
+from .errors import EnvironmentProblem, InputError
+from .images import BadImage
+from .online import ModelSpec, OnlinePredictor, default_threads, load_model_spec
+
+try:
+    import anyio
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel, Field
+except ImportError as exc:  # pragma: no cover - install problem
+    raise EnvironmentProblem("`canestra serve` needs the serve extra: run `pip install 'canestra[serve]'`") from exc
+
+STATIC_DIR = Path(__file__).parent / "static"
+ENV_CONFIG = "CANESTRA_SERVE_CONFIG"  # JSON {model_dir, threads, max_upload_mb, max_batch} for worker processes
+AUDIT_LOGGER = "canestra.serve.audit"
+AUDIT_INTERVAL_S = 60.0
+BATCH_BODY_FACTOR = 4  # a batch request may carry at most 4 x the per-image limit in total
+_MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the image bytes
+
+log = logging.getLogger(AUDIT_LOGGER)
+
+
+# ---------------------------------------------------------------------------- response schemas
+
+
+# [class, probability]. Not tuple[str, float]: its `prefixItems` schema trips schemathesis'
+# OpenAPI 3.1 handling, and clients see the same JSON either way.
+ClassProb = Annotated[list[str | float], Field(min_length=2, max_length=2)]
+
+
+class PredictionOut(BaseModel):
+    prediction: str = Field(description="most probable class")
+    probability: float = Field(ge=0, le=1, description="probability of `prediction`")
+    top5: list[ClassProb] = Field(description="[[class, probability], ...], most probable first")
+    image_id: str = Field(description="SHA-256 of the decoded pixels (the id `canestra predict` writes)")
+    model_version: str
+    timing_ms: float = Field(description="time spent in the service for this request")
+
+
+class BatchItemOut(BaseModel):
+    index: int = Field(description="position of the image among the request's `file` fields")
+    status: int = Field(description="200, or the error status this image alone would get (413/415/422)")
+    prediction: str | None = None
+    probability: float | None = None
+    top5: list[ClassProb] | None = None
+    image_id: str | None = None
+    error: str | None = None
+
+
+class BatchOut(BaseModel):
+    results: list[BatchItemOut]
+    model_version: str
+    timing_ms: float
+
+
+class ModelOut(BaseModel):
+    classes: list[str]
+    created_at: str | None
+    version: str = Field(description="SHA-256 of the model files")
+    model_version: str = Field(description="short form of `version`, returned with every prediction")
+    image_sizes: list[int]
+    pca_k: int
+    backbone: str
+    spark_version: str | None
+    metrics: dict[str, Any] | None = Field(description="metrics.json written by `canestra train`, if present")
+    requests: dict[str, int] = Field(description="request counts of this worker process")
+
+
+class HealthOut(BaseModel):
+    status: str
+    requests: dict[str, int]
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+_ERRORS = {413: {"model": ErrorOut, "description": "upload too large"},
+           415: {"model": ErrorOut, "description": "not an image, or an unsupported format"},
+           422: {"model": ErrorOut, "description": "corrupt, truncated, animated image or decompression bomb"}}
+
+_BINARY = {"type": "string", "format": "binary"}
+_RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff", "application/octet-stream")
+
+
+def _request_body(many: bool) -> dict:
+    file_schema = {"type": "array", "items": _BINARY, "minItems": 1} if many else _BINARY
+    content = {"multipart/form-data": {"schema": {"type": "object", "properties": {"file": file_schema},
+                                                  "required": ["file"]}}}
+    if not many:
+        content.update({t: {"schema": _BINARY} for t in _RAW_TYPES})
+    return {"requestBody": {"required": True, "content": content}}
+
+
+# ---------------------------------------------------------------------------- request handling
+
+
+class Problem(Exception):
+    """A client error answered as ``{"detail": message}`` with ``status``."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def bad_image_status(err: BadImage) -> int:
+    reason = err.reason
+    if reason.startswith("file too large"):
+        return 413
+    if reason.startswith(("not an image", "unsupported image format")):
+        return 415
+    return 422  # empty, truncated, corrupt, animated, decompression bomb, odd pixel layout
+
+
+def _bad_image_detail(err: BadImage, limit_mb: float) -> str:
+    if err.reason.startswith("file too large"):
+        return f"image too large: the limit is {limit_mb:g} MB"
+    return err.reason
+
+
+async def read_body(request: Request, limit: int, too_large: str) -> bytes:
+    """The whole request body in memory, refusing (413, ``too_large``) more than ``limit`` bytes early."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, too_large)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise Problem(413, too_large)
+    return bytes(buf)
+
+
+def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: int) -> list[bytes]:
+    """The ``file`` fields of a multipart/form-data body, parsed in memory (never spooled to disk)."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise Problem(422, "multipart body without a boundary: send the image as a form field named file")
+    files: list[bytes] = []
+    state: dict[str, Any] = {"name": None, "data": None, "field": b"", "value": b"", "headers": {}}
+
+    def on_part_begin() -> None:
+        state.update(name=None, data=bytearray(), headers={})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, opts = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        state["name"] = opts.get(b"name")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["name"] != b"file":
+            return  # other fields are ignored, not kept
+        state["data"] += data[start:end]
+        if len(state["data"]) > max_part:
+            raise Problem(413, f"image too large: the limit is {max_part / 1e6:g} MB")
+
+    def on_part_end() -> None:
+        if state["name"] == b"file":
+            files.append(bytes(state["data"]))
+            if len(files) > max_files:
+                raise Problem(413, f"too many images in one request: at most {max_files}")
+        state["data"] = None
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end,
+    }, max_header_count=16)
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Problem:
+        raise
+    except Exception as exc:  # MultipartParseError and friends: a malformed body
+        raise Problem(422, f"malformed multipart body ({type(exc).__name__}): "
+                           "send the image as a form field named file") from None
+    return files
+
+
+def _json(payload: dict, status: int = 200) -> Response:
+    return Response(json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+class _Counts:
+    """Per-process request counters: the only thing the service remembers about requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._c: collections.Counter[str] = collections.Counter()
+
+    def add(self, **inc: int) -> None:
+        with self._lock:
+            self._c.update(inc)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self._c.items()))
+
+
+def _audit_line(event: str, spec: ModelSpec, counts: dict[str, int]) -> str:
+    # Counts only: never image bytes, file names, image ids or client addresses.
+    return json.dumps({"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "pid": os.getpid(), "model_version": spec.model_version, "counts": counts}, sort_keys=True)
+
+
+def create_app(model_dir: str | None = None, settings: Settings | None = None, *,
+               predictor: OnlinePredictor | None = None) -> FastAPI:
+    """The FastAPI app serving one model; loads it now (raises InputError if ``model_dir`` is not one)."""
+    cfg = settings or Settings.load()
+    if predictor is None:
+        if model_dir is None:
+            raise InputError("no model: pass --model DIR/model")
+        max_bytes = int(cfg.max_upload_mb * 1_000_000)
+        predictor = OnlinePredictor(load_model_spec(model_dir), cfg.serve_threads or default_threads(cfg.workers),
+                                    max_bytes=max_bytes)
+        predictor.warm_up()
+    spec = predictor.spec
+    max_bytes = predictor.max_bytes
+    limit_mb = max_bytes / 1e6
+    counts = _Counts()
+    state = {"ready": True}  # False while the worker shuts down: /readyz then says 503
+    limiter: list[anyio.CapacityLimiter] = []  # created inside the event loop
+
+    def compute_limiter() -> anyio.CapacityLimiter:
+        # One inference at a time per worker: its ORT session already uses `threads` cores.
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(1))
+        return limiter[0]
+
+    async def audit_every(interval: float) -> None:
+        last: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(interval)
+            now = counts.snapshot()
+            if now != last:
+                log.info(_audit_line("serve.requests", spec, now))
+                last = now
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        state["ready"] = True
+        log.info(_audit_line("serve.start", spec, counts.snapshot()))
+        task = asyncio.create_task(audit_every(AUDIT_INTERVAL_S))
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            task.cancel()
+            log.info(_audit_line("serve.stop", spec, counts.snapshot()))
+
+    app = FastAPI(
+        title="canestra",
+        version=spec.model_version,
+        summary="Fruit-image classification: EfficientNet-Lite0 features, PCA, logistic regression.",
+        description="Uploaded images are processed in memory and never stored or logged; "
+                    "the service keeps request counts only.",
+        lifespan=lifespan,
+        docs_url=None,  # served below from local assets: no CDN
+        redoc_url=None,
+    )
+    app.state.predictor = predictor
+    app.state.counts = counts
+
+    @app.exception_handler(Problem)
+    async def _problem(_request: Request, exc: Problem) -> Response:
+        counts.add(requests=1, **{f"rejected_{exc.status}": 1})
+        return _json({"detail": exc.detail}, exc.status)
+
+    def score_one(data: bytes) -> dict:
+        try:
+            rgb = predictor.decode(data)
+        except BadImage as err:
+            raise Problem(bad_image_status(err), _bad_image_detail(err, limit_mb)) from None
+        except MemoryError:
+            raise Problem(413, "image too large to decode in memory") from None
+        p = predictor.predict_rgb([rgb])[0]
+        return {"prediction": p.label, "probability": p.probability, "top5": p.top5, "image_id": p.image_id}
+
+    def score_many(blobs: list[bytes]) -> list[dict]:
+        items: list[dict] = [{} for _ in blobs]
+        good, rgbs = [], []
+        for i, data in enumerate(blobs):
+            try:
+                rgbs.append(predictor.decode(data))
+                good.append(i)
+            except BadImage as err:
+                items[i] = {"index": i, "status": bad_image_status(err), "error": _bad_image_detail(err, limit_mb)}
+            except MemoryError:
+                items[i] = {"index": i, "status": 413, "error": "image too large to decode in memory"}
+        for i, p in zip(good, predictor.predict_rgb(rgbs)):
+            items[i] = {"index": i, "status": 200, "prediction": p.label, "probability": p.probability,
+                        "top5": p.top5, "image_id": p.image_id}
+        return items
+
+    @app.post("/v1/predict", response_model=PredictionOut, responses=_ERRORS, openapi_extra=_request_body(False),
+              summary="Classify one image (multipart field `file`, or the raw image as the body)")
+    async def predict(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(request, max_bytes + _MULTIPART_SLACK, f"image too large: the limit is {limit_mb:g} MB")
+        ctype = request.headers.get("content-type", "")
+        if ctype.lower().startswith("multipart/form-data"):
+            files = parse_multipart(body, ctype, max_bytes, max_files=1 << 10)
+            if len(files) != 1:
+                raise Problem(422, "send exactly one image in a form field named file "
+                                   "(several images: POST /v1/predict/batch)" if files else
+                                   "no form field named file: send the image as file=@photo.jpg")
+            data = files[0]
+        else:
+            data = body
+            if len(data) > max_bytes:
+                raise Problem(413, f"image too large: the limit is {limit_mb:g} MB")
+        del body
+        if not data:
+            raise Problem(422, "empty request: send an image as the body or as a form field named file")
+        out = await anyio.to_thread.run_sync(score_one, data, limiter=compute_limiter())
+        counts.add(requests=1, images=1)
+        out["model_version"] = spec.model_version
+        out["timing_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        return _json(out)
+
+    @app.post("/v1/predict/batch", response_model=BatchOut, responses={413: _ERRORS[413], 422: _ERRORS[422]},
+              openapi_extra=_request_body(True),
+              summary=f"Classify several images (repeated multipart field `file`, at most {cfg.max_batch})")
+    async def predict_batch(request: Request) -> Response:
+        t0 = time.perf_counter()
+        body = await read_body(request, BATCH_BODY_FACTOR * max_bytes + _MULTIPART_SLACK,
+                               f"request too large: a batch may carry {BATCH_BODY_FACTOR * limit_mb:g} MB in total")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.lower().startswith("multipart/form-data"):
+            raise Problem(422, "send the images as multipart/form-data, one form field named file per image")
+        files = parse_multipart(body, ctype, max_bytes, max_files=cfg.max_batch)
+        del body
+        if not files:
+            raise Problem(422, "no form field named file: send each image as file=@photo.jpg")
+        items = await anyio.to_thread.run_sync(score_many, files, limiter=compute_limiter())
+        ok = sum(1 for it in items if it["status"] == 200)
+        counts.add(requests=1, batch_requests=1, images=ok, images_rejected=len(items) - ok)
+        return _json({"results": items, "model_version": spec.model_version,
+                      "timing_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    @app.get("/v1/model", response_model=ModelOut, summary="The model served: classes, training metrics, version")
+    async def model_info() -> Response:
+        return _json({**predictor.info(), "requests": counts.snapshot()})
+
+    @app.get("/healthz", response_model=HealthOut, summary="Liveness")
+    async def healthz() -> Response:
+        return _json({"status": "ok", "requests": counts.snapshot()})
+
+    @app.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "not ready"}},
+             summary="Readiness: the model is loaded and the worker is not shutting down")
+    async def readyz() -> Response:
+        ready = state["ready"]
+        return _json({"status": "ready" if ready else "stopping", "requests": counts.snapshot()}, 200 if ready else 503)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> Response:
+        # Everything the page needs comes from this app: no CDN, no inline script.
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                                       "base-uri 'none'; frame-ancestors 'none'",
+            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_docs(app)
+    return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the swagger-ui-bundle-v2 wheel's files (FastAPI's default loads a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # pragma: no cover - serve extra without the bundle: CDN-hosted docs
+        swagger_ui_path = None
+    if swagger_ui_path:
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+        urls = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
+                "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+    else:
+        urls = {}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="canestra API", **urls)
+
+
+# ---------------------------------------------------------------------------- running it
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn worker processes: the CLI passes its settings in ``CANESTRA_SERVE_CONFIG``."""
+    raw = os.environ.get(ENV_CONFIG)
+    if not raw:
+        raise InputError(f"{ENV_CONFIG} is not set: start the service with `canestra serve --model DIR/model`")
+    conf = json.loads(raw)
+    model_dir = conf.pop("model_dir")
+    return create_app(model_dir, Settings.load(**conf))
+
+
+def log_config(level: str = "INFO") -> dict:
+    """uvicorn's logging config plus the service's audit logger (counts only)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    conf = json.loads(json.dumps(LOGGING_CONFIG))
+    conf["formatters"]["audit"] = {"format": "%(message)s"}
+    conf["handlers"]["audit"] = {"class": "logging.StreamHandler", "formatter": "audit", "stream": "ext://sys.stderr"}
+    conf["loggers"][AUDIT_LOGGER] = {"handlers": ["audit"], "level": level, "propagate": False}
+    return conf
+
+
+def check_serve_settings(cfg: Settings) -> None:
+    if not 1 <= cfg.port <= 65535:
+        raise InputError(f"--port must be between 1 and 65535, got {cfg.port}")
+    if cfg.workers < 1 or (cfg.serve_threads is not None and cfg.serve_threads < 1):
+        raise InputError("--workers and --threads must be positive numbers")
+    if cfg.max_upload_mb <= 0 or cfg.max_batch < 1:
+        raise InputError("--max-upload-mb and --max-batch must be positive numbers")
+
+
+def run_serve(model_dir: str, cfg: Settings) -> int:
+    """Validate the model here (exit 2 on a bad folder), then hand over to uvicorn."""
+    import uvicorn
+
+    check_serve_settings(cfg)
+    spec = load_model_spec(model_dir)  # InputError -> `canestra: error: ...`, exit 2, before uvicorn starts
+    if not spec.onnx_path:
+        from . import backbone
+
+        backbone.default_model_path()  # build the ONNX graph once, not once per worker
+    threads = cfg.serve_threads or default_threads(cfg.workers)
+    os.environ[ENV_CONFIG] = json.dumps({"model_dir": spec.model_dir, "serve_threads": threads,
+                                         "max_upload_mb": cfg.max_upload_mb, "max_batch": cfg.max_batch,
+                                         "workers": cfg.workers})
+    from . import audit
+
+    audit.note(details={"model_version": spec.model_version, "workers": cfg.workers, "threads": threads})
+    print(f"canestra serve: model {spec.model_version} ({len(spec.labels)} classes) on http://{cfg.host}:{cfg.port}/ "
+          f"with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s)", flush=True)
+    uvicorn.run("canestra.server:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
+                access_log=False, log_config=log_config(), server_header=False, timeout_graceful_shutdown=10,
+                # A worker answers the supervisor's health pings only once Python and uvicorn are
+                # imported; uvicorn's 5 s default kills slow starters on a busy machine, in a loop.
+                timeout_worker_healthcheck=60)
+    return 0

@@ -1,0 +1,109 @@
+"""The web page in a real headless Chromium: pick and drop real fruit photos, see the right class."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from canestra.config import Settings
+
+CHROMIUM = os.environ.get("CANESTRA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def base_url(trained):
+    """The app under a real uvicorn server on 127.0.0.1 (a free port), in a thread."""
+    import uvicorn
+
+    from canestra.server import create_app
+
+    app = create_app(os.path.join(trained.out_dir, "model"), Settings.load(serve_threads=1))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, access_log=False, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CANESTRA_CHROMIUM)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield b
+        b.close()
+
+
+def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    # A phone-sized screen: the page must fit without horizontal scrolling.
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                                  has_touch=True)
+    page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda req: requested.append(req.url))
+    console_errors: list[str] = []
+    page.on("console", lambda msg: console_errors.append(msg.text) if msg.type == "error" else None)
+
+    page.goto(base_url + "/")
+    # Locator assertions, not wait_for_function: the page's CSP forbids eval, as it should.
+    expect(page.locator("#model-info")).to_contain_text("10 classes")
+
+    # 1. pick a file with the file input
+    banana = sorted((sample_dir / "Banana").glob("*.jpg"))[5]
+    page.set_input_files("#file", str(banana))
+    expect(page.locator("#prediction")).to_have_text("Banana", timeout=30_000)
+    assert page.locator("#top5 li").count() == 5
+    widths = page.eval_on_selector_all("#top5 .fill", "els => els.map(e => parseFloat(e.style.width))")
+    assert widths[0] > 50 and widths == sorted(widths, reverse=True)
+    assert page.eval_on_selector("#preview", "img => img.naturalWidth") == 100  # the preview shows the photo
+    shot = tmp_path / "serve-page-phone.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
+
+    # 2. drag and drop another photo onto the drop zone
+    kiwi = sorted((sample_dir / "Kiwi").glob("*.jpg"))[3]
+    payload = base64.b64encode(kiwi.read_bytes()).decode()
+    page.evaluate(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: "image/jpeg"}));
+            const zone = document.getElementById("drop");
+            for (const type of ["dragenter", "dragover", "drop"]) {
+                zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
+            }
+        }""",
+        [payload, kiwi.name],
+    )
+    expect(page.locator("#prediction")).to_have_text("Kiwi", timeout=30_000)
+
+    # 3. a file that is not an image gives a plain message, not a broken page
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a picture\n" * 10)
+    page.set_input_files("#file", str(notes))
+    expect(page.locator("#error")).to_contain_text("not an image", timeout=30_000)
+    expect(page.locator("#result")).to_be_hidden()
+
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert all(u.startswith(base_url) or u.startswith(("blob:", "data:")) for u in requested), requested
+    assert not [e for e in console_errors if "415" not in e], console_errors  # the 415 is the expected failure
+    shot2 = tmp_path / "serve-page-phone-error.png"
+    page.screenshot(path=str(shot2), full_page=True)
+    print(f"screenshot: {shot2}")
+    context.close()
