@@ -76,3 +76,21 @@ def test_record_shows_erasures_and_shared_paths(run):
     assert any(m.startswith("WARNING: outputs meant for sharing hold source paths") and "pred/predictions.csv" in m
                for m in rec["security_measures"])
     assert any(p.startswith("classifying images") for p in rec["purposes"])
+
+
+def test_record_states_the_s3_security_settings_in_force(run, monkeypatch):
+    """Art. 30(1)(g)/Art. 32: the measures listed are the ones s3.py will apply, read from the configuration."""
+    for var in ("CANESTRA_SSE_KMS_KEY_ID", "CANESTRA_ALLOW_HTTP_ENDPOINT", "CANESTRA_ALLOW_NON_EU_REGION",
+                "CANESTRA_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    default = "\n".join(record(run)["security_measures"])
+    assert "SSE-S3 (AES256)" in default and "TLS (https endpoints only)" in default
+    assert "buckets outside the EU/EEA are refused" in default
+    monkeypatch.setenv("CANESTRA_SSE_KMS_KEY_ID", "arn:aws:kms:eu-west-3:111122223333:key/canestra-test")
+    monkeypatch.setenv("CANESTRA_ALLOW_NON_EU_REGION", "1")
+    assert cli.main(["gdpr", "record", "--out", str(run), "--allow-http-endpoint",
+                     "--s3-endpoint-url", "http://user:pw@127.0.0.1:9000"]) == 0
+    md = (run / "_gdpr" / "record-of-processing.md").read_text()
+    assert "SSE-KMS (aws:kms) with key arn:aws:kms:eu-west-3:111122223333:key/canestra-test" in md
+    assert "WARNING: plain http:// endpoints allowed" in md and "WARNING: buckets outside the EU/EEA accepted" in md
+    assert "pw@" not in md and "http://127.0.0.1:9000" in md

@@ -20,7 +20,7 @@ import pytest
 
 from canestra import s3, storage
 from canestra.cli import main
-from canestra.errors import InputError, OutputError
+from canestra.errors import InputError
 
 EU_BUCKET = "canestra-eu-data"  # created in eu-west-3 (Paris)
 US_BUCKET = "canestra-us-data"  # created in us-east-1
@@ -149,7 +149,7 @@ def test_listing_is_one_paginated_request_with_sizes(moto, buckets, sample_dir):
     assert not [r for r in requests if re.match(rf"(HEAD|GET) /{EU_BUCKET}/{PREFIX}/.+\.\w+$", r)], requests
 
 
-def test_bucket_outside_eu_is_refused_unless_allowed(moto, buckets, tmp_path, capsys):
+def test_bucket_outside_eu_is_refused_unless_allowed(moto, buckets, tmp_path, monkeypatch, capsys):
     with pytest.raises(InputError, match=r"us-east-1.*outside the EU/EEA.*--allow-non-eu-region"):
         storage.list_images(f"s3://{US_BUCKET}/{PREFIX}")
     allowed = s3.S3Options.from_settings(type("Cfg", (), {"s3_endpoint_url": moto.endpoint, "allow_http_endpoint": True,
@@ -160,6 +160,21 @@ def test_bucket_outside_eu_is_refused_unless_allowed(moto, buckets, tmp_path, ca
     assert main(["train", "--images", f"s3://{US_BUCKET}/{PREFIX}", "--out", str(out)]) == 2
     assert "outside the EU/EEA (GDPR Art. 44)" in _cli_error(capsys)
     assert not out.exists()
+    # The region comes from S3, not from the client's configuration: an EU client region changes nothing.
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    with pytest.raises(InputError, match="us-east-1"):
+        storage.list_images(f"s3://{US_BUCKET}/{PREFIX}", s3.S3Options(moto.endpoint, True))
+
+
+def test_non_eu_bucket_with_the_override_flag(moto, buckets, spark, tmp_path, capsys):
+    """--allow-non-eu-region (a documented transfer safeguard) lets the CLI ingest from us-east-1."""
+    out = tmp_path / "out"
+    rc = main(["ingest", "--images", f"s3://{US_BUCKET}/{PREFIX}", "--out", str(out), "--allow-non-eu-region",
+               "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert spark.read.parquet(str(out / "catalog")).count() == 4
+    (rec,) = [json.loads(line) for line in (out / "_audit" / "audit.jsonl").read_text().splitlines()]
+    assert rec["command"] == "ingest" and rec["status"] == "ok" and rec["counts"]["images"] == 4
 
 
 @pytest.mark.parametrize("which", ["secret", "key_id"])
@@ -214,6 +229,8 @@ def test_objects_canestra_writes_are_encrypted(moto, buckets):
     staging = storage.staging_dir(f"{run}/catalog")
     for part in ("part-0.parquet", "_SUCCESS"):
         plain.put_object(Bucket=EU_BUCKET, Key=f"{s3.split_uri(staging)[1]}/{part}", Body=b"x")
+    # Positive control: the emulator adds no encryption of its own, so what follows proves canestra's.
+    assert "ServerSideEncryption" not in head(Bucket=EU_BUCKET, Key=f"{s3.split_uri(staging)[1]}/part-0.parquet")
     storage.publish_dir(staging, f"{run}/catalog")
     assert sorted(_keys_under(moto, EU_BUCKET, "runs/enc/catalog/")) == ["runs/enc/catalog/_SUCCESS",
                                                                          "runs/enc/catalog/part-0.parquet"]
@@ -278,3 +295,31 @@ def test_predict_cli_from_s3_never_leaks_credentials(moto, buckets, spark, train
     assert len(files) > 3
     leaked = [str(p) for p in files for s in secrets if s.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_erase_deletes_the_source_object(moto, buckets, spark, sample_dir, tmp_path, capfd):
+    """GDPR Art. 17 on S3: `erase --source s3://… --delete-source` removes the rows and the object itself."""
+    from artefacts import find
+
+    src = f"erase-src/{tmp_path.name}"
+    c = moto.client("s3")
+    for cls in ("Banana", "Kiwi"):
+        for p in sorted((sample_dir / cls).iterdir())[:2]:
+            c.put_object(Bucket=EU_BUCKET, Key=f"{src}/{cls}/{p.name}", Body=p.read_bytes())
+    out = tmp_path / "run"
+    images = f"s3://{EU_BUCKET}/{src}"
+    assert main(["ingest", "--images", images, "--out", str(out), "--quiet"]) == 0
+    catalog = spark.read.parquet(str(out / "catalog")).select("image_id", "source_path").collect()
+    victim = next(r for r in catalog if "/Banana/" in r.source_path)
+    assert find(out, [victim.image_id, victim.source_path]), "positive control: the catalog holds the image"
+
+    assert main(["erase", "--out", str(out), "--source", victim.source_path, "--delete-source"]) == 0
+    captured = capfd.readouterr()
+    assert json.loads(captured.out.splitlines()[-1])["sources_deleted"] == 1
+    assert find(out, [victim.image_id, victim.source_path]) == {}
+    left = _keys_under(moto, EU_BUCKET, src)
+    assert f"{src}/Banana/{victim.source_path.rsplit('/', 1)[-1]}" not in left and len(left) == 3
+    assert spark.read.parquet(str(out / "catalog")).count() == len(catalog) - 1
+    secrets = (moto.key_id, moto.secret)
+    assert not [x for x in secrets if x in captured.out + captured.err]
+    assert not [p for p in out.rglob("*") if p.is_file() for x in secrets if x.encode() in p.read_bytes()]

@@ -8,6 +8,7 @@ become quarantine records with their reason; the run goes on.
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import hashlib
 import io
 import json
@@ -214,6 +215,8 @@ def ingest(
         )
     classes = len([c for c in per_class if c is not None])
     info = {
+        # Retention (purge) dates the table by this, not by file mtimes an erasure rewrite refreshes.
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fp,
         "source": images_uri,
         "images": n_ok,

@@ -118,9 +118,11 @@ def _gdpr_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (a run, or a folder of runs) to erase from")
     p.add_argument("--image-id", nargs="+", action="extend", default=[], metavar="ID", help="image_id(s) to erase")
     p.add_argument("--source", nargs="+", action="extend", default=[], metavar="PATH", help="source image file(s) or folder(s) to erase")
-    p.add_argument("--delete-source", action="store_true", help="also delete the source image files")
+    p.add_argument("--delete-source", action="store_true",
+                   help="also delete the source image files (local files or s3:// objects)")
     p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
     _audit_opt(p)
+    _storage_opts(p)  # --delete-source of s3:// objects
 
     p = sub.add_parser("purge", help="GDPR retention: remove run outputs older than --older-than days")
     p.add_argument("--out", required=True, help="output folder (a run, or a folder of runs)")
@@ -136,6 +138,7 @@ def _gdpr_parsers(sub) -> None:
     g.add_argument("--out", required=True, help="output folder (a run, or a folder of runs)")
     g.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
     _audit_opt(g)
+    _storage_opts(g)  # the record states the S3 encryption/region settings in force
 
 
 def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:

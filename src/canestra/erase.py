@@ -14,7 +14,7 @@ and image copy under ``out_dir`` and removes what belongs to the erased images:
 * A model keeps the ids it was trained on (``model/canestra_training_ids.txt``):
   erased ids are removed from that list and counted in ``canestra_erasures.json``,
   and the caller is told to retrain (the fitted weights still reflect the image).
-* Optionally the source files themselves are deleted.
+* Optionally the source files themselves are deleted (local files or s3:// objects).
 
 Finally every small file is searched for the erased ids and source paths, and every
 table re-checked: an erasure that left a trace raises instead of claiming success.
@@ -33,7 +33,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from . import storage
+from . import s3, storage
 from .errors import InputError, OutputError
 
 TRAINING_IDS = "canestra_training_ids.txt"  # inside a model dir: the image ids it was fitted on
@@ -434,9 +434,13 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
     if not os.path.isdir(root):
         raise InputError(f"output folder {root} does not exist: pass the --out folder of the runs to erase from")
     if delete_source:
-        remote = [s for s in sources if "://" in s and not s.startswith("file://")]
+        remote = [s for s in sources if storage.is_remote(s) and not s3.is_s3(s)]
         if remote:
-            raise InputError(f"--delete-source can only delete local files; delete {remote[0]} with your storage tools")
+            raise InputError(f"--delete-source deletes local files and s3:// objects; delete {remote[0]} "
+                             "with your storage tools")
+        for src in sources:
+            if s3.is_s3(src):  # wrong keys or a dead endpoint fail here, before any table is rewritten
+                s3.exists(src, storage.s3_options())
     ids, srcs, named_srcs = resolve_ids(root, ids_in, sources)
     matcher = _Matcher(ids, srcs)
     res = EraseResult(root, len(ids))
@@ -480,9 +484,13 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
 
 
 def _delete_sources(sources: set[str]) -> int:
-    """Delete the erased images' local source files (a folder source: its erased files, not the folder)."""
+    """Delete the erased images' source files or S3 objects (a folder or prefix itself is never deleted)."""
     deleted = 0
     for src in sorted(sources):
+        if s3.is_s3(src):
+            # DeleteObject on exactly this key; a prefix (folder source) is no object and is left alone.
+            deleted += s3.delete(src, storage.s3_options())
+            continue
         if "://" in src or os.path.isdir(src):
             continue
         try:

@@ -152,15 +152,36 @@ def _security(root: str, cfg: Settings, tables: list, csvs: list) -> list[str]:
         f"access: output folder permissions {mode:04o}"
         + (" (WARNING: readable by all local users; chmod o-rwx)" if mode & stat.S_IROTH else ""),
     ]
-    enc = [f"{n}={getattr(cfg, n)}" for n in ("sse", "s3_sse", "kms_key_id", "s3_kms_key") if getattr(cfg, n, None)]
-    measures.append("encryption at rest: " + (", ".join(enc) if enc else
-                    "not configured by canestra for local storage: use an encrypted filesystem/volume"))
+    measures += _s3_measures(cfg)
     shared_paths = [t["table"] for t in tables if t["holds_source_paths"] and "catalog" not in t["table"]]
     shared_paths += [c["file"] for c in csvs if c["holds_source_paths"] and "quarantine" not in c["file"]]
     if shared_paths:
         measures.append("WARNING: outputs meant for sharing hold source paths (--include-paths): "
                         + ", ".join(shared_paths))
     return measures
+
+
+def _s3_measures(cfg: Settings) -> list[str]:
+    """Encryption and transfer settings as the S3 code will apply them (s3.S3Options), not as documented."""
+    from .s3 import S3Options
+
+    opts = S3Options.from_settings(cfg)
+    sse = opts.sse_kwargs()
+    at_rest = (f"SSE-KMS (aws:kms) with key {sse['SSEKMSKeyId']}" if sse["ServerSideEncryption"] == "aws:kms"
+               else "SSE-S3 (AES256)")
+    endpoint = audit.redact_uri(opts.endpoint_url) if opts.endpoint_url else "AWS S3"
+    in_transit = ("TLS (https endpoints only)" if not opts.allow_http_endpoint else
+                  "WARNING: plain http:// endpoints allowed (--allow-http-endpoint; local emulators only)")
+    regions = ("buckets outside the EU/EEA are refused (region asked from S3 with GetBucketLocation)"
+               if not opts.allow_non_eu_region else
+               "WARNING: buckets outside the EU/EEA accepted (--allow-non-eu-region): document the Chapter V safeguard")
+    return [
+        f"encryption at rest on S3: every object canestra writes is sent with {at_rest}; local outputs "
+        "are not encrypted by canestra: keep them on an encrypted filesystem/volume",
+        f"encryption in transit to S3 ({endpoint}): {in_transit}",
+        f"S3 region control (Art. 44): {regions}",
+        "credentials: from the standard AWS chain (env, profile, instance role); never written to outputs or logs",
+    ]
 
 
 def build_record(out_dir: str, cfg: Settings) -> dict[str, Any]:

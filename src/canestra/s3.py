@@ -1,4 +1,4 @@
-"""S3 behind canestra's storage seam: s3fs filesystems, GDPR guards, plain errors.
+"""S3 behind canestra's storage seam: boto3 clients, GDPR guards, plain errors.
 
 - GDPR Art. 44: a bucket's region is asked from S3 (HeadBucket's ``x-amz-bucket-region``,
   else GetBucketLocation), never assumed; outside the EU/EEA it is refused unless
@@ -9,14 +9,17 @@
 - Credentials come from the standard AWS chain (env, profile, instance role). They are
   never printed: ``S3Options`` hides them from ``repr`` and error messages never quote them.
 
-Only the standard library is imported at module level: s3fs/botocore (the ``s3`` extra)
-load on first use, so local-only installs stay lean.
+Only the standard library is imported at module level: boto3 (the ``s3`` extra) loads on
+first use, so local-only installs stay lean. Plain boto3 rather than s3fs: s3fs needs
+aiobotocore, which pins botocore to a narrow range and would fight the boto3 that
+``canestra deploy aws`` uses.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -98,34 +101,36 @@ class S3Options:
         return self.endpoint_url or "AWS S3"
 
 
-# One filesystem per options per process: on executors, one per Python worker, reused by its tasks.
-_FILESYSTEMS: dict[S3Options, Any] = {}
+# One client per options per process: on executors, one per Python worker, shared by its tasks
+# (boto3 clients are thread-safe; creating them is not, hence the lock).
+_CLIENTS: dict[S3Options, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
 _CHECKED_BUCKETS: dict[tuple[S3Options, str], str] = {}
+_DELETE_BATCH = 1000  # DeleteObjects limit
 
 
-def filesystem(opts: S3Options):
-    fs = _FILESYSTEMS.get(opts)
-    if fs is not None:
-        return fs
+def client(opts: S3Options):
+    c = _CLIENTS.get(opts)
+    if c is not None:
+        return c
     opts.check_endpoint()
     try:
-        import s3fs
+        import boto3
+        from botocore.config import Config
     except ImportError:
-        raise EnvironmentProblem("s3:// paths need s3fs: pip install 'canestra[s3]'") from None
+        raise EnvironmentProblem("s3:// paths need boto3: pip install 'canestra[s3]'") from None
     key, secret, token = opts.credentials or (None, None, None)
-    fs = s3fs.S3FileSystem(
-        key=key,
-        secret=secret,
-        token=token,
-        endpoint_url=opts.endpoint_url,
-        s3_additional_kwargs=opts.sse_kwargs(),  # s3fs passes them only to calls that accept them
-        use_listings_cache=False,  # a re-run must see objects added since the last listing
-        skip_instance_cache=True,
-        config_kwargs={"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 10},
-    )
-    fs.retries = 3  # s3fs's own retry loop on top of botocore's: keep a dead endpoint's error quick
-    _FILESYSTEMS[opts] = fs
-    return fs
+    with _CLIENTS_LOCK:
+        c = _CLIENTS.get(opts)
+        if c is None:
+            # A private session: None credentials fall through to the standard chain (profile, role).
+            session = boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret,
+                                            aws_session_token=token)
+            c = session.client("s3", endpoint_url=opts.endpoint_url, config=Config(
+                retries={"max_attempts": 3, "mode": "standard"},  # keep a dead endpoint's error quick
+                connect_timeout=10, read_timeout=60, max_pool_connections=16))
+            _CLIENTS[opts] = c
+    return c
 
 
 # --------------------------------------------------------------------------- errors
@@ -198,14 +203,14 @@ def bucket_region(opts: S3Options, bucket: str) -> str:
     prefixes (then HeadBucket is refused); callers of another account's bucket get the
     opposite. S3 sends the region header even on a refused HeadBucket.
     """
-    fs = filesystem(opts)
+    c = client(opts)
     try:
-        location = fs.call_s3("get_bucket_location", Bucket=bucket).get("LocationConstraint")
+        location = c.get_bucket_location(Bucket=bucket).get("LocationConstraint")
         # GetBucketLocation answers None for us-east-1 and "EU" for the legacy eu-west-1 name.
         return str({None: "us-east-1", "": "us-east-1", "EU": "eu-west-1"}.get(location, location))
     except Exception as first:
         try:
-            response = fs.call_s3("head_bucket", Bucket=bucket)
+            response = c.head_bucket(Bucket=bucket)
         except Exception as exc:
             response = _response_of(exc) or {}
         region = response.get("BucketRegion") or (response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
@@ -249,63 +254,108 @@ def check_bucket(uri: str, opts: S3Options, error_cls: type[CanestraError] = Inp
 # --------------------------------------------------------------------------- objects
 
 
+def _keys(c, bucket: str, prefix: str) -> Iterator[dict]:
+    """Every object under ``prefix``: paginated ListObjectsV2 (1,000 keys a request), no delimiter."""
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", [])
+
+
+def _missing(exc: BaseException) -> bool:
+    return _error_code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
 def list_objects(uri: str, opts: S3Options) -> list[tuple[str, str, int, float]]:
     """Every object under ``uri`` as ``(uri, path relative to uri, size, mtime)``.
 
-    One paginated ListObjectsV2 listing (no delimiter) returns keys with sizes and
-    modification times: no request per object.
+    The listing returns keys with sizes and modification times: no request per object.
+    A ``uri`` naming one object (no objects under it as a prefix) costs one HeadObject.
     """
     check_bucket(uri, opts)
     bucket, prefix = split_uri(uri)
     scheme = str(uri).split("://", 1)[0]
-    fs = filesystem(opts)
+    c = client(opts)
+    found: list[tuple[str, str, int, Any]] = []
     with plain_errors(uri, opts):
-        found = fs.find(f"{bucket}/{prefix}".rstrip("/"), detail=True)
-    out = []
-    for name, info in found.items():
-        key = name.split("/", 1)[1] if "/" in name else ""
-        if info.get("type") == "directory" or not key or key.endswith("/"):
-            continue  # "folder" placeholder objects
-        if not prefix:
-            rel = key
-        elif key.startswith(prefix + "/"):
-            rel = key[len(prefix) + 1:]
-        else:  # the URI names one object
-            rel = key.rsplit("/", 1)[-1]
-        modified = info.get("LastModified")
-        mtime = modified.timestamp() if hasattr(modified, "timestamp") else 0.0
-        out.append((f"{scheme}://{bucket}/{key}", rel, int(info.get("size") or 0), mtime))
-    return out
+        for obj in _keys(c, bucket, f"{prefix}/" if prefix else ""):
+            key = obj["Key"]
+            if not key.endswith("/"):  # "folder" placeholder objects
+                found.append((key, key[len(prefix) + 1:] if prefix else key, obj.get("Size", 0),
+                              obj.get("LastModified")))
+        if not found and prefix:
+            try:
+                head = c.head_object(Bucket=bucket, Key=prefix)
+                found.append((prefix, prefix.rsplit("/", 1)[-1], head.get("ContentLength", 0),
+                              head.get("LastModified")))
+            except Exception as exc:
+                if not _missing(exc):
+                    raise
+    return [(f"{scheme}://{bucket}/{key}", rel, int(size or 0),
+             modified.timestamp() if hasattr(modified, "timestamp") else 0.0)
+            for key, rel, size, modified in found]
 
 
 def read_bytes(uri: str, opts: S3Options) -> bytes:
     """An object's bytes; OSError with a plain message on failure (the caller quarantines the file)."""
     bucket, key = split_uri(uri)
     try:
-        return filesystem(opts).cat_file(f"{bucket}/{key}")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such S3 object {uri}") from None
+        return client(opts).get_object(Bucket=bucket, Key=key)["Body"].read()
     except CanestraError as exc:
         raise OSError(str(exc)) from None
     except Exception as exc:
+        if _missing(exc):
+            raise FileNotFoundError(f"no such S3 object {uri}") from None
         plain = plain_error(exc, uri, opts)
         raise OSError(str(plain) if plain else f"S3 read of {uri} failed ({type(exc).__name__})") from None
 
 
 def write_bytes(uri: str, data: bytes, opts: S3Options) -> None:
-    """One PutObject (atomic on S3), encrypted at rest."""
+    """One PutObject (atomic on S3), encrypted at rest (GDPR Art. 32)."""
     from .errors import OutputError
 
     check_bucket(uri, opts, OutputError)  # once per bucket and process
     bucket, key = split_uri(uri)
     with plain_errors(uri, opts, OutputError):
-        filesystem(opts).pipe_file(f"{bucket}/{key}", data)
+        client(opts).put_object(Bucket=bucket, Key=key, Body=data, **opts.sse_kwargs())
 
 
 def exists(uri: str, opts: S3Options) -> bool:
+    """An object, or a prefix with at least one object under it."""
     bucket, key = split_uri(uri)
+    c = client(opts)
     with plain_errors(uri, opts):
-        return bool(filesystem(opts).exists(f"{bucket}/{key}"))
+        if key:
+            try:
+                c.head_object(Bucket=bucket, Key=key)
+                return True
+            except Exception as exc:
+                if not _missing(exc):
+                    raise
+        listed = c.list_objects_v2(Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+        return bool(listed.get("KeyCount") or listed.get("Contents"))
+
+
+def delete(uri: str, opts: S3Options) -> bool:
+    """Delete one object (erase --delete-source); False when it did not exist."""
+    from .errors import OutputError
+
+    bucket, key = split_uri(uri)
+    c = client(opts)
+    with plain_errors(uri, opts, OutputError):
+        try:
+            c.head_object(Bucket=bucket, Key=key)  # only an object: a prefix (folder source) stays
+        except Exception as exc:
+            if _missing(exc):
+                return False
+            raise
+        c.delete_object(Bucket=bucket, Key=key)
+    return True
+
+
+def _delete_prefix(c, bucket: str, prefix: str) -> None:
+    keys = [o["Key"] for o in _keys(c, bucket, prefix)]
+    for i in range(0, len(keys), _DELETE_BATCH):  # one request per 1,000 keys, not one per key
+        c.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + _DELETE_BATCH]],
+                                                "Quiet": True})
 
 
 def probe_writable(uri: str, opts: S3Options) -> None:
@@ -316,7 +366,7 @@ def probe_writable(uri: str, opts: S3Options) -> None:
     write_bytes(probe, b"", opts)
     bucket, key = split_uri(probe)
     with plain_errors(probe, opts, OutputError):
-        filesystem(opts).rm_file(f"{bucket}/{key}")
+        client(opts).delete_object(Bucket=bucket, Key=key)
 
 
 def replace_tree(staging: str, final: str, opts: S3Options) -> None:
@@ -327,13 +377,14 @@ def replace_tree(staging: str, final: str, opts: S3Options) -> None:
     """
     from .errors import OutputError
 
-    fs = filesystem(opts)
+    c = client(opts)
     src_bucket, src_key = split_uri(staging)
     dst_bucket, dst_key = split_uri(final)
     with plain_errors(final, opts, OutputError):
-        if fs.exists(f"{dst_bucket}/{dst_key}"):
-            fs.rm(f"{dst_bucket}/{dst_key}", recursive=True)
-        for name in fs.find(f"{src_bucket}/{src_key}"):
-            rel = name[len(f"{src_bucket}/{src_key}"):].lstrip("/")
-            fs.copy(name, f"{dst_bucket}/{dst_key}/{rel}")  # CopyObject with the SSE parameters
-        fs.rm(f"{src_bucket}/{src_key}", recursive=True)
+        _delete_prefix(c, dst_bucket, f"{dst_key}/")
+        for obj in _keys(c, src_bucket, f"{src_key}/"):
+            rel = obj["Key"][len(src_key) + 1:]
+            # Managed copy (multipart above 8 MB); ExtraArgs re-encrypts: Spark's own writes may not be.
+            c.copy({"Bucket": src_bucket, "Key": obj["Key"]}, dst_bucket, f"{dst_key}/{rel}",
+                   ExtraArgs=opts.sse_kwargs())
+        _delete_prefix(c, src_bucket, f"{src_key}/")
