@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+# CANESTRA_BENCH_RESULTS redirects the history (the smoke tests write to a temp dir).
+RESULTS = Path(os.environ.get("CANESTRA_BENCH_RESULTS") or ROOT / "bench" / "results")
 SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "fruits-360-sample" / "Training"
 BUNDLED_SAMPLE = ROOT / "sample" / "fruits-360"
 

@@ -23,10 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+import benchlib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "fruits-360-sample" / "Training"
+ROOT = benchlib.ROOT
+DEFAULT_IMAGES = benchlib.default_images()
 CANDIDATES = ["100", "160", "224", "100+224"]
 
 
@@ -106,6 +107,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/canestra/bench"))
     args = ap.parse_args()
+    benchlib.setup_env()
 
     from canestra.config import Settings
     from canestra.sparkctx import get_spark
@@ -139,19 +141,16 @@ def main() -> None:
     X = np.hstack([feats[s] for s in sizes])
     test_pca = accuracy(spark, X, labels, train_idx, test_idx, cfg.pca_k, cfg) * 100
     test_raw = accuracy(spark, X, labels, train_idx, test_idx, None, cfg) * 100
-    result = {"bench": "choose_image_size", "images": len(files), "fit": len(fit_idx), "val": len(val_idx),
+    result = {"images": len(files), "fit": len(fit_idx), "val": len(val_idx),
               "test": len(test_idx), "pca_k": cfg.pca_k, "rows": rows, "chosen": chosen["option"],
               "test_top1_pca": round(test_pca, 2), "test_top1_no_pca": round(test_raw, 2),
-              "pca_cost_points": round(test_raw - test_pca, 2), "time": time.strftime("%Y-%m-%d %H:%M")}
+              "pca_cost_points": round(test_raw - test_pca, 2)}
     print(f"{'option':<9}{'dim':>6}{'Spark img/s':>13}{'val top-1 PCA':>15}{'val top-1 no PCA':>18}")
     for r in rows:
         print(f"{r['option']:<9}{r['dim']:>6}{r['spark_img_s']:>13}{r['val_top1_pca']:>15}{r['val_top1_no_pca']:>18}")
     print(f"chosen: {chosen['option']} px; test top-1 {test_pca:.2f}% with PCA-{cfg.pca_k}, "
           f"{test_raw:.2f}% without (PCA costs {test_raw - test_pca:.2f} points)")
-    with open(ROOT / "bench" / "results" / "choose_image_size.jsonl", "a") as fh:
-        fh.write(json.dumps(result) + "\n")
-    if args.json:
-        print(json.dumps(result))
+    benchlib.record("choose_image_size", result, args.json)
 
 
 if __name__ == "__main__":

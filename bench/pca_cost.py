@@ -14,6 +14,8 @@ import json
 import os
 import time
 
+import benchlib
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -21,6 +23,7 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, help="classifier iterations (default: as in the run)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    benchlib.setup_env()
 
     from pyspark.ml.feature import StringIndexer
 
@@ -41,7 +44,6 @@ def main() -> None:
     scored = model.transform(indexer.transform(test))
     acc = scored.where("prediction = label_index").count() / scored.count()
     result = {
-        "bench": "pca_cost",
         "run": os.path.abspath(args.out),
         "image_sizes": metrics["model"]["image_sizes"],
         "test_images": scored.count(),
@@ -54,11 +56,8 @@ def main() -> None:
     }
     print(f"top-1 with PCA-{result['pca_k']}: {result['top1_with_pca']}%   without PCA: "
           f"{result['top1_without_pca']}%   PCA costs {result['pca_cost_points']} points")
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "pca_cost.jsonl"), "a") as fh:
-        fh.write(json.dumps(result) + "\n")
-    if args.json:
-        print(json.dumps(result))
+    spark.stop()
+    benchlib.record("pca_cost", result, args.json)
 
 
 if __name__ == "__main__":

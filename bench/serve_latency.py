@@ -14,8 +14,13 @@ Bare and service runs alternate ``--rounds`` times (the server stays up); median
 Targets: p50 overhead (service p50 - bare p50, W=1) <= 3 ms; throughput with 2 workers
 >= 80 % of the bare 2-core rate.
 
-    python bench/serve_latency.py --model runs/demo/model [--image FILE] [--requests 300]
-                                  [--seconds 10] [--rounds 3] [--workers 1,2] [--json]
+Without ``--model``, a small model is trained once on the bundled sample with
+``canestra train --images sample/fruits-360 --pca-k 64 --max-iter 30`` and cached in
+``~/.cache/canestra/bench-serve-model`` (``CANESTRA_CACHE_DIR``). ``--quick`` is a smoke run
+(few requests, 1.5 s loads, one round): it checks the script end to end, not the figures.
+
+    python bench/serve_latency.py [--model runs/demo/model] [--image FILE] [--requests 300]
+                                  [--seconds 10] [--rounds 3] [--workers 1,2] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ import benchlib
 
 TARGET_OVERHEAD_MS = 3.0
 TARGET_THROUGHPUT_RATIO = 0.80
+FULL = {"requests": 300, "seconds": 10.0, "rounds": 3}
+QUICK = {"requests": 30, "seconds": 1.5, "rounds": 1}
+QUICK_MODEL_ARGS = ["--pca-k", "64", "--max-iter", "30"]
 
 
 # ---------------------------------------------------------------------------- bare ONNX Runtime
@@ -147,30 +155,49 @@ def free_port() -> int:
 
 
 class Server:
+    """``canestra serve`` in a child process, ready once every worker has loaded the model."""
+
     def __init__(self, model_dir: str, workers: int, core: int | None):
         self.port = free_port()
         cmd = [sys.executable, "-m", "canestra.cli", "serve", "--model", model_dir, "--port", str(self.port),
                "--workers", str(workers), "--threads", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=(lambda: _pin(core)) if core is not None else None,
                                      env={**os.environ, "PYTHONPATH": str(benchlib.ROOT / "src")})
+        # Each worker logs a `serve.start` audit line (with its pid) once its model is loaded and
+        # warmed up; /readyz alone would only prove that the first worker is up.
+        self.started: set[int] = set()
+        self.tail: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
         deadline = time.time() + 180
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-                    if b" 200 " in s.recv(1024):
-                        break
-            except OSError:
-                pass
+        while len(self.started) < workers or not self._ready():
             if self.proc.poll() is not None or time.time() > deadline:
-                raise SystemExit(f"canestra serve did not start (exit {self.proc.poll()})")
+                self.stop()
+                raise SystemExit(f"canestra serve did not start (exit {self.proc.poll()}):\n" + "".join(self.tail))
             time.sleep(0.3)
-        time.sleep(1.0 if workers > 1 else 0.2)  # let every worker finish its start-up
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:  # keep reading, or a chatty server would block on a full pipe
+            self.tail = (self.tail + [line])[-20:]
+            if line.startswith("{") and '"serve.start"' in line:
+                self.started.add(json.loads(line)["pid"])
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                return b" 200 " in s.recv(1024)
+        except OSError:
+            return False
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a worker stuck in shutdown: do not leave it running
+            self.proc.kill()
+            self.proc.wait()
 
 
 def latency_run(port: int, body: bytes, n: int) -> tuple[list[float], list[float]]:
@@ -230,84 +257,148 @@ def pct(values, q: float) -> float:
     return round(float(np.percentile(np.asarray(values) * 1000, q)), 3)
 
 
+# ---------------------------------------------------------------------------- model
+
+
+def quick_model() -> str:
+    """A small model trained on the bundled sample, cached between runs; its model/ folder."""
+    from canestra import backbone
+    from canestra.errors import InputError
+    from canestra.online import load_model_spec
+
+    out = backbone.cache_dir() / "bench-serve-model"
+    model = out / "model"
+    try:
+        load_model_spec(str(model))
+        print(f"model: {model} (cached quick model; pass --model to measure another)")
+        return str(model)
+    except InputError:
+        pass
+    print(f"no --model: training a quick one on {benchlib.BUNDLED_SAMPLE} into {out} (a few minutes) ...", flush=True)
+    cmd = [sys.executable, "-m", "canestra.cli", "train", "--images", str(benchlib.BUNDLED_SAMPLE), "--out", str(out),
+           "--quiet", *QUICK_MODEL_ARGS]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(benchlib.ROOT / "src")})
+    if r.returncode != 0:
+        raise SystemExit(f"canestra train failed ({r.returncode}):\n{(r.stderr or r.stdout)[-2000:]}")
+    return str(model)
+
+
 # ---------------------------------------------------------------------------- main
+
+
+def _affinity(cores: set[int] | None) -> None:
+    """Pin this process (the load generator) to ``cores``; None = every core."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores if cores is not None else set(range(os.cpu_count() or 1)))
+
+
+def one_round(server: Server, model_dir: str, image: str, body: bytes, args, w: int, pinned: bool,
+              srv_core: int | None, client_core: int | None, can_pin: bool) -> dict:
+    """Bare ORT (latency, then rate on W cores), then the service (latency, then a bounded load)."""
+    n_cores = min(w, os.cpu_count() or 1)
+    (bare_lat,) = bare(model_dir, image, [srv_core], iterations=args.requests)
+    per_proc = bare(model_dir, image, list(range(n_cores)) if can_pin else [None] * n_cores, seconds=args.seconds)
+    bare_rate = sum(len(t) for t in per_proc) / args.seconds
+    _affinity({client_core} if pinned else None)
+    try:
+        rtt, svc = latency_run(server.port, body, args.requests)
+        conc = args.concurrency or 2 * w
+        rate, load_lat = throughput_run(server.port, body, conc, args.seconds)
+    finally:
+        _affinity(None)
+    return {"bare_p50": pct(bare_lat, 50), "bare_p95": pct(bare_lat, 95), "p50": pct(rtt, 50), "p95": pct(rtt, 95),
+            "svc_p50": pct(svc, 50), "overhead_p50": round(pct(rtt, 50) - pct(bare_lat, 50), 3),
+            "concurrency": conc, "rate": round(rate, 2), "bare_rate": round(bare_rate, 2),
+            "ratio": round(rate / bare_rate, 4), "loaded_p50": pct(load_lat, 50), "loaded_p95": pct(load_lat, 95),
+            "_bare_lat": bare_lat}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="model/ folder written by `canestra train`")
+    ap.add_argument("--model", help="model/ folder written by `canestra train` (default: a cached quick model)")
     ap.add_argument("--image", help="image to send (default: a bundled Banana photo)")
-    ap.add_argument("--requests", type=int, default=300, help="sequential requests per latency run")
-    ap.add_argument("--seconds", type=float, default=10.0, help="duration of each throughput run")
-    ap.add_argument("--rounds", type=int, default=3, help="bare/service alternations per worker count (medians)")
+    ap.add_argument("--requests", type=int, help=f"sequential requests per latency run (default {FULL['requests']})")
+    ap.add_argument("--seconds", type=float, help=f"duration of each throughput run (default {FULL['seconds']:g})")
+    ap.add_argument("--rounds", type=int, help=f"bare/service alternations per worker count (default {FULL['rounds']})")
     ap.add_argument("--workers", default="1,2", help="worker counts to measure, e.g. 1,2")
     ap.add_argument("--concurrency", type=int, help="requests in flight during throughput runs (default 2 x workers)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run: {QUICK['requests']} requests, {QUICK['seconds']:g} s loads, 1 round")
     ap.add_argument("--json", action="store_true", help="also print one JSON line")
     args = ap.parse_args()
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        workers = sorted({int(w) for w in args.workers.split(",")})
+    except ValueError:
+        raise SystemExit(f"--workers must be numbers like 1,2, got {args.workers!r}") from None
+    if not workers or workers[0] < 1 or args.requests < 1 or args.seconds <= 0 or args.rounds < 1:
+        raise SystemExit("--workers, --requests, --seconds and --rounds must be positive")
     benchlib.setup_env()
-    image = args.image or str(sorted((benchlib.BUNDLED_SAMPLE / "Banana").glob("*.jpg"))[0])
+    model_dir = os.path.abspath(args.model) if args.model else quick_model()
+    from canestra.errors import InputError
+    from canestra.online import load_model_spec
+
+    try:
+        spec = load_model_spec(model_dir)
+    except InputError as exc:
+        raise SystemExit(f"serve_latency: {exc}") from None
+    image = os.path.abspath(args.image) if args.image else \
+        str(sorted((benchlib.BUNDLED_SAMPLE / "Banana").glob("*.jpg"))[0])
     body = Path(image).read_bytes()
-    model_dir = os.path.abspath(args.model)
     cores = os.cpu_count() or 1
     can_pin = hasattr(os, "sched_setaffinity") and cores >= 2
     srv_core, client_core = (0, 1) if can_pin else (None, None)
-    workers = [int(w) for w in args.workers.split(",")]
     load_before = os.getloadavg()[0]
 
     rows, result_workers = [], {}
     bare_lat_all: list[float] = []
     bare_rates: dict[int, list[float]] = {}
     for w in workers:
+        # W=1: server on core 0, client on core 1 (bare latency runs on core 0 too). W>1: the OS places
+        # everything, the client shares the cores with the workers, as it would on a real 2-core host.
         pinned = w == 1 and can_pin
-        n_cores = min(w, cores)
         server = Server(model_dir, w, srv_core if pinned else None)
         rounds = []
         try:
-            for _ in range(args.rounds):
+            for i in range(args.rounds):
                 # Bare and service runs alternate, so a change in the machine's load hits both alike.
-                (bare_lat,) = bare(model_dir, image, [srv_core], iterations=args.requests)
-                bare_lat_all += bare_lat
-                per_proc = bare(model_dir, image, list(range(n_cores)) if can_pin else [None] * n_cores,
-                                seconds=args.seconds)
-                ref = sum(len(t) for t in per_proc) / args.seconds
-                bare_rates.setdefault(n_cores, []).append(ref)
-                _pin(client_core if pinned else None)
-                if not pinned and hasattr(os, "sched_setaffinity"):
-                    os.sched_setaffinity(0, set(range(cores)))
-                rtt, svc = latency_run(server.port, body, args.requests)
-                conc = args.concurrency or 2 * w
-                rate, load_lat = throughput_run(server.port, body, conc, args.seconds)
-                if hasattr(os, "sched_setaffinity"):
-                    os.sched_setaffinity(0, set(range(cores)))
-                rounds.append({"bare_p50": pct(bare_lat, 50), "p50": pct(rtt, 50), "p95": pct(rtt, 95),
-                               "svc_p50": pct(svc, 50), "rate": rate, "bare_rate": ref, "ratio": rate / ref,
-                               "loaded_p50": pct(load_lat, 50), "loaded_p95": pct(load_lat, 95)})
+                r = one_round(server, model_dir, image, body, args, w, pinned, srv_core, client_core, can_pin)
+                bare_lat_all += r.pop("_bare_lat")
+                bare_rates.setdefault(min(w, cores), []).append(r["bare_rate"])
+                rounds.append(r)
+                print(f"  workers={w} round {i + 1}/{args.rounds}: p50 {r['p50']} ms (bare {r['bare_p50']} ms), "
+                      f"{r['rate']:.1f} req/s (bare {r['bare_rate']:.1f} img/s)", flush=True)
         finally:
             server.stop()
 
         def med(key: str) -> float:
             return round(float(np.median([r[key] for r in rounds])), 3)
 
-        r = {
+        res = {
             "pinned": pinned, "p50_ms": med("p50"), "p95_ms": med("p95"), "service_p50_ms": med("svc_p50"),
-            "bare_p50_ms": med("bare_p50"), "overhead_p50_ms": round(float(np.median([x["p50"] - x["bare_p50"] for x in rounds])), 3),
-            "concurrency": conc, "throughput_rps": round(med("rate"), 1), "loaded_p50_ms": med("loaded_p50"),
-            "loaded_p95_ms": med("loaded_p95"), "bare_rate": round(med("bare_rate"), 1),
-            "throughput_ratio": round(med("ratio"), 3), "rounds": rounds,
+            "bare_p50_ms": med("bare_p50"), "overhead_p50_ms": med("overhead_p50"),
+            "concurrency": rounds[0]["concurrency"], "throughput_rps": round(med("rate"), 1),
+            "loaded_p50_ms": med("loaded_p50"), "loaded_p95_ms": med("loaded_p95"),
+            "bare_rate": round(med("bare_rate"), 1), "throughput_ratio": round(med("ratio"), 3), "rounds": rounds,
         }
-        result_workers[str(w)] = r
-        rows.append([w, "core 0 (client core 1)" if pinned else "any", r["p50_ms"], r["p95_ms"], r["service_p50_ms"],
-                     r["bare_p50_ms"], r["overhead_p50_ms"], conc, r["throughput_rps"], r["loaded_p50_ms"],
-                     r["loaded_p95_ms"], r["bare_rate"], f"{100 * r['throughput_ratio']:.0f}%"])
+        result_workers[str(w)] = res
+        rows.append([w, "core 0 (client core 1)" if pinned else "any", res["p50_ms"], res["p95_ms"],
+                     res["service_p50_ms"], res["bare_p50_ms"], res["overhead_p50_ms"], res["concurrency"],
+                     res["throughput_rps"], res["loaded_p50_ms"], res["loaded_p95_ms"], res["bare_rate"],
+                     f"{100 * res['throughput_ratio']:.0f}%"])
 
     bare_p50, bare_p95 = pct(bare_lat_all, 50), pct(bare_lat_all, 95)
     overhead = result_workers["1"]["overhead_p50_ms"] if "1" in result_workers else None
     ratio2 = result_workers.get("2", {}).get("throughput_ratio")
+    root = str(benchlib.ROOT) + os.sep
     result = {
-        "image": os.path.relpath(image, benchlib.ROOT) if image.startswith(str(benchlib.ROOT)) else image,
-        "image_bytes": len(body), "model_image_sizes": _sizes(model_dir), "requests": args.requests,
-        "seconds": args.seconds, "rounds": args.rounds,
-        "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
+        "model": model_dir, "model_version": spec.model_version, "model_image_sizes": list(spec.image_sizes),
+        "pca_k": int(spec.pca.shape[1]), "classes": len(spec.labels),
+        "image": image[len(root):] if image.startswith(root) else image, "image_bytes": len(body),
+        "quick": args.quick, "requests": args.requests, "seconds": args.seconds, "rounds": args.rounds,
+        "pinned": can_pin, "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
         "bare": {"p50_ms": bare_p50, "p95_ms": bare_p95, "threads": 1,
                  "rate_by_cores": {str(k): round(float(np.median(v)), 1) for k, v in bare_rates.items()}},
         "workers": result_workers,
@@ -316,27 +407,23 @@ def main() -> None:
         "throughput_ratio_2w": ratio2, "throughput_target": TARGET_THROUGHPUT_RATIO,
         "throughput_ok": ratio2 is not None and ratio2 >= TARGET_THROUGHPUT_RATIO,
     }
-    print(f"image {result['image']} ({len(body)} bytes), model input {result['model_image_sizes']} px, "
-          f"medians of {args.rounds} rounds")
-    print(f"bare ONNX Runtime (1 thread, pinned to one core): p50 {bare_p50} ms, p95 {bare_p95} ms; rate "
-          + ", ".join(f"{v} img/s on {k} core(s)" for k, v in result["bare"]["rate_by_cores"].items()))
+    print(f"\nimage {result['image']} ({len(body)} bytes), model {spec.model_version} "
+          f"(input {result['model_image_sizes']} px, PCA {result['pca_k']}, {result['classes']} classes), "
+          f"medians of {args.rounds} round(s)")
+    print(f"bare ONNX Runtime (1 thread{', pinned to one core' if can_pin else ''}): p50 {bare_p50} ms, "
+          f"p95 {bare_p95} ms; rate " + ", ".join(f"{v} img/s on {k} core(s)"
+                                                   for k, v in result["bare"]["rate_by_cores"].items()))
     print(benchlib.table(rows, ["workers", "server cpu", "p50 ms", "p95 ms", "in-service p50", "bare p50",
                                 "overhead", "in flight", "req/s", "loaded p50", "loaded p95", "bare img/s",
                                 "vs bare"]))
     if overhead is not None:
         print(f"service overhead (p50, 1 worker - bare): {overhead:.2f} ms "
-              f"[target <= {TARGET_OVERHEAD_MS} ms: {'ok' if result['overhead_ok'] else 'MISSED'}]")
+              f"[target <= {TARGET_OVERHEAD_MS:g} ms: {'ok' if result['overhead_ok'] else 'MISSED'}]")
     if ratio2 is not None:
-        print(f"throughput with 2 workers: {100 * ratio2:.0f}% of bare ORT on 2 cores "
+        print(f"throughput with 2 workers: {100 * ratio2:.0f}% of bare ORT on {min(2, cores)} core(s) "
               f"[target >= {100 * TARGET_THROUGHPUT_RATIO:.0f}%: {'ok' if result['throughput_ok'] else 'MISSED'}]")
     print(f"load average before/after: {result['load_avg_before']} / {result['load_avg_after']}")
     benchlib.record("serve_latency", result, args.json)
-
-
-def _sizes(model_dir: str) -> list[int]:
-    from canestra.online import load_model_spec
-
-    return list(load_model_spec(model_dir).image_sizes)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,16 @@ docs/performance.md); it is never a runtime dependency.
     python bench/vs_course_template.py [--images DIR] [--limit 2052] [--json]
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Spark reads the UDF's type hints at run time.
 import argparse
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import benchlib
+import pandas as pd
 
 TEMPLATE_SIZE = 224
 TEMPLATE_PARTITIONS = 20
@@ -34,7 +35,6 @@ TEMPLATE_ARROW_BATCH = 1024
 def template_features(spark, images: str, out: str) -> None:
     """The course template's featurization, step by step."""
     import numpy as np
-    import pandas as pd
     from pyspark.sql import functions as F
     from pyspark.sql.functions import pandas_udf
 
@@ -50,7 +50,7 @@ def template_features(spark, images: str, out: str) -> None:
 
     weights = spark.sparkContext.broadcast(build().get_weights())
 
-    def featurize(batches):
+    def featurize(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         import io
 
         from PIL import Image
@@ -76,7 +76,7 @@ def template_features(spark, images: str, out: str) -> None:
     weights.unpersist()
 
 
-def canestra_features(spark, images: str, work: Path, sizes: str | None) -> int:
+def canestra_features(spark, images: str, work: Path, sizes) -> int:
     from canestra.catalog import ingest
     from canestra.config import Settings
     from canestra.training import featurize_table, make_featurizer

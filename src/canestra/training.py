@@ -162,7 +162,7 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
 
         write_training_ids(staging, (r.image_id for r in train_idx.select("image_id").toLocalIterator()))
         storage.publish_dir(staging, model_path)
-        n_test = test_df.count()
+        n_test = metrics["n"]  # every held-out row was scored: no extra pass over the table
         feats.unpersist()
         train_idx.unpersist()
         ev = [float(v) for v in pca.explainedVariance.toArray()]

@@ -1,0 +1,61 @@
+"""Each bench script still runs end to end on a handful of images and reports its figures.
+
+No timing is asserted (these machines are noisy): the figures only have to be there and
+be consistent with the inputs. Results go to a temp dir, not to bench/results/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each script starts its own Spark JVM
+
+
+def run_bench(script: str, *args: str, tmp_path: Path, timeout: int = 900) -> dict:
+    env = dict(os.environ, CANESTRA_BENCH_RESULTS=str(tmp_path / "results"), SPARK_LOCAL_IP="127.0.0.1",
+               PYSPARK_PYTHON=sys.executable)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    history = (tmp_path / "results" / f"{script[:-3]}.jsonl").read_text().splitlines()
+    assert json.loads(history[-1]) == result, "the printed JSON line is the one appended to the history"
+    assert result["machine"]["cores"] == os.cpu_count() and result["command"].startswith(script)
+    return result
+
+
+def test_featurize_vs_bare(sample_dir, tmp_path):
+    r = run_bench("featurize_vs_bare.py", "--images", str(sample_dir), "--limit", "24", "--repeats", "1",
+                  tmp_path=tmp_path)
+    assert r["images"] == 24 and len(r["rounds"]) == 1
+    assert r["bare_img_s_median"] > 0 and r["spark_img_s_median"] > 0
+    assert r["ratio_median"] == pytest.approx(r["spark_img_s_median"] / r["bare_img_s_median"], rel=0.02)
+
+
+def test_scaling(sample_dir, tmp_path):
+    r = run_bench("scaling.py", "--images", str(sample_dir), "--base", "48", "--factor", "2", tmp_path=tmp_path)
+    one, two = r["runs"]["1x"], r["runs"]["2x"]
+    assert (one["images"], two["images"]) == (48, 96)
+    assert one["driver_peak_rss_mb"] > 0 and two["jvm_peak_rss_mb"] > 0
+    assert {"ingest", "featurize", "fit"} <= set(two["timings_s"])
+    assert r["time_ratio"] == pytest.approx(two["wall_s"] / one["wall_s"], abs=0.01)
+
+
+def test_pca_cost(trained, tmp_path):
+    r = run_bench("pca_cost.py", "--out", trained.out_dir, "--max-iter", "10", tmp_path=tmp_path)
+    assert r["top1_with_pca"] == round(trained.metrics["accuracy"] * 100, 2)
+    assert 0 <= r["top1_without_pca"] <= 100 and r["test_images"] == trained.metrics["n"]
+
+
+def test_vs_course_template(sample_dir, tmp_path):
+    pytest.importorskip("tensorflow", reason="the course-template replica needs the bench venv (docs/performance.md)")
+    r = run_bench("vs_course_template.py", "--images", str(sample_dir), "--limit", "30", tmp_path=tmp_path)
+    assert r["images"] == 30 and set(r["img_s"]) == {"template_224", "canestra_224", "canestra_default"}
+    assert r["multiple_at_224"] == pytest.approx(r["img_s"]["canestra_224"] / r["img_s"]["template_224"], rel=0.05)
