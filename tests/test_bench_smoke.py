@@ -59,3 +59,10 @@ def test_vs_course_template(sample_dir, tmp_path):
     r = run_bench("vs_course_template.py", "--images", str(sample_dir), "--limit", "30", tmp_path=tmp_path)
     assert r["images"] == 30 and set(r["img_s"]) == {"template_224", "canestra_224", "canestra_default"}
     assert r["multiple_at_224"] == pytest.approx(r["img_s"]["canestra_224"] / r["img_s"]["template_224"], rel=0.05)
+
+
+def test_tuning(sample_dir, tmp_path):
+    r = run_bench("tuning.py", "--images", str(sample_dir), "--limit", "16", "--repeats", "1", tmp_path=tmp_path)
+    rows = {row["config"]: row for row in r["rows"]}
+    assert r["images"] == 16 and rows["default"]["vs_default"] == 1.0
+    assert {"graph opt basic", "2 threads, 1 process"} <= set(rows) and all(x["img_s"] > 0 for x in rows.values())
