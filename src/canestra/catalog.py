@@ -93,6 +93,16 @@ def _clean_partition(max_pixels: int, s3_options=None):
     return run
 
 
+def balanced_partitions(spark, rows: int, rows_per_task: int = 1000) -> int:
+    """How many equal partitions to cut ``rows`` into: a multiple of the task slots.
+
+    Equal tasks in full waves keep every core busy to the end; e.g. 13 tasks on 2 cores
+    would leave one core idle for the last wave.
+    """
+    slots = spark.sparkContext.defaultParallelism
+    return slots * max(2, -(-rows // (slots * rows_per_task)))
+
+
 def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], frames: list[int | None],
                   max_pixels: int, s3_options=None):
     """The listing as a DataFrame whose rows the executors read, decode and clean (schema ``_SCHEMA``).
@@ -107,7 +117,7 @@ def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], fra
             "frame": pd.array(frames, dtype="Int32"),
         }
     )
-    n_parts = max(spark.sparkContext.defaultParallelism * 2, len(files) // 1000)
+    n_parts = balanced_partitions(spark, len(files))
     df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
     return df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels, s3_options or storage.s3_options_for(files)),
                                                 schema=_SCHEMA)
