@@ -148,16 +148,25 @@ def test_not_a_model_is_a_plain_error(tmp_path, model_dir):
         load_model_spec(str(broken))
 
 
-def test_predicts_in_a_process_where_spark_cannot_be_imported(model_dir, sample_dir):
-    """Serving needs no Spark: block `import pyspark` and still classify an image."""
+def test_predicts_in_a_process_where_spark_cannot_be_imported(model_dir, sample_dir, tmp_path):
+    """Serving needs no Spark: block `import pyspark`, then classify an image with the predictor and
+    through the HTTP app, and check that `canestra serve` gets as far as reading the model."""
     image = next((sample_dir / "Banana").glob("*.jpg"))
     code = (
         "import sys; sys.modules['pyspark'] = None\n"  # any `import pyspark...` now raises ImportError
         "from canestra.online import OnlinePredictor\n"
         f"p = OnlinePredictor.from_model_dir({model_dir!r}, threads=1)\n"
-        f"print(p.predict_bytes(open({str(image)!r}, 'rb').read()).label)\n"
-        "import canestra.server\n"
+        f"data = open({str(image)!r}, 'rb').read()\n"
+        "print(p.predict_bytes(data).label)\n"
+        "from fastapi.testclient import TestClient\n"
+        "from canestra.server import create_app\n"
+        "with TestClient(create_app(predictor=p)) as c:\n"
+        "    print(c.post('/v1/predict', content=data).json()['prediction'])\n"
+        "from canestra.cli import main\n"  # the CLI path up to the model check (a missing folder: exit 2)
+        f"print(main(['serve', '--model', {str(tmp_path / 'missing')!r}]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}  # the CLI's audit record goes there
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "Banana"
+    assert out.stdout.split() == ["Banana", "Banana", "2"], out.stdout + out.stderr[-2000:]
+    assert "model folder" in out.stderr and "ImportError" not in out.stderr

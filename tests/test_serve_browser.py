@@ -48,7 +48,7 @@ def browser():
         b.close()
 
 
-def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_dir, tmp_path):
+def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_dir, tmp_path, record_property):
     from playwright.sync_api import expect
 
     # A phone-sized screen: the page must fit without horizontal scrolling.
@@ -74,7 +74,9 @@ def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_
     assert page.eval_on_selector("#preview", "img => img.naturalWidth") == 100  # the preview shows the photo
     shot = tmp_path / "serve-page-phone.png"
     page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000  # a rendered page, not an empty image
     print(f"\nscreenshot: {shot}")
+    record_property("screenshot", str(shot))  # in --junitxml reports too
 
     # 2. drag and drop another photo onto the drop zone
     kiwi = sorted((sample_dir / "Kiwi").glob("*.jpg"))[3]
@@ -106,4 +108,5 @@ def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_
     shot2 = tmp_path / "serve-page-phone-error.png"
     page.screenshot(path=str(shot2), full_page=True)
     print(f"screenshot: {shot2}")
+    record_property("screenshot_error", str(shot2))
     context.close()
