@@ -94,3 +94,19 @@ def test_onnx_graph_matches_the_torch_reference():
     with torch.no_grad():
         ref = net(xt).numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-3)
+
+
+def test_int8_graph_is_cached_close_to_fp32_and_still_knows_fruit(sample_dir, tmp_path, monkeypatch):
+    """--precision int8: built once from the shipped calibration images, embeddings near fp32."""
+    monkeypatch.setenv("CANESTRA_CACHE_DIR", str(tmp_path))
+    path = backbone.model_path("int8")
+    assert path.startswith(str(tmp_path)) and path.endswith(".onnx") and "int8" in path
+    assert backbone.model_path("int8") == path  # cached: no second quantization
+    images = [im for cls in IMAGENET for im in _load(sample_dir / cls)[::8] if (sample_dir / cls).is_dir()]
+    fp32, logits32 = backbone.embed(images, (160,), backbone.model_path("fp32"), with_logits=True)
+    int8, logits8 = backbone.embed(images, (160,), path, with_logits=True)
+    cosine = (fp32 * int8).sum(1) / np.linalg.norm(fp32, axis=1) / np.linalg.norm(int8, axis=1)
+    assert cosine.mean() > 0.97 and cosine.min() > 0.9, cosine
+    assert (logits32.argmax(1) == logits8.argmax(1)).mean() >= 0.8
+    with pytest.raises(Exception, match="precision 'fp16' is not one of fp32, int8"):
+        backbone.model_path("fp16")

@@ -57,7 +57,7 @@ def test_pca_cost(trained, tmp_path):
 def test_vs_course_template(sample_dir, tmp_path):
     pytest.importorskip("tensorflow", reason="the course-template replica needs the bench venv (docs/performance.md)")
     r = run_bench("vs_course_template.py", "--images", str(sample_dir), "--limit", "30", tmp_path=tmp_path)
-    assert r["images"] == 30 and set(r["img_s"]) == {"template_224", "canestra_224", "canestra_default"}
+    assert r["images"] == 30 and set(r["img_s"]) == {"template_224", "canestra_224", "canestra_224_int8", "canestra_default"}
     assert r["multiple_at_224"] == pytest.approx(r["img_s"]["canestra_224"] / r["img_s"]["template_224"], rel=0.05)
 
 
@@ -66,3 +66,11 @@ def test_tuning(sample_dir, tmp_path):
     rows = {row["config"]: row for row in r["rows"]}
     assert r["images"] == 16 and rows["default"]["vs_default"] == 1.0
     assert {"graph opt basic", "2 threads, 1 process"} <= set(rows) and all(x["img_s"] > 0 for x in rows.values())
+
+
+def test_serve_latency(trained, tmp_path):
+    r = run_bench("serve_latency.py", "--model", os.path.join(trained.out_dir, "model"), "--quick", tmp_path=tmp_path)
+    assert r["quick"] and r["rounds"] == 1 and set(r["workers"]) == {"1", "2"}
+    for w in r["workers"].values():
+        assert w["p50_ms"] > 0 and w["bare_p50_ms"] > 0 and w["throughput_rps"] > 0
+        assert w["p95_ms"] >= w["p50_ms"]

@@ -170,3 +170,27 @@ def test_predicts_in_a_process_where_spark_cannot_be_imported(model_dir, sample_
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["Banana", "Banana", "2"], out.stdout + out.stderr[-2000:]
     assert "model folder" in out.stderr and "ImportError" not in out.stderr
+
+
+def test_int8_model_same_answers_as_spark(spark, sample_dir, tmp_path):
+    """A model trained with --precision int8 serves with the int8 graph too (same answers)."""
+    import pyarrow.parquet as pq
+
+    from canestra.config import Settings
+    from canestra.prediction import predict
+    from canestra.training import train
+
+    res = train(spark, str(sample_dir), str(tmp_path / "run"), Settings.load(precision="int8", pca_k=32, max_iter=30),
+                Progress(quiet=True))
+    assert res.metrics["model"]["precision"] == "int8" and res.metrics["accuracy"] >= 0.9
+    model = os.path.join(res.out_dir, "model")
+    spec = load_model_spec(model)
+    assert spec.precision == "int8"
+    pred = predict(spark, model, str(sample_dir), str(tmp_path / "pred"), Progress(quiet=True))
+    spark_rows = {r["image_id"]: r for r in pq.read_table(pred.predictions_path).to_pylist()}
+    predictor = OnlinePredictor.from_model_dir(model, threads=1)
+    assert "int8" in predictor.onnx_path
+    for path in sample_files(sample_dir)[::4]:
+        online = predictor.predict_bytes(path.read_bytes())
+        row = spark_rows[online.image_id]
+        assert online.label == row["prediction"] and abs(online.probability - row["probability"]) <= 1e-4, path

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EnvironmentProblem
+from .errors import EnvironmentProblem, InputError
 
 MODEL_NAME = "efficientnet_lite0"
 FEATURE_DIM = 1280
@@ -185,6 +185,65 @@ def default_model_path() -> str:
         with os.fdopen(fd, "wb") as fh:
             fh.write(model.SerializeToString())
         os.replace(tmp, target)
+    return str(target)
+
+
+PRECISIONS = ("fp32", "int8")
+_QUANT_VERSION = 1  # bump when the quantization recipe changes: names a new cache file
+_CALIBRATION_SIZES = (160, 224)
+
+
+def model_path(precision: str = "fp32") -> str:
+    """The cached ONNX graph for ``precision`` (``fp32`` or ``int8``), built on first use."""
+    if precision == "fp32":
+        return default_model_path()
+    if precision == "int8":
+        return int8_model_path()
+    raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+
+
+def _calibration_batches():
+    """Fixed inputs shipped with the package (canestra/calibration/*.jpg) at the usual sizes."""
+    from importlib import resources
+
+    from .images import decode_rgb
+
+    folder = resources.files("canestra").joinpath("calibration")
+    imgs = [decode_rgb(f.read_bytes()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".jpg")]
+    for size in _CALIBRATION_SIZES:
+        for i in range(0, len(imgs), 8):
+            yield {"image": np.stack([resize_rgb(im, size) for im in imgs[i : i + 8]])}
+
+
+def int8_model_path() -> str:
+    """Static int8 (QDQ, per-channel weights) version of the fp32 graph, cached like it.
+
+    Built once per machine from fixed calibration images, so every worker and the server
+    load the same file. 2.2x faster than fp32 at 224 px here (AVX-512 VNNI); see
+    docs/performance.md for its accuracy cost.
+    """
+    fp32 = default_model_path()
+    target = Path(fp32).with_name(f"{Path(fp32).stem}-int8-q{_QUANT_VERSION}.onnx")
+    if target.exists():
+        return str(target)
+    with _build_lock:
+        if target.exists():
+            return str(target)
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self._it = _calibration_batches()
+
+            def get_next(self):
+                return next(self._it, None)
+
+        with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            out = os.path.join(work, "int8.onnx")
+            quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            os.replace(out, target)  # atomic: racing workers publish identical files
     return str(target)
 
 

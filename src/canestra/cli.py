@@ -47,6 +47,8 @@ def _feature_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per ONNX Runtime call (default 64)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per Spark task (default 1)")
     p.add_argument("--arrow-batch", type=int, help="max rows per Arrow batch into the featurizer (default 256)")
+    p.add_argument("--precision", choices=["fp32", "int8"],
+                   help="CNN arithmetic: fp32 (default) or int8 (~2x faster; accuracy in docs/performance.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +177,7 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ["master", "image_sizes", "batch_size", "threads", "arrow_batch", "pca_k", "pca_variance",
+    keys = ["master", "image_sizes", "batch_size", "threads", "arrow_batch", "precision", "pca_k", "pca_variance",
             "test_fraction", "seed", "reg_param", "max_iter", "debug", "retention_days", "audit_log",
             "host", "port", "workers", "serve_threads", "max_upload_mb", "max_batch",
             "s3_endpoint_url", "allow_http_endpoint", "allow_non_eu_region", "sse_kms_key_id"]

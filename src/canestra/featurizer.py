@@ -26,9 +26,11 @@ DEFAULT_IMAGE_SIZES = [160]  # see docs/image-size.md
 DEFAULT_BATCH_SIZE = 64
 
 
-def _embed_series_factory(sizes, batch_size: int, threads: int, model_path):
+def _embed_series_factory(sizes, batch_size: int, threads: int, model_path, precision: str = "fp32"):
     def embed_batches(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         from .images import BadImage, decode_rgb
+
+        path = model_path or backbone.model_path(precision)  # on the executor: its own cache
 
         for contents in batches:
             out: list = [None] * len(contents)
@@ -37,7 +39,7 @@ def _embed_series_factory(sizes, batch_size: int, threads: int, model_path):
 
             def flush() -> None:
                 if pending_img:
-                    feats = backbone.embed(pending_img, sizes, model_path, threads)
+                    feats = backbone.embed(pending_img, sizes, path, threads)
                     for j, i in enumerate(pending_idx):
                         out[i] = feats[j]
                     pending_idx.clear()
@@ -77,6 +79,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         Params._dummy(), "modelPath", "ONNX file; empty = the built-in EfficientNet-Lite0", TypeConverters.toString
     )
     backboneName = Param(Params._dummy(), "backboneName", "name of the pretrained network", TypeConverters.toString)
+    precision = Param(Params._dummy(), "precision", "fp32, or int8 (static quantization, faster)", TypeConverters.toString)
 
     @keyword_only
     def __init__(
@@ -89,6 +92,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         threads: int = 1,
         modelPath: str = "",
         backboneName: str = backbone.MODEL_NAME,
+        precision: str = "fp32",
     ):
         super().__init__()
         self._setDefault(
@@ -99,6 +103,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             threads=1,
             modelPath="",
             backboneName=backbone.MODEL_NAME,
+            precision="fp32",
         )
         kwargs = dict(self._input_kwargs)
         if kwargs.get("imageSizes") is None:
@@ -118,6 +123,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             self.getOrDefault(self.batchSize),
             self.getOrDefault(self.threads),
             self.getOrDefault(self.modelPath) or None,
+            self.getOrDefault(self.precision),
         )
         udf = pandas_udf(fn, returnType=ArrayType(FloatType()))
         return dataset.withColumn(

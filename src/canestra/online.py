@@ -137,6 +137,7 @@ class ModelSpec:
     labels: list[str]
     image_sizes: tuple[int, ...]
     onnx_path: str  # "" = the built-in EfficientNet-Lite0 graph
+    precision: str  # "fp32" or "int8": which built-in graph, as the Spark featurizer used
     pca: np.ndarray  # (input_dim, k): Spark's principal components, one per column
     coefficients: np.ndarray  # (n_classes, k); binomial: (1, k)
     intercepts: np.ndarray  # (n_classes,); binomial: (1,)
@@ -186,6 +187,7 @@ def load_model_spec(path: str) -> ModelSpec:
     feat = _params(by_class[_FEATURIZER][1])
     sizes = tuple(int(s) for s in feat.get("imageSizes") or [160])
     onnx_path = str(feat.get("modelPath") or "")
+    precision = str(feat.get("precision") or "fp32")
 
     pca_dir, pca_meta = by_class[_PCA]
     pc = spark_matrix(_read_data_row(pca_dir)["pc"])
@@ -208,7 +210,7 @@ def load_model_spec(path: str) -> ModelSpec:
     ts = top.get("timestamp")
     created = dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="seconds") if ts else None
     return ModelSpec(
-        model_dir=model_dir, labels=labels, image_sizes=sizes, onnx_path=onnx_path, pca=pc,
+        model_dir=model_dir, labels=labels, image_sizes=sizes, onnx_path=onnx_path, precision=precision, pca=pc,
         coefficients=coef, intercepts=intercepts, multinomial=multinomial, created_at=created,
         spark_version=top.get("sparkVersion"), version=model_files_sha256(model_dir),
         metrics=_read_metrics(model_dir),
@@ -254,7 +256,7 @@ class OnlinePredictor:
         self.threads = threads or default_threads()
         self.max_pixels = max_pixels
         self.max_bytes = max_bytes
-        self.onnx_path = spec.onnx_path or backbone.default_model_path()
+        self.onnx_path = spec.onnx_path or backbone.model_path(spec.precision)
         self._session = backbone.session(self.onnx_path, self.threads)
         self._labels = np.array(spec.labels, dtype=object)
         # Two products, as Spark does them (PCA, then LR), rather than one folded matrix:
@@ -319,6 +321,7 @@ class OnlinePredictor:
             "version": s.version,
             "model_version": s.model_version,
             "image_sizes": list(s.image_sizes),
+            "precision": s.precision,
             "pca_k": int(s.pca.shape[1]),
             "backbone": backbone.MODEL_NAME if not s.onnx_path else os.path.basename(s.onnx_path),
             "spark_version": s.spark_version,

@@ -85,6 +85,7 @@ class ModelOut(BaseModel):
     version: str = Field(description="SHA-256 of the model files")
     model_version: str = Field(description="short form of `version`, returned with every prediction")
     image_sizes: list[int]
+    precision: str = Field(description="CNN arithmetic the model was trained with: fp32 or int8")
     pca_k: int
     backbone: str
     spark_version: str | None

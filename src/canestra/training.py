@@ -43,6 +43,7 @@ def make_featurizer(cfg: Settings) -> ImageFeaturizer:
         batchSize=cfg.batch_size,
         imageSizes=list(cfg.image_sizes),
         threads=cfg.threads,
+        precision=cfg.precision,
     )
 
 
@@ -198,6 +199,7 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
                 "model": {
                     "backbone": backbone.MODEL_NAME + " (ImageNet, ONNX Runtime)",
                     "image_sizes": list(cfg.image_sizes),
+                    "precision": cfg.precision,
                     "classifier": "multinomial logistic regression (Spark ML)",
                     "reg_param": cfg.reg_param,
                     "max_iter": cfg.max_iter,
