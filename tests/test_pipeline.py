@@ -142,3 +142,15 @@ def test_crashed_publish_never_looks_complete(tmp_path):
     Path(staging, "_SUCCESS").write_text("")
     storage.publish_dir(staging, final)
     assert os.path.exists(os.path.join(final, "_SUCCESS"))
+
+
+def test_readme_job_with_default_settings_classifies_the_bundled_sample(spark, sample_dir, tmp_path):
+    """`canestra train --images sample/fruits-360` as the README runs it: defaults, right answers."""
+    from canestra.config import Settings
+    from canestra.training import train
+
+    res = train(spark, str(sample_dir), str(tmp_path / "demo"), Settings.load(), QUIET)
+    m = res.metrics
+    # 253 training images cannot carry 256 principal components: k is capped at n - 1.
+    assert m["pca"]["k"] == min(256, m["counts"]["train"] - 1)
+    assert m["accuracy"] >= 0.95, m["accuracy"]

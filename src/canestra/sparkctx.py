@@ -79,9 +79,9 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
     log_opt = f"-Dlog4j2.configurationFile=file:{log4j_config()} -Dlog4j.configurationFile=file:{log4j_config()}"
     on_this_machine = master.startswith("local") or "127.0.0.1" in master or "localhost" in master
     if on_this_machine and _has_avx512() and os.environ.get("CANESTRA_JVM_AVX512") != "1":
-        # Seen here (OpenJDK 17.0.15, AMD EPYC with AVX-512, no native BLAS): Spark ML's PCA came
-        # out wrong once its Java BLAS loops were JIT-compiled to AVX-512, and the model predicted
-        # one class. Capping the JIT at AVX2 costs nothing measurable; CANESTRA_JVM_AVX512=1 lifts it.
+        # Seen once here (OpenJDK 17.0.15, AMD EPYC with AVX-512, no native BLAS), not reproduced
+        # since: Spark ML's PCA came out wrong with its Java BLAS loops JIT-compiled to AVX-512.
+        # Capping the JIT at AVX2 cost nothing measurable; CANESTRA_JVM_AVX512=1 lifts it.
         log_opt += " -XX:UseAVX=2"
     builder = (
         SparkSession.builder.master(master)

@@ -66,13 +66,19 @@ def featurize_table(spark, catalog_path: str, out_path: str, featurizer: ImageFe
     return out_path
 
 
-def fit_pca(train_df, cfg: Settings, input_dim: int):
-    """Fit PCA with ``pca_k`` components, or the fewest reaching ``pca_variance``."""
+def fit_pca(train_df, cfg: Settings, input_dim: int, n_train: int):
+    """Fit PCA with ``pca_k`` components, or the fewest reaching ``pca_variance``.
+
+    Never more than ``n_train - 1`` components: n centred rows span at most n - 1
+    directions, the rest is numerical noise, and on the 253-image bundled sample those
+    noise components made the classifier's L-BFGS fail (every image one class).
+    """
     from pyspark.ml.feature import PCA
 
+    max_k = max(1, min(input_dim, n_train - 1))
     if cfg.pca_variance is not None:
         # One fit with many components gives the spectrum; refit at the chosen k.
-        probe_k = min(input_dim, 512)
+        probe_k = min(max_k, 512)
         probe = PCA(k=probe_k, inputCol="features", outputCol="pca").fit(train_df)
         cum, k = 0.0, probe_k
         for i, v in enumerate(probe.explainedVariance.toArray(), start=1):
@@ -81,7 +87,7 @@ def fit_pca(train_df, cfg: Settings, input_dim: int):
                 k = i
                 break
     else:
-        k = min(cfg.pca_k, input_dim)
+        k = min(cfg.pca_k, max_k)
     return PCA(k=k, inputCol="features", outputCol="pca").fit(train_df)
 
 
@@ -141,14 +147,16 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
         n_train = train_idx.count()
         if n_train == 0:
             raise InputError("no training images left after the split: add images or lower --test-fraction")
-        pca = fit_pca(train_idx, cfg, featurizer.featureDim())
+        pca = fit_pca(train_idx, cfg, featurizer.featureDim(), n_train)
         # Cut the lineage before the iterative fit: otherwise every L-BFGS iteration ships
         # the PCA matrix inside its task binary (measured 1.7 s -> 0.3 s per iteration).
         projected = pca.transform(train_idx).select("pca", "label_index").localCheckpoint(eager=True)
         clf = make_classifier(cfg, "pca").fit(projected)
         to_label = IndexToString(inputCol="prediction", outputCol=PREDICTION_COL, labels=indexer.labels)
         model = PipelineModel(stages=[featurizer, pca, clf, to_label])
-        st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims, logistic regression on {n_train} images")
+        capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
+            cfg.pca_k, featurizer.featureDim()) else ""
+        st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
     timings["fit"] = st.seconds
 
     with progress.stage("evaluate") as st:
