@@ -14,6 +14,7 @@ average pool of the last conv block) and ``logits`` [N, 1000] (ImageNet).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -216,17 +217,22 @@ def _calibration_batches():
             yield {"image": np.stack([resize_rgb(im, size) for im in imgs[i : i + 8]])}
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The x86 feature flags of /proc/cpuinfo (empty elsewhere); read once per process."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            return frozenset(next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def has_vnni() -> bool:
     """x86 VNNI (AVX512_VNNI or AVX_VNNI): int8 dot products without saturation. CANESTRA_INT8_VNNI=0/1 overrides."""
     forced = os.environ.get("CANESTRA_INT8_VNNI")
     if forced in ("0", "1"):
         return forced == "1"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
 def int8_model_path() -> str:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from importlib import resources
 
+from .backbone import cpu_flags
 from .errors import EnvironmentProblem
 
 _JAVA_VERSION = re.compile(r'version "(\d+)(?:\.(\d+))?')
@@ -57,14 +58,6 @@ def log4j_config() -> str:
     return str(resources.files("canestra").joinpath("conf/log4j2.properties"))
 
 
-def _has_avx512() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            return any(line.startswith("flags") and " avx512f" in line for line in fh)
-    except OSError:
-        return False
-
-
 def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[str, str] | None = None):
     """Create (or reuse) the SparkSession with canestra's defaults."""
     java_version()
@@ -78,7 +71,7 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
 
     log_opt = f"-Dlog4j2.configurationFile=file:{log4j_config()} -Dlog4j.configurationFile=file:{log4j_config()}"
     on_this_machine = master.startswith("local") or "127.0.0.1" in master or "localhost" in master
-    if on_this_machine and _has_avx512() and os.environ.get("CANESTRA_JVM_AVX512") != "1":
+    if on_this_machine and "avx512f" in cpu_flags() and os.environ.get("CANESTRA_JVM_AVX512") != "1":
         # Seen once here (OpenJDK 17.0.15, AMD EPYC with AVX-512, no native BLAS), not reproduced
         # since: Spark ML's PCA came out wrong with its Java BLAS loops JIT-compiled to AVX-512.
         # Capping the JIT at AVX2 cost nothing measurable; CANESTRA_JVM_AVX512=1 lifts it.
