@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import io
 import pickle
 
@@ -110,3 +111,21 @@ def test_int8_graph_is_cached_close_to_fp32_and_still_knows_fruit(sample_dir, tm
     assert (logits32.argmax(1) == logits8.argmax(1)).mean() >= 0.8
     with pytest.raises(Exception, match="precision 'fp16' is not one of fp32, int8"):
         backbone.model_path("fp16")
+
+
+@pytest.mark.slow
+def test_four_processes_build_the_int8_graph_at_once_into_an_empty_cache(tmp_path):
+    """The old race: Spark workers quantizing at once deleted each other's temporary file."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CANESTRA_CACHE_DIR=str(tmp_path / "cache"))
+    code = "from canestra import backbone; print(backbone.model_path('int8'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in results]
+    paths = {out.strip() for out, _ in results}
+    assert len(paths) == 1 and os.path.isfile(paths.pop())
+    left = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert all(n.endswith(".onnx") or n.endswith(".onnx.lock") for n in left), left

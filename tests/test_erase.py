@@ -11,11 +11,13 @@ import os
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from artefacts import find
 
 from canestra import audit, cli, erase
+from canestra.errors import OutputError
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +179,101 @@ def test_bad_requests_are_plain_errors(case, capsys):
     assert "nothing to erase" in capsys.readouterr().err
     assert cli.main(["erase", "--out", str(run), "--source", "gs://bucket/x.jpg", "--delete-source"]) == 2
     assert "deletes local files and s3:// objects" in capsys.readouterr().err  # s3://: tests/test_s3.py
+
+
+# ---------------------------------------------------------------------------- the error gallery (no Spark)
+
+
+def _jpeg(path: Path, colour: tuple[int, int, int], size: int) -> bytes:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), colour).save(path, "JPEG", quality=90)
+    return path.read_bytes()
+
+
+def _error(image_id: str, label: str, prediction: str) -> dict:
+    return {"image_id": image_id, "label": label, "prediction": prediction, "probability": 0.97,
+            "family": prediction.split()[0], "thumbnail": f"gallery/{image_id}.jpg"}
+
+
+def make_gallery_run(run: Path, photos: dict[str, Path], errors: list[tuple[str, str, str]]) -> dict:
+    """A run folder as `canestra train` leaves it, without Spark: catalog table, metrics.json whose
+    worst_errors list ``errors`` (name, label, prediction), their 96 px thumbnails in gallery/, report.html."""
+    from canestra.images import clean_image
+    from canestra.report import write_report
+
+    ids = {name: clean_image(p.read_bytes()).image_id for name, p in photos.items()}
+    run.mkdir(parents=True)
+    (run / "catalog").mkdir()
+    pq.write_table(pa.table({"image_id": list(ids.values()), "label": [n.title() for n in ids],
+                             "source_path": [str(p) for p in photos.values()]}),
+                   run / "catalog" / "part-00000.parquet")
+    metrics = {"accuracy": 0.9, "n": 40, "n_train": 120,
+               "worst_errors": [_error(ids[name], label, pred) for name, label, pred in errors]}
+    for i, (name, _, _) in enumerate(errors):
+        _jpeg(run / "gallery" / f"{ids[name]}.jpg", (40 * i, 200, 90), 96)  # resized: other pixels, other id
+    (run / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_report(metrics, run / "report.html")
+    return ids
+
+
+@pytest.mark.parametrize("by", ["image-id", "source"])
+def test_erase_covers_the_error_gallery(tmp_path, monkeypatch, capsys, by):
+    """Art. 17 for the worst-errors gallery: the thumbnail goes, metrics.json and report.html forget it,
+    in every (nested) run, and the other images' entries stay."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("CANESTRA_AUDIT_LOG", raising=False)
+    photos = {name: tmp_path / "photos" / name / "IMG_1.jpg" for name in ("apple", "kiwi", "pear")}
+    for i, p in enumerate(photos.values()):
+        _jpeg(p, (200, 60 * i, 30), 32)
+    out = tmp_path / "runs"
+    ids = make_gallery_run(out / "r1", photos, [("apple", "Apple Red 1", "Cherry 2"),
+                                                ("kiwi", 'Kiwi <B> & "Co"', "Pear 2")])
+    make_gallery_run(out / "2025" / "r2", photos, [("pear", "Pear 2", "Apple Red 1"),
+                                                   ("apple", "Apple Red 1", "Pear 2")])
+    make_gallery_run(out / "r3", photos, [("kiwi", "Kiwi", "Pear 2")])  # never saw the erased image
+    erased, kept = ids["apple"], [ids["kiwi"], ids["pear"]]
+    r3_report = (out / "r3" / "report.html").read_bytes()
+    # positive control: the search sees the image in the gallery, metrics.json and report.html
+    hits = find(out, [erased])[erased]
+    assert {"r1/metrics.json", "r1/report.html", "2025/r2/metrics.json", "2025/r2/report.html"} <= hits
+    assert erased[:12] in (out / "r1" / "report.html").read_text(encoding="utf-8")
+
+    target = ["--image-id", erased] if by == "image-id" else ["--source", str(photos["apple"])]
+    assert cli.main(["erase", "--out", str(out), *target]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[0])
+
+    thumbs = [f"r1/gallery/{erased}.jpg", f"2025/r2/gallery/{erased}.jpg"]
+    assert sorted(summary["files_deleted"]) == sorted(thumbs)
+    assert not any((out / t).exists() for t in thumbs)
+    assert summary["rows_removed"] == {"r1/metrics.json": 1, "2025/r2/metrics.json": 1, "r1/catalog": 1,
+                                       "2025/r2/catalog": 1, "r3/catalog": 1}
+    assert find(out, [erased, erased[:12]]) == {}, "no file holds the id, not even the report's short form"
+    for run, left in (("r1", ids["kiwi"]), ("2025/r2", ids["pear"])):
+        metrics = json.loads((out / run / "metrics.json").read_text(encoding="utf-8"))
+        assert [e["image_id"] for e in metrics["worst_errors"]] == [left]
+        assert metrics["accuracy"] == 0.9 and metrics["n_train"] == 120
+        page = (out / run / "report.html").read_text(encoding="utf-8")
+        assert f'<img src="gallery/{left}.jpg" width="96" height="96" alt=""/>' in page
+        assert left[:12] in page and erased not in page and "<h2>Worst errors</h2>" in page
+        assert (out / run / "gallery" / f"{left}.jpg").is_file()
+        assert not list((out / run).glob(".tmp-*")) and not (out / run / "report.html.tmp").exists()
+    assert "Kiwi &lt;B&gt; &amp; &quot;Co&quot; → Pear 2" in (out / "r1" / "report.html").read_text(encoding="utf-8")
+    assert (out / "r3" / "report.html").read_bytes() == r3_report, "a run without the image is not re-rendered"
+    assert set(find(out, kept)) == set(kept), "the other images are still there"
+    (rec,) = audit.read_records(str(out / "_audit" / "audit.jsonl"))
+    assert rec["counts"]["files_deleted"] == 2 and rec["counts"]["rows_removed"] == 5
+
+
+def test_a_thumbnail_left_behind_is_a_trace(tmp_path):
+    """The verification also reads file names: a thumbnail named after an erased id fails the erasure."""
+    photo = tmp_path / "photos" / "apple" / "IMG_1.jpg"
+    _jpeg(photo, (200, 10, 10), 32)
+    out = tmp_path / "runs"
+    ids = make_gallery_run(out / "r1", {"apple": photo}, [("apple", "Apple Red 1", "Cherry 2")])
+    stray = out / "r1" / "gallery" / f"{ids['apple']}.jpg.bak"  # no image extension: not deleted
+    stray.write_bytes(b"x")
+    with pytest.raises(OutputError, match="erasure incomplete"):
+        erase.erase(str(out), image_ids=[ids["apple"]])
+    assert not (out / "r1" / "gallery" / f"{ids['apple']}.jpg").exists() and stray.exists()

@@ -137,9 +137,9 @@ def test_shared_outputs_carry_image_id_not_source_paths(gps_run):
     assert pq.read_schema(out / "features" / next(p.name for p in (out / "features").glob("*.parquet"))).names \
         == ["image_id", "label", "split", "features"]
     assert pq.read_table(out / "pred" / "predictions").column_names == \
-        ["image_id", "prediction", "probability", "top5", "label"]
+        ["image_id", "prediction", "probability", "family", "family_probability", "top5", "label"]
     rows = read_csv(out / "pred" / "predictions.csv")
-    assert list(rows[0]) == ["image_id", "prediction", "probability", "top5", "label"] and len(rows) == len(made)
+    assert list(rows[0]) == ["image_id", "prediction", "probability", "family", "family_probability", "top5", "label"] and len(rows) == len(made)
     assert read_csv(out / "pred" / "quarantine.csv")[0]["path"] == str(images / "Banana" / "broken.jpg")
     (rec,) = audit.read_records(str(out / "pred" / "_audit" / "audit.jsonl"))
     assert rec["command"] == "predict" and rec["counts"] == {"predicted": len(made), "quarantined": 1}

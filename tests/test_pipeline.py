@@ -65,12 +65,13 @@ def test_predict_csv_and_evaluate(spark, trained, sample_dir, tmp_path):
     res = predict(spark, model, str(sample_dir), str(tmp_path / "p"), QUIET)
     rows = read_csv(tmp_path / "p" / "predictions.csv")
     # GDPR Art. 25: shared outputs carry the pseudonymous image_id, no source path by default.
-    assert list(rows[0].keys()) == ["image_id", "prediction", "probability", "top5", "label"]
+    assert list(rows[0].keys()) == ["image_id", "prediction", "probability", "family", "family_probability", "top5", "label"]
     assert len(rows) == 320 and res.quarantined == 0
     for r in rows:
         top5 = json.loads(r["top5"])
-        assert len(top5) == 5 and top5[0][0] == r["prediction"]
+        assert len(top5) == 5 and top5[0][0] == r["prediction"] or r["prediction"] == "unknown"
         assert abs(top5[0][1] - float(r["probability"])) < 1e-5
+        assert (r["family"] == "") == (r["prediction"] == "unknown")
         assert [p for _, p in top5] == sorted((p for _, p in top5), reverse=True)
     assert sum(r["prediction"] == r["label"] for r in rows) / len(rows) >= 0.97
     m = evaluate(spark, model, str(sample_dir), str(tmp_path / "e"), QUIET)

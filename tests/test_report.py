@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import os
@@ -239,3 +240,158 @@ def test_write_report_failure_keeps_old_file_and_no_tmp(tmp_path, monkeypatch, b
         write_report(big, out)
     assert out.read_text(encoding="utf-8") == "old"
     assert sorted(os.listdir(tmp_path)) == ["report.html"]
+
+
+# ----------------------------------------------------------------------------- families, unknown, shift, calibration, gallery
+
+IDS = [hashlib.sha256(bytes([i])).hexdigest() for i in range(3)]  # pseudonymous image ids (64 hex)
+
+
+def _new_metrics() -> dict:
+    """metrics.json of a run with every key training adds for families, unknown, calibration and shift."""
+    m = _metrics(n_classes=6, k=5)
+    bins = [{"lo": i / 10, "hi": (i + 1) / 10, "n": n, "confidence": i / 10 + 0.05, "accuracy": a}
+            for i, (n, a) in enumerate([(3, 0.33), (0, 0.0), (4, 0.25), (6, 0.5), (9, 0.44), (12, 0.58),
+                                        (20, 0.65), (40, 0.78), (90, 0.86), (2552, 0.995)])]
+    m.update({
+        "n_train": 10944,
+        "family": {"n": 2736, "accuracy": 0.995, "answered_accuracy": 0.99,
+                   "per_family": {"Apple": {"n": 312, "accuracy": 0.99, "unknown": 0.003},
+                                  WEIRD: {"n": 40, "accuracy": 0.875, "unknown": 0.025},
+                                  "Kiwi": {"n": 0}}},
+        "unknown": {"rule": "unknown when energy < t_e or fruitness < t_f (thresholds: 0.5 % quantile of held-out "
+                            "images)",
+                    "quantile": 0.005, "energy_threshold": 12.3, "fruitness_threshold": 0.41,
+                    "coverage": 0.99, "risk": 0.004,
+                    "curve": [{"quantile": q, "coverage": 1 - 2 * q, "risk": 0.006 * (1 - 5 * q)}
+                              for q in (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)]},
+        "calibration": {"bins": bins, "ece": 0.0043},
+        "shift": {"perturbed_held_out": {"n": 2736, "accuracy": 0.94, "family_accuracy": 0.96, "unknown_rate": 0.05,
+                                         "description": "held-out images under seeded lighting, colour, rotation, "
+                                                        "scale, blur changes"},
+                  "family_roots_held_out": {"n": 55, "family_accuracy": 0.96, "answered_family_accuracy": 0.93,
+                                            "unknown_rate": 0.03}},
+        "worst_errors": [
+            {"image_id": IDS[0], "label": "Apple Red 1", "prediction": "Cherry 2", "probability": 0.97,
+             "family": "Cherry", "thumbnail": f"gallery/{IDS[0]}.jpg"},
+            {"image_id": IDS[1], "label": WEIRD, "prediction": "Pear 2", "probability": 0.91, "family": "Pear",
+             "thumbnail": f"gallery/{IDS[1]}.jpg"},
+            # a thumbnail pointing anywhere else is never linked: the link is built from the id
+            {"image_id": IDS[2], "label": "Kiwi", "prediction": "Apple Red 1", "probability": 0.8,
+             "family": "Apple", "thumbnail": "http://example.com/x.jpg\" onerror=\"alert(1)"},
+        ],
+    })
+    json.dumps(m, allow_nan=False)
+    return m
+
+
+@pytest.fixture(scope="module")
+def new_page() -> str:
+    return render_report(_new_metrics())
+
+
+def _section(page: str, title: str) -> str:
+    start = page.index(f"<h2>{title}</h2>")
+    end = page.find("<h2>", start + 1)
+    return page[start:end if end > 0 else len(page)]
+
+
+def test_new_sections_render(new_page):
+    page = new_page
+    for title in ("Evaluation under shift", "Families", "Unknown", "Calibration", "Worst errors"):
+        assert f"<h2>{title}</h2>" in page
+    # cards: training images, family accuracy, coverage, ECE
+    assert '<span class="k">train images</span><span class="v">10,944</span>' in page
+    assert '<span class="k">family accuracy</span><span class="v">99.50%</span>' in page
+    assert '<span class="k">calibration error</span><span class="v">0.0043</span>' in page
+
+    shift = _section(page, "Evaluation under shift")
+    for row, n in (("held-out blocks", None), ("perturbed held-out", "2,736"), ("family-labelled photos", "55")):
+        assert f"<tr><td>{row}</td>" in shift
+        if n:
+            assert f"<tr><td>{row}</td><td>{n}</td>" in shift
+    assert "<td>94.0%</td>" in shift and "<td>93.0%</td>" in shift
+    assert "seeded lighting, colour, rotation" in shift
+
+    fam = _section(page, "Families")
+    assert "<tr><td>Apple</td><td>312</td><td>99.0%" in fam and "<td>0.3%</td>" in fam
+    assert f"<tr><td>{html.escape(WEIRD, quote=True)}</td><td>40</td><td>87.5%" in fam
+    assert fam.index(html.escape(WEIRD, quote=True)) < fam.index("<td>Apple</td>"), "worst family first"
+    assert '<tr class="absent"><td>Kiwi</td>' in fam, "a family without held-out images is greyed"
+
+    unk = _section(page, "Unknown")
+    assert "unknown when energy &lt; t_e or fruitness &lt; t_f" in unk
+    assert "12.3" in unk and "0.41" in unk and "99.00%" in unk and "0.40%" in unk
+    (curve,) = [s for s in _svgs(unk) if s.get("aria-label") == "coverage against risk"]
+    assert len([c for c in curve.iter(SVG_NS + "circle") if c.find(SVG_NS + "title") is not None]) == 7
+    assert curve.find(SVG_NS + "polyline") is not None
+    assert any("chosen: coverage 99.0%" in (t.text or "") for t in curve.iter(SVG_NS + "text"))
+
+    cal = _section(page, "Calibration")
+    assert "ECE" in cal and "<b>0.0043</b>" in cal
+    (diagram,) = [s for s in _svgs(cal) if s.get("aria-label") == "reliability diagram"]
+    bars = [r for r in diagram.iter(SVG_NS + "rect") if r.get("fill") == report._BAR
+            and r.find(SVG_NS + "title") is not None]
+    assert len(bars) == 9, "one accuracy bar per non-empty bin"
+    assert any(ln.get("stroke-dasharray") and ln.get("x1") != ln.get("x2") and ln.get("y1") != ln.get("y2")
+               for ln in diagram.iter(SVG_NS + "line")), "the diagonal"
+
+    worst = _section(page, "Worst errors")
+    assert f'<img src="gallery/{IDS[0]}.jpg" width="96" height="96" alt=""/>' in worst
+    assert f'<img src="gallery/{IDS[2]}.jpg"' in worst, "link built from the id, not the odd thumbnail value"
+    assert f"<code title=\"{IDS[0]}\">{IDS[0][:12]}</code>" in worst
+    assert "Apple Red 1 → Cherry 2" in worst and "probability 97.0%" in worst
+    assert f"{html.escape(WEIRD, quote=True)} → Pear 2" in worst and WEIRD not in worst
+
+
+def test_new_page_is_well_formed_and_links_only_its_thumbnails(new_page):
+    p = _StrictParser()
+    p.feed(new_page)
+    p.close()
+    assert p.errors == [] and p.stack == []
+    ET.fromstring(new_page.split("\n", 1)[1])
+    assert all(s.tag == SVG_NS + "svg" for s in _svgs(new_page))
+    low = new_page.replace(XMLNS, "").lower()
+    for bad in ("http://", "https://", "<script", "<link", "<iframe", "@import", "url(", "href=", "onerror"):
+        assert bad not in low, bad
+    srcs = re.findall(r'src="([^"]*)"', new_page)
+    assert srcs == [f"gallery/{i}.jpg" for i in IDS]
+    assert len(re.findall(r"<img\b", new_page)) == len(srcs)
+
+
+def test_old_metrics_render_without_the_new_sections(page):
+    for title in ("Evaluation under shift", "Families", "Unknown", "Calibration", "Worst errors"):
+        assert f"<h2>{title}</h2>" not in page
+    assert "train images" not in page and "67,000 train" in page  # the old card keeps counts.train
+
+
+def test_absent_family_photos_and_no_errors():
+    m = _new_metrics()
+    m["shift"]["family_roots_held_out"] = None
+    m["worst_errors"] = []
+    page = render_report(m)
+    assert '<tr class="absent"><td>family-labelled photos <span class="small">(none in this run)</span>' in page
+    assert "No misclassified held-out image to show." in _section(page, "Worst errors")
+    assert "<img" not in page and "src=" not in page
+    ET.fromstring(page.split("\n", 1)[1])
+
+
+@pytest.mark.parametrize("odd", [
+    {"n_train": "lots", "family": None, "unknown": None, "calibration": None, "shift": None, "worst_errors": None},
+    {"family": {"per_family": {"A": None, "B": {"n": "x", "accuracy": float("nan")}}}, "shift": {}},
+    {"family": {"accuracy": "high"}, "unknown": {"curve": [None, {"coverage": "x"}, {"coverage": 1.0, "risk": 0.0}]}},
+    {"unknown": {"curve": [{"quantile": 0.01, "coverage": 0.5, "risk": 2.0}], "quantile": float("inf")}},
+    {"calibration": {"bins": [{"lo": 2}, None, {"lo": 0.5, "hi": 0.4, "n": 3}, {"lo": 0, "hi": 1, "n": -5}],
+                     "ece": float("nan")}},
+    {"calibration": {"bins": [{"lo": 0.0, "hi": 1.0, "n": 7, "accuracy": "x"}]}},
+    {"shift": {"perturbed_held_out": None, "family_roots_held_out": {"n": None}}},
+    {"shift": {"perturbed_held_out": {"description": "<b>bold</b>", "accuracy": True}}},
+    {"worst_errors": [None, 3, {}, {"image_id": "../../etc/passwd", "thumbnail": "../../etc/passwd"},
+                      {"image_id": IDS[0].upper(), "label": None, "probability": "0.9"}]},
+])
+def test_new_keys_with_odd_values_never_crash(odd):
+    page = render_report({**_metrics(n_classes=3, k=2), **odd})
+    ET.fromstring(page.split("\n", 1)[1])
+    assert "NaN" not in page and "inf%" not in page
+    assert "<b>bold</b>" not in page
+    assert re.findall(r'src="([^"]*)"', page) == []

@@ -40,7 +40,11 @@ def make_run(run: Path, image_ids: list[str]) -> None:
     (run / "model" / "canestra_training_ids.txt").write_text("\n".join(image_ids) + "\n")
     (run / "predictions.csv").write_text("image_id,prediction\n" + "".join(f"{i},Banana\n" for i in image_ids))
     (run / "quarantine.csv").write_text("path,reason\n")
-    (run / "metrics.json").write_text("{}")
+    (run / "gallery").mkdir()  # worst-error thumbnails, named after their image ids
+    for i in image_ids:
+        (run / "gallery" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 thumbnail")
+    (run / "metrics.json").write_text(json.dumps({"worst_errors": [{"image_id": i, "thumbnail": f"gallery/{i}.jpg"}
+                                                                   for i in image_ids]}))
     (run / "report.html").write_text("<html></html>")
 
 
@@ -70,27 +74,29 @@ def test_dry_run_lists_and_removes_nothing(runs, capsys):
     assert files_under(runs) - {"_audit/audit.jsonl"} == before - {"_audit/audit.jsonl"}
     kinds = {"old/catalog": "table", "old/features": "table", "old/predictions": "table", "old/model": "model",
              "old/predictions.csv": "file", "old/quarantine.csv": "file", "old/metrics.json": "file",
-             "old/report.html": "file"}
+             "old/report.html": "file", "old/gallery": "gallery"}
     for unit, kind in kinds.items():
         assert f"would remove {kind} {unit} (40 days old" in out, (unit, out)
     assert "new/" not in out
-    assert "would remove 8 output(s) older than 30 days; kept 8" in out
+    assert "would remove 9 output(s) older than 30 days; kept 9" in out
 
 
 def test_purge_removes_old_runs_keeps_new_ones_and_the_audit_log(runs, capsys):
     assert cli.main(["purge", "--out", str(runs), "--older-than", "30"]) == 0
     out = capsys.readouterr().out
     assert "removed table old/catalog" in out and "removed model old/model" in out
+    assert "removed gallery old/gallery (40 days old" in out, "the thumbnails go with their run, as one unit"
     assert not (runs / "old").exists(), "the emptied run folder is removed too"
     left = files_under(runs)
     assert "new/catalog/part-00000.parquet" in left and "new/model/canestra_training_ids.txt" in left
     assert "new/predictions.csv" in left and "new/report.html" in left
+    assert f"new/gallery/{'c' * 64}.jpg" in left
     assert pq.read_table(runs / "new" / "features").num_rows == 1
     # The 400-day-old audit log is kept and gains the purge's own record.
     records = [json.loads(line) for line in (runs / "_audit" / "audit.jsonl").read_text().splitlines()]
     assert records[0] == {"command": "train"}
     assert records[-1]["command"] == "purge" and records[-1]["status"] == "ok"
-    assert records[-1]["counts"]["removed"] == 8 and records[-1]["counts"]["kept"] == 8
+    assert records[-1]["counts"]["removed"] == 9 and records[-1]["counts"]["kept"] == 9
     assert records[-1]["details"] == {"older_than_days": 30.0, "dry_run": False}
 
 
@@ -121,7 +127,7 @@ def test_manifest_time_wins_over_file_mtime(tmp_path):
 def test_retention_period_from_the_environment(runs, monkeypatch, capsys):
     monkeypatch.setenv("CANESTRA_RETENTION_DAYS", "50")  # the old run is 40 days old: kept
     assert cli.main(["purge", "--out", str(runs)]) == 0
-    assert "removed 0 output(s) older than 50 days; kept 16" in capsys.readouterr().out
+    assert "removed 0 output(s) older than 50 days; kept 18" in capsys.readouterr().out
     monkeypatch.setenv("CANESTRA_RETENTION_DAYS", "35")
     assert cli.main(["purge", "--out", str(runs)]) == 0
     assert not (runs / "old").exists() and (runs / "new" / "model").is_dir()
@@ -133,3 +139,17 @@ def test_no_retention_period_is_a_plain_error(runs, capsys):
     assert err.startswith("canestra: error:") and "--older-than" in err and "CANESTRA_RETENTION_DAYS" in err
     assert cli.main(["purge", "--out", str(runs), "--older-than", "-1"]) == 2
     assert (runs / "old" / "model").is_dir()
+
+
+def test_a_gallery_goes_whole_as_old_as_its_newest_thumbnail(tmp_path):
+    run = tmp_path / "out" / "run"
+    (run / "gallery").mkdir(parents=True)
+    for i in "ab":
+        (run / "gallery" / f"{i * 64}.jpg").write_bytes(b"\xff\xd8")
+    backdate(run / "gallery", 60)
+    os.utime(run / "gallery" / f"{'b' * 64}.jpg")  # one thumbnail written today: the gallery is young
+    assert purge(str(tmp_path / "out"), 30).removed == []
+    backdate(run / "gallery", 60)
+    res = purge(str(tmp_path / "out"), 30)
+    assert [(e.path, e.kind) for e in res.removed] == [("run/gallery", "gallery")]
+    assert not (tmp_path / "out" / "run").exists()

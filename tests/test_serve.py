@@ -21,6 +21,7 @@ from PIL import Image
 
 from canestra.config import Settings
 from canestra.online import OnlinePredictor
+from canestra.taxonomy import UNKNOWN
 
 STATUS_FOR_REASON = {  # tests/corpus.py reason -> what an HTTP client must get
     "empty file": 422, "truncated": 422, "not an image": 415, "decompression bomb": 422,
@@ -66,11 +67,15 @@ def test_predict_multipart_and_raw_body(client, predictor, sample_dir, model_dir
     for r in (r1, r2):
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"prediction", "probability", "top5", "image_id", "model_version", "timing_ms"}
+        assert set(body) == {"prediction", "probability", "family", "family_probability", "top5", "image_id",
+                             "model_version", "timing_ms"}
         assert body["prediction"] == expected.label == "Pineapple"
+        assert body["family"] == expected.family == "Pineapple"
         assert body["probability"] == pytest.approx(expected.probability, abs=1e-9)
+        assert body["family_probability"] == pytest.approx(expected.family_probability, abs=1e-9)
+        assert body["family_probability"] >= body["probability"] - 1e-9  # the variety is one of its family's classes
         assert [c for c, _ in body["top5"]] == [c for c, _ in expected.top5] and len(body["top5"]) == 5
-        assert body["top5"][0] == [body["prediction"], body["probability"]]
+        assert body["top5"][0] == [body["prediction"], round(body["probability"], 6)]
         assert body["image_id"] == expected.image_id
         assert body["model_version"] == predictor.spec.model_version
         assert body["timing_ms"] > 0
@@ -87,10 +92,38 @@ def test_batch_answers_each_image_like_single(client, sample_dir):
     assert results[2]["status"] == 415 and "not an image" in results[2]["error"]
     good = [x for x in results if x["status"] == 200]
     assert [x["prediction"] for x in good] == ["Kiwi", "Kiwi", "Lemon", "Lemon"]
+    assert [x["family"] for x in good] == ["Kiwi", "Kiwi", "Lemon", "Lemon"]
+    assert "family" not in results[2] or results[2]["family"] is None
     for x, p in zip(good, paths):
         single = client.post("/v1/predict", content=p.read_bytes()).json()
         assert x["image_id"] == single["image_id"]
         assert x["probability"] == pytest.approx(single["probability"], abs=1e-5)
+        assert x["family_probability"] == pytest.approx(single["family_probability"], abs=1e-5)
+
+
+def non_fruit_images() -> dict[str, bytes]:
+    """Pictures of no fruit: scikit-image's sample photos and made-up PNGs (tests/test_online.py)."""
+    from test_online import SKIMAGE_PHOTOS, non_fruit_pngs, skimage_photo
+
+    return {**{n: skimage_photo(n).read_bytes() for n in SKIMAGE_PHOTOS}, **non_fruit_pngs()}
+
+
+def test_non_fruit_images_are_unknown(client, predictor, sample_dir):
+    """A cat, a rocket, a motorbike, a coffee cup, a gradient, a checkerboard: `unknown`, no family."""
+    images = non_fruit_images()
+    for name, data in images.items():
+        r = client.post("/v1/predict", files={"file": (name, data)})
+        assert r.status_code == 200, (name, r.text)
+        body = r.json()
+        assert body["prediction"] == UNKNOWN and body["family"] == "", (name, body)
+        assert 0 <= body["family_probability"] <= 1 and 0 <= body["probability"] <= 1
+        assert len(body["top5"]) == 5 and all(c in predictor.labels for c, _ in body["top5"])
+    # in a batch too, next to a real fruit photo that keeps its answer
+    banana = images_of(sample_dir, "Banana", 1)[0].read_bytes()
+    files = [("file", ("banana.jpg", banana))] + [("file", (n, d)) for n, d in list(images.items())[:3]]
+    results = client.post("/v1/predict/batch", files=files).json()["results"]
+    assert (results[0]["prediction"], results[0]["family"]) == ("Banana", "Banana")
+    assert all(x["status"] == 200 and x["prediction"] == UNKNOWN and x["family"] == "" for x in results[1:]), results
 
 
 def test_batch_limits(client, sample_dir):
@@ -107,6 +140,13 @@ def test_model_health_ready(client, predictor, trained):
     info = client.get("/v1/model").json()
     metrics = json.loads(Path(trained.out_dir, "metrics.json").read_text())
     assert info["classes"] == predictor.labels and len(info["classes"]) == 10
+    assert info["class_families"] == predictor.spec.rule.families and len(info["class_families"]) == 10
+    assert info["families"] == sorted(set(info["class_families"])) and {"Apple", "Pepper"} <= set(info["families"])
+    assert info["class_families"][info["classes"].index("Apple Granny Smith")] == "Apple"
+    thresholds = predictor.spec.rule.energy_threshold, predictor.spec.rule.fruitness_threshold
+    assert None not in thresholds
+    assert (info["unknown_thresholds"]["energy"], info["unknown_thresholds"]["fruitness"]) == thresholds
+    assert info["input_fit"] == "crop"
     assert info["metrics"]["accuracy"] == metrics["accuracy"]
     assert info["version"] == predictor.spec.version and info["model_version"] == info["version"][:12]
     assert info["created_at"] and info["image_sizes"] == metrics["model"]["image_sizes"]
@@ -214,6 +254,7 @@ def test_cli_serve_with_two_workers(model_dir, sample_dir, tmp_path):
             for path in images_of(sample_dir, "Strawberry", 4):
                 r = http.post("/v1/predict", files={"file": (path.name, path.read_bytes())})
                 assert r.status_code == 200 and r.json()["prediction"] == "Strawberry"
+                assert r.json()["family"] == "Strawberry"
             assert http.get("/").text.startswith("<!doctype html>")
     finally:
         proc.terminate()

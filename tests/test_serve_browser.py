@@ -1,14 +1,18 @@
-"""The web page in a real headless Chromium: pick and drop real fruit photos, see the right class."""
+"""The web page in a real headless Chromium: pick and drop real fruit photos, see the right family and
+class; a picture of no fruit reads "Unknown"."""
 
 from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import skimage
 
 from canestra.config import Settings
 
@@ -62,12 +66,14 @@ def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_
 
     page.goto(base_url + "/")
     # Locator assertions, not wait_for_function: the page's CSP forbids eval, as it should.
-    expect(page.locator("#model-info")).to_contain_text("10 classes")
+    expect(page.locator("#model-info")).to_contain_text("10 classes in 10 families")
 
     # 1. pick a file with the file input
     banana = sorted((sample_dir / "Banana").glob("*.jpg"))[5]
     page.set_input_files("#file", str(banana))
     expect(page.locator("#prediction")).to_have_text("Banana", timeout=30_000)
+    expect(page.locator("#answer")).to_have_text(re.compile(r"^\s*Banana \(\d+\.\d\s%\)\s*$"))  # family = variety: once
+    expect(page.locator("#unknown")).to_be_hidden()
     assert page.locator("#top5 li").count() == 5
     widths = page.eval_on_selector_all("#top5 .fill", "els => els.map(e => parseFloat(e.style.width))")
     assert widths[0] > 50 and widths == sorted(widths, reverse=True)
@@ -78,7 +84,17 @@ def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_
     print(f"\nscreenshot: {shot}")
     record_property("screenshot", str(shot))  # in --junitxml reports too
 
-    # 2. drag and drop another photo onto the drop zone
+    # 2. a variety of a larger family: "Apple — Apple Granny Smith (…)", and the family's probability
+    apple = sorted((sample_dir / "Apple Granny Smith").glob("*.jpg"))[2]
+    page.set_input_files("#file", str(apple))
+    expect(page.locator("#prediction")).to_have_text("Apple Granny Smith", timeout=30_000)
+    expect(page.locator("#answer")).to_have_text(re.compile(r"^\s*Apple — Apple Granny Smith \(\d+\.\d\s%\)\s*$"))
+    expect(page.locator("#family-line")).to_contain_text("Apple (all its varieties together)")
+    shot_apple = tmp_path / "serve-page-phone-family.png"
+    page.screenshot(path=str(shot_apple), full_page=True)
+    record_property("screenshot_family", str(shot_apple))
+
+    # 3. drag and drop another photo onto the drop zone
     kiwi = sorted((sample_dir / "Kiwi").glob("*.jpg"))[3]
     payload = base64.b64encode(kiwi.read_bytes()).decode()
     page.evaluate(
@@ -94,8 +110,26 @@ def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_
         [payload, kiwi.name],
     )
     expect(page.locator("#prediction")).to_have_text("Kiwi", timeout=30_000)
+    expect(page.locator("#family-line")).to_be_hidden()
 
-    # 3. a file that is not an image gives a plain message, not a broken page
+    # 4. a picture of no fruit (a cat): "Unknown", no variety, no family
+    cat = Path(skimage.__file__).parent / "data" / "chelsea.png"
+    page.set_input_files("#file", str(cat))
+    expect(page.locator("#unknown")).to_be_visible(timeout=30_000)
+    expect(page.locator("#unknown")).to_have_text("Unknown: this does not look like a fruit the model knows.")
+    expect(page.locator("#answer")).to_be_hidden()
+    expect(page.locator("#family-line")).to_be_hidden()
+    expect(page.locator("#top5-title")).to_have_text("Closest classes the model knows")
+    shot_unknown = tmp_path / "serve-page-phone-unknown.png"
+    page.screenshot(path=str(shot_unknown), full_page=True)
+    print(f"screenshot: {shot_unknown}")
+    record_property("screenshot_unknown", str(shot_unknown))
+    # and a fruit again: the unknown box goes away
+    page.set_input_files("#file", str(banana))
+    expect(page.locator("#prediction")).to_have_text("Banana", timeout=30_000)
+    expect(page.locator("#unknown")).to_be_hidden()
+
+    # 5. a file that is not an image gives a plain message, not a broken page
     notes = tmp_path / "notes.jpg"
     notes.write_text("not a picture\n" * 10)
     page.set_input_files("#file", str(notes))

@@ -163,6 +163,30 @@ def build_onnx(state_dict: dict[str, np.ndarray]):
 _build_lock = threading.Lock()
 
 
+class _file_lock:
+    """Cross-process lock (``fcntl.flock`` on ``<target>.lock``) around a cache build: Spark's
+    Python workers are separate processes, so a thread lock alone cannot stop two builds."""
+
+    def __init__(self, target: Path):
+        self.path = target.with_name(target.name + ".lock")
+        self.fh = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+b")
+        try:
+            import fcntl
+
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - not POSIX: the atomic renames still keep files whole
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()  # closing releases the lock
+        return False
+
+
 def default_model_path() -> str:
     """Path of the cached ONNX graph, building it from the installed weights if needed."""
     src = weights_path()
@@ -173,7 +197,7 @@ def default_model_path() -> str:
     target = cache_dir() / f"{MODEL_NAME}-g{_GRAPH_VERSION}-{os.path.getsize(src)}.onnx"
     if target.exists():
         return str(target)
-    with _build_lock:
+    with _build_lock, _file_lock(target):
         if target.exists():
             return str(target)
         from .torch_weights import load_state_dict
@@ -251,9 +275,11 @@ def int8_model_path() -> str:
     target = Path(fp32).with_name(f"{Path(fp32).stem}-int8-q{_QUANT_VERSION}{variant}.onnx")
     if target.exists():
         return str(target)
-    with _build_lock:
+    with _build_lock, _file_lock(target):
         if target.exists():
             return str(target)
+        import shutil
+
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
         class Reader(CalibrationDataReader):
@@ -264,8 +290,12 @@ def int8_model_path() -> str:
                 return next(self._it, None)
 
         with tempfile.TemporaryDirectory(dir=target.parent) as work:
+            # Quantize a private copy: quantize_static writes <input>-inferred.onnx beside its input,
+            # which must never be the shared fp32 graph's folder (two builds deleted each other's file).
+            private = os.path.join(work, "fp32.onnx")
+            shutil.copyfile(fp32, private)
             out = os.path.join(work, "int8.onnx")
-            quantize_static(fp32, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(private, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8 if vnni else QuantType.QUInt8)
             os.replace(out, target)  # atomic: racing workers publish identical files
@@ -308,6 +338,21 @@ def session(model_path: str | None = None, threads: int = 1):
     return sess
 
 
+INPUT_FITS = ("crop", "squash")
+
+
+def square_rgb(rgb: np.ndarray, fit: str = "crop") -> np.ndarray:
+    """Make a photo square before resizing: ``crop`` keeps the centre square (measured on real
+    photos: +7 points of family accuracy over ``squash``, +13 over white padding, see
+    docs/outside-the-studio.md); ``squash`` keeps the whole frame. Square images are unchanged."""
+    h, w = rgb.shape[:2]
+    if h == w or fit == "squash":
+        return rgb
+    s = min(h, w)
+    y, x = (h - s) // 2, (w - s) // 2
+    return np.ascontiguousarray(rgb[y : y + s, x : x + s])
+
+
 def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     """Square resize used everywhere (Spark, serving, benchmarks) so results agree."""
     if rgb.shape[0] == size and rgb.shape[1] == size:
@@ -318,10 +363,11 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def embed(batch_rgb: list[np.ndarray], sizes: tuple[int, ...] = (100,), model_path: str | None = None,
-          threads: int = 1, with_logits: bool = False):
+          threads: int = 1, with_logits: bool = False, fit: str = "crop"):
     """Features for a batch of decoded RGB images; several sizes are concatenated."""
     sess = session(model_path, threads)
     feats, logits = [], []
+    batch_rgb = [square_rgb(im, fit) for im in batch_rgb]
     for size in sizes:
         x = np.stack([resize_rgb(im, size) for im in batch_rgb])
         f, lg = sess.run(["features", "logits"], {"image": x})

@@ -14,7 +14,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -42,6 +42,7 @@ class IngestResult:
     classes: int
     quarantine_csv: str
     reused: bool = False
+    roots: list[dict] = field(default_factory=list)  # per --images root: uri, level (variety|family), files
 
 
 def _clean_partition(max_pixels: int, s3_options=None):
@@ -149,28 +150,59 @@ def write_quarantine_csv(path: str, rows: list[tuple[str, str]]) -> None:
     storage.write_text_atomic(path, buf.getvalue())
 
 
-def list_for_ingest(images_uri: str, require_labels: bool) -> list[storage.ListedFile]:
-    files = storage.list_images(images_uri)
-    root = storage.display(images_uri)
-    if not files:
-        raise InputError(f"no files found under {root}: put images in class folders, e.g. {root}/Banana/0_100.jpg")
+def as_roots(images_uri: str | list[str] | tuple[str, ...]) -> list[str]:
+    roots = [images_uri] if isinstance(images_uri, str) else list(images_uri)
+    if not roots:
+        raise InputError("no --images given: pass at least one image folder")
+    return roots
+
+
+def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None) -> tuple[list[storage.ListedFile], list[dict]]:
+    """List one or several roots. With a taxonomy, a root whose folders are all family names
+    (``real-photos/Apple/...``) is family-level: its labels become ``"Apple (family)"``."""
+    from .taxonomy import family_label
+
+    roots = as_roots(images_uri)
+    files: list[storage.ListedFile] = []
+    info: list[dict] = []
+    for uri in roots:
+        listed = storage.list_images(uri)
+        if not listed:
+            where = storage.display(uri)
+            raise InputError(f"no files found under {where}: put images in class folders, e.g. {where}/Banana/0_100.jpg")
+        folders = sorted({f.label for f in listed if f.label is not None})
+        level = "family" if taxonomy is not None and taxonomy.is_family_root(folders) else "variety"
+        if level == "family":
+            listed = [replace(f, label=family_label(taxonomy.canonical_family(f.label))) if f.label is not None else f
+                      for f in listed]
+        files += listed
+        info.append({"uri": uri, "level": level, "files": len(listed), "folders": len(folders)})
     if require_labels:
-        labelled = [f for f in files if f.label is not None]
-        if not labelled:
-            raise InputError(
-                f"no class folders under {root}: training needs one sub-folder per class, e.g. {root}/Banana/0_100.jpg"
-            )
-        classes = {f.label for f in labelled}
-        if len(classes) < 2:
-            raise InputError(
-                f"only one class ({next(iter(classes))!r}) under {root}: a classifier needs at least 2 class folders"
-            )
-    return files
+        _check_labelled(files, ", ".join(storage.display(r) for r in roots))
+    return files, info
+
+
+def _check_labelled(files: list[storage.ListedFile], root: str) -> None:
+    labelled = [f for f in files if f.label is not None]
+    if not labelled:
+        raise InputError(
+            f"no class folders under {root}: training needs one sub-folder per class, e.g. {root}/Banana/0_100.jpg"
+        )
+    classes = {f.label for f in labelled}
+    if len(classes) < 2:
+        raise InputError(
+            f"only one class ({next(iter(classes))!r}) under {root}: a classifier needs at least 2 class folders"
+        )
+
+
+def list_for_ingest(images_uri: str | list[str], require_labels: bool) -> list[storage.ListedFile]:
+    """Listed files of one or several roots (no family-level detection: that needs a taxonomy)."""
+    return list_roots(images_uri, require_labels)[0]
 
 
 def ingest(
     spark,
-    images_uri: str,
+    images_uri: str | list[str],
     out_dir: str,
     *,
     test_fraction: float = 0.2,
@@ -180,12 +212,17 @@ def ingest(
     reuse: bool = True,
     table_name: str = CATALOG,
     quarantine_name: str = QUARANTINE_CSV,
+    taxonomy=None,
 ) -> IngestResult:
-    """Build (or reuse, when the listing is unchanged) ``out_dir/<table_name>``."""
+    """Build (or reuse, when the listing is unchanged) ``out_dir/<table_name>``.
+
+    ``images_uri`` may list several roots; with a ``taxonomy``, family-level roots are
+    recognised (see ``list_roots``).
+    """
     from .images import DEFAULT_MAX_PIXELS
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    files = list_for_ingest(images_uri, require_labels)
+    files, roots = list_roots(images_uri, require_labels, taxonomy)
     if require_labels:
         files_unlabelled = [f for f in files if f.label is None]
         files = [f for f in files if f.label is not None]
@@ -193,10 +230,14 @@ def ingest(
         files_unlabelled = []
     final = os.path.join(out_dir, table_name)
     qpath = os.path.join(out_dir, quarantine_name)
-    fp = listing_fingerprint(files, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels)
+    from .split import DEFAULT_BLOCKS
+
+    fp = listing_fingerprint(files, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels,
+                             blocks=DEFAULT_BLOCKS)
     manifest = read_manifest(final)
     if reuse and manifest and manifest.get("fingerprint") == fp and storage.exists(qpath):
-        return IngestResult(final, manifest["images"], manifest["quarantined"], manifest["classes"], qpath, reused=True)
+        return IngestResult(final, manifest["images"], manifest["quarantined"], manifest["classes"], qpath,
+                            reused=True, roots=roots)
 
     labels = [f.label or "" for f in files]
     names = [os.path.basename(f.path) for f in files]
@@ -228,7 +269,7 @@ def ingest(
         # Retention (purge) dates the table by this, not by file mtimes an erasure rewrite refreshes.
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fp,
-        "source": images_uri,
+        "source": images_uri if isinstance(images_uri, str) else list(images_uri),
         "images": n_ok,
         "quarantined": len(bad),
         "classes": classes,
@@ -238,4 +279,4 @@ def ingest(
     storage.write_text_atomic(os.path.join(staging, MANIFEST), json.dumps(info, indent=2))
     write_quarantine_csv(qpath, bad)
     storage.publish_dir(staging, final)
-    return IngestResult(final, n_ok, len(bad), classes, qpath)
+    return IngestResult(final, n_ok, len(bad), classes, qpath, roots=roots)

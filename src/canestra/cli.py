@@ -43,7 +43,7 @@ def _audit_opt(p: argparse.ArgumentParser) -> None:
 
 
 def _feature_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", dest="image_sizes", help="CNN input size in px: 160 (default, upscaled), 100 (native, fastest), 224, or 100,224 (concatenated)")
+    p.add_argument("--image-size", dest="image_sizes", help="CNN input size(s) in px: 160,224 (default, concatenated), 160, 100 (native, fastest) or 224")
     p.add_argument("--batch-size", type=int, help="images per ONNX Runtime call (default 64)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads per Spark task (default 1)")
     p.add_argument("--arrow-batch", type=int, help="max rows per Arrow batch into the featurizer (default 256)")
@@ -60,21 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="scan an image tree into a curated catalog table (metadata stripped)")
-    p.add_argument("--images", required=True, help="root folder of <Class>/<image> files")
+    p.add_argument("--images", required=True, action="append", help="root folder of <Class>/<image> files (repeatable)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--test-fraction", type=float, help="share of frame blocks per class held out (default 0.2)")
     p.add_argument("--seed", type=int, help="split seed (default 42)")
     _common(p)
 
     p = sub.add_parser("train", help="ingest, featurize, fit PCA + classifier, evaluate, save the model")
-    p.add_argument("--images", required=True, help="root folder of <Class>/<image> files")
+    p.add_argument("--images", required=True, action="append",
+                   help="root folder of <Class>/<image> files; repeat it to train from several roots. A root whose "
+                        "folders are all family names (Apple/, Banana/) teaches the family-level answer")
     p.add_argument("--out", required=True, help="output folder (model/, metrics.json, report.html, tables)")
+    p.add_argument("--taxonomy", metavar="FILE.csv",
+                   help="class -> family table (columns class,family) overriding the shipped Fruits-360 one")
+    p.add_argument("--unknown-quantile", type=float,
+                   help="share of held-out images the 'unknown' rule may refuse (default 0.005; 0 turns it off)")
+    p.add_argument("--no-shift-eval", dest="shift_eval", action="store_false", default=None,
+                   help="skip the evaluation on perturbed held-out images (saves ~15 s)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--pca-k", type=int, help="number of PCA components (default 256)")
+    g.add_argument("--pca-k", type=int, help="number of PCA components (default 512)")
     g.add_argument("--pca-variance", type=float, help="keep the fewest components explaining this share, e.g. 0.95")
     p.add_argument("--test-fraction", type=float, help="share of frame blocks per class held out (default 0.2)")
     p.add_argument("--seed", type=int, help="split seed (default 42)")
-    p.add_argument("--reg-param", type=float, help="logistic regression L2 strength (default 1e-4)")
+    p.add_argument("--reg-param", type=float, help="logistic regression L2 strength (default 1e-5)")
     p.add_argument("--max-iter", type=int, help="logistic regression iterations (default 50)")
     _feature_opts(p)
     _common(p)
@@ -180,7 +188,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     keys = ["master", "image_sizes", "batch_size", "threads", "arrow_batch", "precision", "pca_k", "pca_variance",
             "test_fraction", "seed", "reg_param", "max_iter", "debug", "retention_days", "audit_log",
             "host", "port", "workers", "serve_threads", "max_upload_mb", "max_batch",
-            "s3_endpoint_url", "allow_http_endpoint", "allow_non_eu_region", "sse_kms_key_id"]
+            "s3_endpoint_url", "allow_http_endpoint", "allow_non_eu_region", "sse_kms_key_id",
+            "taxonomy", "unknown_quantile", "shift_eval"]
     return Settings.load(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -198,7 +207,10 @@ def _precheck(args: argparse.Namespace) -> None:
     from .storage import ensure_output_dir
 
     if args.command in ("ingest", "train"):
-        list_for_ingest(args.images, require_labels=True)
+        from .catalog import list_roots
+        from .taxonomy import load_taxonomy
+
+        list_roots(args.images, require_labels=True, taxonomy=load_taxonomy(getattr(args, "taxonomy", None)))
     if args.command in ("predict", "evaluate"):
         from .prediction import check_model_dir
 
@@ -237,7 +249,10 @@ def run(args: argparse.Namespace) -> int:
         spark = _spark(cfg)
         out = ensure_output_dir(args.out, spark)
         with progress.stage("ingest") as st:
-            res = ingest(spark, args.images, out, test_fraction=cfg.test_fraction, seed=cfg.seed, reuse=False)
+            from .taxonomy import load_taxonomy
+
+            res = ingest(spark, args.images, out, test_fraction=cfg.test_fraction, seed=cfg.seed, reuse=False,
+                         taxonomy=load_taxonomy(cfg.taxonomy))
             st.note(f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined")
         audit.note(images=res.images, classes=res.classes, quarantined=res.quarantined,
                    outputs=[res.catalog_path, res.quarantine_csv])

@@ -11,13 +11,18 @@ and image copy under ``out_dir`` and removes what belongs to the erased images:
 * CSVs (predictions.csv, quarantine.csv) lose the matching rows (atomic rewrite).
 * Image files under ``out_dir`` whose pixels have an erased id are deleted, and so
   are ``_staging`` leftovers of crashed runs (never a complete output).
+* The error gallery: thumbnails named after an erased id (``gallery/<image_id>.jpg``,
+  a resized copy, so its pixels have another id) are deleted wherever they are under
+  ``out_dir``; every ``metrics.json`` loses the matching ``worst_errors`` entries
+  (atomic rewrite) and its sibling ``report.html`` is re-rendered from it.
 * A model keeps the ids it was trained on (``model/canestra_training_ids.txt``):
   erased ids are removed from that list and counted in ``canestra_erasures.json``,
   and the caller is told to retrain (the fitted weights still reflect the image).
 * Optionally the source files themselves are deleted (local files or s3:// objects).
 
-Finally every small file is searched for the erased ids and source paths, and every
-table re-checked: an erasure that left a trace raises instead of claiming success.
+Finally every small file is searched for the erased ids and source paths (contents and
+file names), and every table re-checked: an erasure that left a trace raises instead of
+claiming success.
 Run it when no other canestra command writes into ``out_dir``.
 """
 
@@ -35,12 +40,16 @@ from dataclasses import dataclass, field
 
 from . import s3, storage
 from .errors import InputError, OutputError
+from .report import write_report
 
 TRAINING_IDS = "canestra_training_ids.txt"  # inside a model dir: the image ids it was fitted on
 ERASURES = "canestra_erasures.json"  # inside a model dir: erasures since it was trained (no ids)
 ID_COLUMN = "image_id"
 PATH_COLUMNS = ("source_path", "path")
 MANIFEST = "_canestra.json"
+METRICS_JSON = "metrics.json"  # a run's metrics; its worst_errors name image ids
+REPORT_HTML = "report.html"  # rendered from the metrics.json beside it
+WORST_ERRORS = "worst_errors"
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 _SKIP_DIRS = {"_audit", "_gdpr"}  # governance records: they hold no image ids or paths
 _SMALL_FILE = 64 * 1024 * 1024  # larger non-Parquet files are not searched for traces
@@ -50,8 +59,9 @@ _SMALL_FILE = 64 * 1024 * 1024  # larger non-Parquet files are not searched for 
 class EraseResult:
     out_dir: str
     image_ids: int  # distinct image ids erased
-    rows_removed: dict[str, int] = field(default_factory=dict)  # table or CSV (relative path) -> rows
-    files_deleted: list[str] = field(default_factory=list)  # image copies and staging leftovers (relative)
+    # table, CSV or metrics.json (relative path) -> rows (for metrics.json: worst_errors entries)
+    rows_removed: dict[str, int] = field(default_factory=dict)
+    files_deleted: list[str] = field(default_factory=list)  # image copies, thumbnails, staging leftovers (relative)
     sources_deleted: int = 0
     retrain: list[tuple[str, int]] = field(default_factory=list)  # (model dir, erased images it was trained on)
     unknown_models: list[str] = field(default_factory=list)  # model dirs that do not list their training ids
@@ -358,6 +368,44 @@ def rewrite_csv(path: str, matcher: _Matcher) -> int:
     return removed
 
 
+def _named_after(name: str, ids: set[str]) -> bool:
+    """An image file named after an erased id: a gallery thumbnail ``<image_id>.jpg``."""
+    stem, ext = os.path.splitext(name)
+    return ext.lower() in storage.IMAGE_EXTENSIONS and stem.lower() in ids
+
+
+def _erased_entry(entry, ids: set[str]) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    image_id = entry.get(ID_COLUMN)
+    if isinstance(image_id, str) and image_id.strip().lower() in ids:
+        return True
+    thumb = entry.get("thumbnail")
+    return isinstance(thumb, str) and _named_after(thumb.replace("\\", "/").rsplit("/", 1)[-1], ids)
+
+
+def rewrite_metrics(path: str, matcher: _Matcher) -> int:
+    """Drop erased images from a metrics.json's ``worst_errors`` (atomic rewrite) and re-render the
+    ``report.html`` beside it; how many entries were removed. Unreadable JSON is left to the trace check."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            metrics = json.load(fh)
+    except (OSError, ValueError):
+        return 0
+    errors = metrics.get(WORST_ERRORS) if isinstance(metrics, dict) else None
+    if not isinstance(errors, list):
+        return 0
+    kept = [e for e in errors if not _erased_entry(e, matcher.ids)]
+    removed = len(errors) - len(kept)
+    if removed:
+        metrics[WORST_ERRORS] = kept
+        storage.write_text_atomic(path, json.dumps(metrics, indent=2))
+        report = os.path.join(os.path.dirname(path), REPORT_HTML)
+        if os.path.exists(report):
+            write_report(metrics, report)
+    return removed
+
+
 def _rmdir_if_empty(path: str) -> None:
     try:
         os.rmdir(path)
@@ -385,7 +433,8 @@ def _update_model(model_dir: str, ids: set[str]) -> int | None:
 
 
 def _traces(out_dir: str, matcher: _Matcher) -> list[str]:
-    """Files under out_dir that still mention an erased id or source path (relative paths)."""
+    """Files under out_dir that still mention an erased id or source path, in their bytes or their
+    name (a thumbnail is named after its id), as relative paths."""
     import pyarrow.parquet as pq
 
     # Folder sources are not searched for: a manifest may name the ingest root without naming an image.
@@ -403,6 +452,9 @@ def _traces(out_dir: str, matcher: _Matcher) -> list[str]:
             continue
         for name in filenames:
             path = os.path.join(dirpath, name)
+            if any(i in name.lower() for i in matcher.ids):
+                left.append(os.path.relpath(path, out_dir))
+                continue
             if name.endswith(".parquet") or os.path.getsize(path) > _SMALL_FILE:
                 continue
             with open(path, "rb") as fh:
@@ -458,8 +510,13 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
                 n = rewrite_csv(path, matcher)
                 if n:
                     res.rows_removed[os.path.relpath(path, root)] = n
-            elif os.path.splitext(name)[1].lower() in storage.IMAGE_EXTENSIONS and _pixel_id(path) in ids:
-                os.remove(path)  # a copy of an erased image inside the outputs
+            elif name == METRICS_JSON:
+                n = rewrite_metrics(path, matcher)
+                if n:
+                    res.rows_removed[os.path.relpath(path, root)] = n
+            elif _named_after(name, ids) or (
+                    os.path.splitext(name)[1].lower() in storage.IMAGE_EXTENSIONS and _pixel_id(path) in ids):
+                os.remove(path)  # a thumbnail (gallery/<id>.jpg) or a copy of an erased image inside the outputs
                 res.files_deleted.append(os.path.relpath(path, root))
     for dirpath, dirnames, _ in os.walk(root):
         if "_staging" in dirnames:  # leftovers of crashed runs may hold the image: never complete outputs

@@ -22,11 +22,12 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from . import backbone
 
-DEFAULT_IMAGE_SIZES = [160]  # see docs/image-size.md
+DEFAULT_IMAGE_SIZES = [160, 224]  # see docs/outside-the-studio.md
 DEFAULT_BATCH_SIZE = 64
 
 
-def _embed_series_factory(sizes, batch_size: int, threads: int, model_path, precision: str = "fp32"):
+def _embed_series_factory(sizes, batch_size: int, threads: int, model_path, precision: str = "fp32",
+                          fit: str = "crop"):
     def embed_batches(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         from .images import BadImage, decode_rgb
 
@@ -39,7 +40,7 @@ def _embed_series_factory(sizes, batch_size: int, threads: int, model_path, prec
 
             def flush() -> None:
                 if pending_img:
-                    feats = backbone.embed(pending_img, sizes, path, threads)
+                    feats = backbone.embed(pending_img, sizes, path, threads, fit=fit)
                     for j, i in enumerate(pending_idx):
                         out[i] = feats[j]
                     pending_idx.clear()
@@ -80,6 +81,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     )
     backboneName = Param(Params._dummy(), "backboneName", "name of the pretrained network", TypeConverters.toString)
     precision = Param(Params._dummy(), "precision", "fp32, or int8 (static quantization, faster)", TypeConverters.toString)
+    inputFit = Param(Params._dummy(), "inputFit", "non-square photos: crop (centre square) or squash",
+                     TypeConverters.toString)
 
     @keyword_only
     def __init__(
@@ -93,6 +96,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         modelPath: str = "",
         backboneName: str = backbone.MODEL_NAME,
         precision: str = "fp32",
+        inputFit: str = "crop",
     ):
         super().__init__()
         self._setDefault(
@@ -104,6 +108,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             modelPath="",
             backboneName=backbone.MODEL_NAME,
             precision="fp32",
+            inputFit="crop",
         )
         kwargs = dict(self._input_kwargs)
         if kwargs.get("imageSizes") is None:
@@ -124,6 +129,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             self.getOrDefault(self.threads),
             self.getOrDefault(self.modelPath) or None,
             self.getOrDefault(self.precision),
+            self.getOrDefault(self.inputFit),
         )
         udf = pandas_udf(fn, returnType=ArrayType(FloatType()))
         return dataset.withColumn(

@@ -1,16 +1,20 @@
 """Online prediction without Spark: a saved PipelineModel read as plain files.
 
-``canestra train`` saves ``PipelineModel[ImageFeaturizer -> PCA -> LR -> IndexToString]``.
-Its stage parameters are JSON (``stages/*/metadata/part-*``) and the fitted matrices
-are Parquet (``stages/*/data/*.parquet``), so this module reads them with ``json`` and
-``pyarrow`` and replays the pipeline in numpy:
+``canestra train`` saves ``PipelineModel[ImageFeaturizer -> PCA -> LR -> AnswerModel]``
+(models saved before the answer stage existed end with ``IndexToString`` instead; they
+are still served). Its stage parameters are JSON (``stages/*/metadata/part-*``) and the
+fitted matrices are Parquet (``stages/*/data/*.parquet``), so this module reads them with
+``json`` and ``pyarrow`` and replays the pipeline in numpy:
 
-- featurizer: ``images.decode_rgb`` + ``backbone.embed`` (the very functions the Spark
-  UDF calls, so pixels and embeddings are the same);
+- featurizer: ``images.decode_rgb`` + ``backbone.embed`` with the stage's ``inputFit``
+  (the very functions the Spark UDF calls, so pixels and embeddings are the same);
 - PCA: Spark's ``PCAModel`` computes ``pc^T x`` (no centring) in float64;
-- LR: margins ``W x + b``, probabilities = softmax(margins) (binomial: sigmoid), the
-  prediction is the first arg-max, as in Spark;
-- labels: the ``IndexToString`` stage.
+- LR: margins ``W x + b`` (Spark's ``rawPrediction``; binomial: ``[-m, m]``),
+  probabilities = softmax(margins) (binomial: sigmoid), as in Spark;
+- answer: :func:`canestra.answer.decide` with the ``AnswerModel`` stage's rule (variety,
+  family, ``unknown``), the function that stage itself calls in Spark. Old models: a
+  rule built from the ``IndexToString`` labels and the shipped taxonomy, without
+  ``unknown`` thresholds.
 
 No JVM, no SparkSession: one process loads this in well under a second.
 """
@@ -28,17 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from . import backbone
+from . import answer, backbone
+from .answer import AnswerRule
 from .errors import InputError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
 
-TOP_K = 5  # same as prediction.TOP_K (not imported: that module pulls in Spark helpers)
 METRICS_JSON = "metrics.json"  # written by `canestra train` next to model/
 
 _FEATURIZER = "canestra.featurizer.ImageFeaturizer"
 _PCA = "org.apache.spark.ml.feature.PCAModel"
 _LR = "org.apache.spark.ml.classification.LogisticRegressionModel"
-_LABELS = "org.apache.spark.ml.feature.IndexToString"
+_ANSWER = answer.ANSWER_STAGE  # canestra.answer_stage.AnswerModel: the last stage of current models
+_LABELS = "org.apache.spark.ml.feature.IndexToString"  # the last stage of models saved before it
 
 
 # ---------------------------------------------------------------------------- reading Spark ML files
@@ -135,7 +140,9 @@ class ModelSpec:
 
     model_dir: str
     labels: list[str]
+    rule: AnswerRule  # labels, their families, the `unknown` thresholds (answer.decide)
     image_sizes: tuple[int, ...]
+    input_fit: str  # "crop" or "squash": how the featurizer makes non-square photos square
     onnx_path: str  # "" = the built-in EfficientNet-Lite0 graph
     precision: str  # "fp32" or "int8": which built-in graph, as the Spark featurizer used
     pca: np.ndarray  # (input_dim, k): Spark's principal components, one per column
@@ -150,6 +157,11 @@ class ModelSpec:
     @property
     def model_version(self) -> str:
         return self.version[:12]
+
+    @property
+    def families(self) -> list[str]:
+        """The distinct families the model can answer, sorted."""
+        return sorted(set(self.rule.families))
 
 
 def check_model_dir(path: str) -> str:
@@ -178,16 +190,21 @@ def load_model_spec(path: str) -> ModelSpec:
     for uid in uids:
         meta = _read_metadata(stage_dirs[uid])
         by_class.setdefault(meta.get("class", ""), (stage_dirs[uid], meta))
-    need = {_FEATURIZER: "ImageFeaturizer", _PCA: "PCA", _LR: "LogisticRegression", _LABELS: "IndexToString"}
+    last = _ANSWER if _ANSWER in by_class else _LABELS
+    need = {_FEATURIZER: "ImageFeaturizer", _PCA: "PCA", _LR: "LogisticRegression", last: "AnswerModel"}
     absent = [name for cls, name in need.items() if cls not in by_class]
     if absent or len(uids) != 4:
         raise InputError(f"{model_dir} is not a canestra model (expected ImageFeaturizer, PCA, LogisticRegression, "
-                         f"IndexToString; missing {', '.join(absent) or 'none'}): serve a model from `canestra train`")
+                         f"AnswerModel; missing {', '.join(absent) or 'none'}): serve a model from `canestra train`")
 
     feat = _params(by_class[_FEATURIZER][1])
     sizes = tuple(int(s) for s in feat.get("imageSizes") or [160])
     onnx_path = str(feat.get("modelPath") or "")
     precision = str(feat.get("precision") or "fp32")
+    input_fit = str(feat.get("inputFit") or "crop")  # models saved before the Param: Spark's default too
+    if input_fit not in backbone.INPUT_FITS:
+        raise InputError(f"{model_dir}: the featurizer's inputFit {input_fit!r} is not one of "
+                         f"{', '.join(backbone.INPUT_FITS)}: re-run `canestra train`")
 
     pca_dir, pca_meta = by_class[_PCA]
     pc = spark_matrix(_read_data_row(pca_dir)["pc"])
@@ -199,22 +216,57 @@ def load_model_spec(path: str) -> ModelSpec:
     coef = spark_matrix(lr["coefficientMatrix"])
     intercepts = spark_vector(lr["interceptVector"])
     multinomial = bool(lr["isMultinomial"])
-    labels = [str(x) for x in _params(by_class[_LABELS][1]).get("labels") or []]
+    rule = _answer_rule(model_dir, last, _params(by_class[last][1]))
+    labels = list(rule.labels)
 
     n_classes = coef.shape[0] if multinomial else 2
     if pc.shape[0] != backbone.FEATURE_DIM * len(sizes) or coef.shape[1] != pc.shape[1] or len(labels) != n_classes \
-            or intercepts.shape[0] != coef.shape[0]:
+            or intercepts.shape[0] != coef.shape[0] \
+            or (bool(rule.imagenet_classes) and rule.imagenet_offset + backbone.FEATURE_DIM > pc.shape[0]):
         raise InputError(f"{model_dir}: the stages do not fit together (PCA {pc.shape}, coefficients {coef.shape}, "
                          f"{len(labels)} labels): re-run `canestra train`")
 
     ts = top.get("timestamp")
     created = dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="seconds") if ts else None
     return ModelSpec(
-        model_dir=model_dir, labels=labels, image_sizes=sizes, onnx_path=onnx_path, precision=precision, pca=pc,
+        model_dir=model_dir, labels=labels, rule=rule, image_sizes=sizes, input_fit=input_fit, onnx_path=onnx_path,
+        precision=precision, pca=pc,
         coefficients=coef, intercepts=intercepts, multinomial=multinomial, created_at=created,
         spark_version=top.get("sparkVersion"), version=model_files_sha256(model_dir),
         metrics=_read_metrics(model_dir),
     )
+
+
+def _answer_rule(model_dir: str, stage_class: str, params: dict[str, Any]) -> AnswerRule:
+    """The decision rule: the AnswerModel's ``rule`` Param, or (old models) one built from IndexToString."""
+    if stage_class == _LABELS:
+        from .taxonomy import load_taxonomy
+
+        labels = [str(x) for x in params.get("labels") or []]
+        return AnswerRule(labels=labels, families=load_taxonomy().families_of(labels))
+    broken = f"{model_dir}: the AnswerModel stage has no usable decision rule"
+    try:
+        raw = json.loads(params.get("rule") or "")
+    except ValueError as exc:
+        raise InputError(f"{broken} (not JSON: {str(exc)[:120]}): re-run `canestra train`") from None
+
+    def is_num(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    ok = (isinstance(raw, dict) and isinstance(raw.get("labels"), list) and isinstance(raw.get("families"), list)
+          and raw["labels"] and len(raw["families"]) == len(raw["labels"])
+          and all(isinstance(x, str) for x in raw["labels"] + raw["families"])
+          and isinstance(raw.get("imagenet_classes", []), list)
+          and all(isinstance(j, int) and 0 <= j < 1000 for j in raw.get("imagenet_classes", []))
+          and isinstance(raw.get("imagenet_offset", 0), int) and raw.get("imagenet_offset", 0) >= 0
+          and all(raw.get(t) is None or is_num(raw[t]) for t in ("energy_threshold", "fruitness_threshold")))
+    if not ok:
+        raise InputError(f"{broken} (labels, families, thresholds or ImageNet classes malformed): "
+                         "re-run `canestra train`")
+    try:
+        return AnswerRule(**raw)
+    except TypeError as exc:  # fields this canestra does not know: a model from a newer version
+        raise InputError(f"{broken} ({str(exc)[:160]}): serve it with the canestra version that trained it") from None
 
 
 def _read_metrics(model_dir: str) -> dict[str, Any] | None:
@@ -232,10 +284,15 @@ def _read_metrics(model_dir: str) -> dict[str, Any] | None:
 @dataclass(frozen=True)
 class Prediction:
     image_id: str  # pixel SHA-256, the same id `canestra predict` writes
-    label: str
-    probability: float
-    top5: list[tuple[str, float]]
+    label: str  # the variety, or "unknown" (taxonomy.UNKNOWN) when the image resembles no training class
+    probability: float  # of the most probable variety (reported for "unknown" too)
+    top5: list[tuple[str, float]]  # [(class, probability rounded to 6 decimals)], as `canestra predict` writes
     probabilities: np.ndarray  # one per class, in label order
+    family: str  # family of the answer ("Apple"), "" when unknown
+    family_probability: float  # probabilities of the most probable family's classes, summed
+    unknown: bool
+    energy: float  # the scores `unknown` is decided on (answer.energy, answer.fruitness)
+    fruitness: float
 
 
 def default_threads(workers: int = 1) -> int:
@@ -258,7 +315,8 @@ class OnlinePredictor:
         self.max_bytes = max_bytes
         self.onnx_path = spec.onnx_path or backbone.model_path(spec.precision)
         self._session = backbone.session(self.onnx_path, self.threads)
-        self._labels = np.array(spec.labels, dtype=object)
+        if spec.rule.imagenet_classes:
+            answer.imagenet_head()  # read the ImageNet head now: a missing weights file fails the load, not a request
         # Two products, as Spark does them (PCA, then LR), rather than one folded matrix:
         # the float64 results then differ from Spark's by rounding noise only.
         self._pc = np.ascontiguousarray(spec.pca)
@@ -278,30 +336,43 @@ class OnlinePredictor:
 
     def features(self, rgbs: list[np.ndarray]) -> np.ndarray:
         """CNN embeddings (float32, as the Spark featurizer produces them)."""
-        return backbone.embed(rgbs, self.spec.image_sizes, self.onnx_path, self.threads)
+        return backbone.embed(rgbs, self.spec.image_sizes, self.onnx_path, self.threads, fit=self.spec.input_fit)
 
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities from embeddings, computed as Spark's PCAModel + LogisticRegressionModel do."""
+    def margins(self, features: np.ndarray) -> np.ndarray:
+        """The classifier's raw margins, as Spark's ``rawPrediction`` (binomial: ``[-m, m]``)."""
         x = np.asarray(features, dtype=np.float64)
         reduced = x @ self._pc  # row i = pc^T x_i
         margins = reduced @ self._coef_t + self.spec.intercepts
+        if not self.spec.multinomial:
+            margins = np.concatenate([-margins, margins], axis=1)
+        return margins
+
+    def probabilities_from_margins(self, margins: np.ndarray) -> np.ndarray:
         if not self.spec.multinomial:  # binomial: P(1) = sigmoid(margin)
-            p1 = 1.0 / (1.0 + np.exp(-margins[:, 0]))
+            p1 = 1.0 / (1.0 + np.exp(-margins[:, 1]))
             return np.stack([1.0 - p1, p1], axis=1)
-        margins = margins - margins.max(axis=1, keepdims=True)
-        e = np.exp(margins)
+        shifted = margins - margins.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
         return e / e.sum(axis=1, keepdims=True)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities from embeddings, computed as Spark's PCAModel + LogisticRegressionModel do."""
+        return self.probabilities_from_margins(self.margins(features))
 
     def predict_rgb(self, rgbs: list[np.ndarray]) -> list[Prediction]:
         if not rgbs:
             return []
-        probs = self.probabilities(self.features(rgbs))
-        out = []
-        for rgb, p in zip(rgbs, probs):
-            order = np.argsort(-p, kind="stable")[:TOP_K]  # ties: lowest index first, like Spark's argmax
-            top = [(str(self._labels[i]), float(p[i])) for i in order]
-            out.append(Prediction(pixel_id(rgb), top[0][0], top[0][1], top, p))
-        return out
+        feats = self.features(rgbs)
+        margins = self.margins(feats)
+        probs = self.probabilities_from_margins(margins)
+        a = answer.decide(probs, margins, feats, self.spec.rule)  # the decision the Spark AnswerModel makes
+        return [
+            Prediction(image_id=pixel_id(rgb), label=a.prediction[i], probability=float(a.probability[i]),
+                       top5=[(str(c), float(p)) for c, p in a.top5[i]], probabilities=probs[i],
+                       family=a.family[i], family_probability=float(a.family_probability[i]),
+                       unknown=bool(a.unknown[i]), energy=float(a.energy[i]), fruitness=float(a.fruitness[i]))
+            for i, rgb in enumerate(rgbs)
+        ]
 
     def predict_bytes(self, data: bytes) -> Prediction:
         """One encoded image -> Prediction; raises images.BadImage for unusable bytes."""
@@ -317,11 +388,15 @@ class OnlinePredictor:
         s = self.spec
         return {
             "classes": list(s.labels),
+            "families": s.families,
+            "class_families": list(s.rule.families),
+            "unknown_thresholds": {"energy": s.rule.energy_threshold, "fruitness": s.rule.fruitness_threshold},
             "created_at": s.created_at,
             "version": s.version,
             "model_version": s.model_version,
             "image_sizes": list(s.image_sizes),
             "precision": s.precision,
+            "input_fit": s.input_fit,
             "pca_k": int(s.pca.shape[1]),
             "backbone": backbone.MODEL_NAME if not s.onnx_path else os.path.basename(s.onnx_path),
             "spark_version": s.spark_version,

@@ -16,7 +16,7 @@ from .report import write_report
 
 PREDICTIONS = "predictions"
 PREDICTIONS_CSV = "predictions.csv"
-TOP_K = 5
+from .answer import TOP_K  # noqa: E402,F401  (one value for Spark and serving)
 
 
 @dataclass
@@ -59,48 +59,22 @@ def load_model(path: str):
 
 
 def model_labels(model) -> list[str]:
-    from pyspark.ml.feature import IndexToString
+    from .answer_stage import AnswerModel
 
     for stage in model.stages:
-        if isinstance(stage, IndexToString):
-            return list(stage.getLabels())
-    raise InputError("the model has no label stage: it was not written by `canestra train`")
-
-
-def _top5_udf(labels: list[str]):
-    import numpy as np
-    import pandas as pd
-    from pyspark.sql.functions import pandas_udf
-
-    names = np.array(labels, dtype=object)
-
-    def top5(probs: pd.Series) -> pd.Series:
-        out = []
-        for p in probs:
-            p = np.asarray(p, dtype=np.float64)
-            idx = np.argsort(-p, kind="stable")[:TOP_K]
-            out.append(json.dumps([[names[i], round(float(p[i]), 6)] for i in idx]))
-        return pd.Series(out)
-
-    return pandas_udf(top5, "string")
+        if isinstance(stage, AnswerModel):
+            return stage.labels()
+    raise InputError("the model has no answer stage: it was written by an older canestra or not by "
+                     "`canestra train`; re-run `canestra train`")
 
 
 def predict_dataframe(model, df):
-    """Score a DataFrame with a ``content`` column; adds prediction, probability, top5."""
-    from pyspark.ml.functions import vector_to_array
-    from pyspark.sql import functions as F
-
-    from .training import PREDICTION_COL
-
-    labels = model_labels(model)
-    scored = model.transform(df)
-    probs = vector_to_array(F.col("probability"))
-    return (
-        scored.withColumn("probs", probs)
-        .withColumn("prediction_label", F.col(PREDICTION_COL))
-        .withColumn("top5", _top5_udf(labels)(F.col("probs")))
-        .withColumn("max_probability", F.array_max(F.col("probs")))
-    )
+    """Score a DataFrame with a ``content`` column; adds prediction (a variety or ``unknown``),
+    probability, family, family_probability and top5 (JSON)."""
+    model_labels(model)  # a plain error for models without the answer stage
+    return (model.transform(df)
+            .withColumnRenamed("predicted_label", "prediction_label")
+            .withColumnRenamed("predicted_probability", "max_probability"))
 
 
 def predict(spark, model_path: str, images: str, out: str, progress: Progress | None = None,
@@ -127,7 +101,8 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
             valid = cleaned.where("error IS NULL")
             scored = predict_dataframe(model, valid.select("source_path", "label", "image_id", "content"))
             cols = (["source_path"] if include_paths else []) + [
-                "image_id", "prediction_label", "max_probability", "top5"] + (["label"] if labelled else [])
+                "image_id", "prediction_label", "max_probability", "family", "family_probability", "top5"] + (
+                ["label"] if labelled else [])
             final = os.path.join(out_dir, PREDICTIONS)
             staging = storage.staging_dir(final)
             (
@@ -145,13 +120,13 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
         table = spark.read.parquet(staging)
         buf = io.StringIO()
         writer = csv.writer(buf)
-        header = (["path"] if include_paths else []) + ["image_id", "prediction", "probability", "top5"] + (
-            ["label"] if labelled else [])
+        header = (["path"] if include_paths else []) + ["image_id", "prediction", "probability", "family",
+                                                         "family_probability", "top5"] + (["label"] if labelled else [])
         writer.writerow(header)
         n = 0
         order = ["path"] if include_paths else (["label"] if labelled else []) + ["image_id"]
         for row in table.orderBy(*order).toLocalIterator():
-            writer.writerow([row[c] if c != "probability" else f"{row[c]:.6f}" for c in header])
+            writer.writerow([f"{row[c]:.6f}" if c in ("probability", "family_probability") else row[c] for c in header])
             n += 1
         write_quarantine_csv(os.path.join(out_dir, QUARANTINE_CSV), bad)
         storage.write_text_atomic(os.path.join(out_dir, PREDICTIONS_CSV), buf.getvalue())

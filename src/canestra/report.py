@@ -1,9 +1,15 @@
-"""report.html: one self-contained page (inline SVG + CSS; no script, no network, no external file).
+"""report.html: one self-contained page (inline SVG + CSS; no script, no network).
 
 ``render_report`` takes the dict canestra writes to ``metrics.json`` and renders
 whatever part of it is present; every key is optional. All text that comes from
 the data (class names are folder names) is escaped. The output is also
 well-formed XML, so it can be checked with any XML parser.
+
+The only files the page refers to are the worst-error thumbnails that training
+writes next to it, ``gallery/<image_id>.jpg`` (relative links, built from the
+pseudonymous 64-hex image id only; any other ``thumbnail`` value is ignored).
+``canestra erase`` deletes an erased image's thumbnail, drops its entry from
+metrics.json and re-renders the page with ``write_report``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 
 # Colour ramps (ColorBrewer): green for the diagonal (correct share of the
@@ -20,6 +27,11 @@ _GREENS = ("#e5f5e0", "#a1d99b", "#41ab5d", "#006d2c")
 _REDS = ("#fde0d2", "#fc9272", "#de2d26", "#67000d")
 _ERR_FULL = 0.5  # an off-diagonal cell with this share of its row gets the darkest red
 _BAR, _LINE = "#9ecae1", "#08519c"
+_GAP = "#de2d26"
+_FONT = 'font-family="system-ui,Helvetica,Arial,sans-serif"'
+_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+_THUMBNAIL = re.compile(r"^gallery/[0-9a-f]{64}\.jpg$")
+GALLERY = "gallery"  # thumbnails of the worst errors, next to report.html
 
 _CSS = """
 *{box-sizing:border-box}
@@ -56,7 +68,17 @@ background:#e6e9ee;overflow:hidden}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:14px}
 .grid h2{margin-top:14px}
 footer{margin-top:30px;font-size:12px;color:#8a94a3}
-@media print{.tall{max-height:none}.panel{box-shadow:none;border:1px solid #e6e9ee}}
+.panel svg.small{width:100%;max-width:560px;height:auto}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(176px,1fr));gap:10px}
+.gallery figure{margin:0;background:#fff;border-radius:10px;padding:10px;box-shadow:0 1px 2px rgba(0,0,0,.12);
+font-size:12px;overflow-wrap:anywhere}
+.gallery img,.gallery .noimg{display:block;width:96px;height:96px;border-radius:4px;background:#e6e9ee;
+margin-bottom:6px;object-fit:cover}
+.gallery .noimg{color:#8a94a3;font-size:11px;text-align:center;line-height:96px}
+.gallery code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;color:#5f6b7a}
+.gallery .t{display:block;font-weight:600;margin-top:2px}
+.gallery .p{display:block;color:#5f6b7a}
+@media print{.tall{max-height:none}.gallery figure{box-shadow:none;border:1px solid #e6e9ee}.panel{box-shadow:none;border:1px solid #e6e9ee}}
 @media (max-width:600px){main{padding:10px}h1{font-size:20px}.card .v{font-size:18px}th,td{padding:3px 6px}.bar{display:none}.cards{grid-template-columns:1fr 1fr}}
 """
 
@@ -85,6 +107,25 @@ def _int(x, default: int = 0) -> int:
 
 def _pct(x, digits: int = 2) -> str:
     return f"{_num(x) * 100:.{digits}f}%"
+
+
+def _is_num(x) -> bool:
+    """A finite number (bools excluded): the value is shown; anything else is "—"."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return math.isfinite(x)
+
+
+def _opt_pct(x, digits: int = 1) -> str:
+    return _pct(x, digits) if _is_num(x) else "—"
+
+
+def _opt_int(x) -> str:
+    return f"{int(x):,}" if _is_num(x) else "—"
+
+
+def _dict(x) -> dict:
+    return x if isinstance(x, dict) else {}
 
 
 def _mix(stops: Sequence[str], t: float) -> str:
@@ -329,9 +370,24 @@ def _cards(metrics: dict) -> str:
         sub = f"weighted {_num(metrics['weighted_f1']):.4f}" if "weighted_f1" in metrics else ""
         cards.append(("macro-F1", f"{_num(metrics['macro_f1']):.4f}", sub))
     n_test = metrics.get("n", counts.get("test"))
+    n_train = metrics.get("n_train")
     if n_test is not None:
-        sub = f"{_int(counts['train']):,} train" if "train" in counts else ""
+        sub = f"{_int(counts['train']):,} train" if "train" in counts and not _is_num(n_train) else ""
         cards.append(("test images", f"{_int(n_test):,}", sub))
+    if _is_num(n_train):
+        cards.append(("train images", f"{int(n_train):,}", ""))
+    family = _dict(metrics.get("family"))
+    if _is_num(family.get("accuracy")):
+        sub = (f"{_pct(family['answered_accuracy'])} when answered"
+               if _is_num(family.get("answered_accuracy")) else "")
+        cards.append(("family accuracy", _pct(family["accuracy"]), sub))
+    unknown = _dict(metrics.get("unknown"))
+    if _is_num(unknown.get("coverage")):
+        sub = f"risk {_pct(unknown['risk'])}" if _is_num(unknown.get("risk")) else ""
+        cards.append(("answered", _pct(unknown["coverage"], 1), sub))
+    calibration = _dict(metrics.get("calibration"))
+    if _is_num(calibration.get("ece")):
+        cards.append(("calibration error", f"{calibration['ece']:.4f}", "ECE"))
     n_classes = counts.get("classes", len(per) if per else None)
     if n_classes is not None:
         cards.append(("classes", f"{_int(n_classes):,}", ""))
@@ -451,6 +507,322 @@ def _kv_section(title: str, d, thousands: bool = False) -> str:
     return f'<div><h2>{_e(title)}</h2><div class="panel"><table class="kv"><tbody>{rows}</tbody></table></div></div>'
 
 
+# ----------------------------------------------------------------------------- robustness, unknown, calibration
+
+
+def _shift_section(metrics: dict) -> str:
+    shift = metrics.get("shift")
+    if not isinstance(shift, dict) or not shift:
+        return ""
+    family = _dict(metrics.get("family"))
+    unknown = _dict(metrics.get("unknown"))
+    counts = _dict(metrics.get("counts"))
+    n_held = metrics.get("n", counts.get("test", family.get("n")))
+    coverage = unknown.get("coverage")
+    held = {"n": n_held, "accuracy": metrics.get("accuracy"), "family_accuracy": family.get("accuracy"),
+            "answered_family_accuracy": family.get("answered_accuracy"),
+            "unknown_rate": 1 - coverage if _is_num(coverage) else None}
+    rows = [("held-out blocks", "the block-split test images", held)]
+    pert = shift.get("perturbed_held_out")
+    if isinstance(pert, dict) or "perturbed_held_out" in shift:
+        rows.append(("perturbed held-out", "", pert))
+    if "family_roots_held_out" in shift:
+        rows.append(("family-labelled photos", "", shift.get("family_roots_held_out")))
+    if len(rows) == 1:
+        return ""
+    body = []
+    for name, _, block in rows:
+        if not isinstance(block, dict):
+            body.append(f'<tr class="absent"><td>{_e(name)} <span class="small">(none in this run)</span></td>'
+                        + "<td>—</td>" * 5 + "</tr>")
+            continue
+        body.append(f"<tr><td>{_e(name)}</td><td>{_opt_int(block.get('n'))}</td>"
+                    f"<td>{_opt_pct(block.get('accuracy'))}</td><td>{_opt_pct(block.get('family_accuracy'))}</td>"
+                    f"<td>{_opt_pct(block.get('answered_family_accuracy'))}</td>"
+                    f"<td>{_opt_pct(block.get('unknown_rate'))}</td></tr>")
+    notes = ["<b>held-out blocks</b>: the test images of the block split"]
+    desc = _dict(pert).get("description")
+    notes.append("<b>perturbed held-out</b>: " + (_e(desc) if isinstance(desc, str) and desc
+                                                   else "the held-out images under seeded changes"))
+    if "family_roots_held_out" in shift:
+        notes.append("<b>family-labelled photos</b>: photos labelled only with their family, never trained on "
+                     "(no variety accuracy)")
+    return ('<h2>Evaluation under shift</h2><p class="muted">The same model on the held-out images, on the same '
+            "images perturbed, and on photos labelled by family. “Answered”: images not answered unknown.</p>"
+            '<div class="panel narrow"><table><thead><tr><th>evaluation set</th><th>images</th>'
+            "<th>variety accuracy</th><th>family accuracy</th><th>family accuracy, answered</th>"
+            "<th>answered unknown</th></tr></thead><tbody>" + "".join(body) + "</tbody></table></div>"
+            f'<p class="muted small">{"; ".join(notes)}.</p>')
+
+
+def _families_section(metrics: dict) -> str:
+    family = metrics.get("family")
+    if not isinstance(family, dict) or not family:
+        return ""
+    facts = []
+    if _is_num(family.get("n")):
+        facts.append(f"{int(family['n']):,} held-out images")
+    if _is_num(family.get("accuracy")):
+        facts.append(f"family accuracy {_pct(family['accuracy'])}")
+    if _is_num(family.get("answered_accuracy")):
+        facts.append(f"{_pct(family['answered_accuracy'])} on the images not answered unknown")
+    out = ('<h2>Families</h2><p class="muted">A prediction counts as right for its family when the predicted '
+           "variety belongs to the true variety's family" + (": " + ", ".join(facts) if facts else "") + ".</p>")
+    per = family.get("per_family")
+    if not isinstance(per, dict) or not per:
+        return out
+    rows = []
+    for name, v in per.items():
+        v = _dict(v)
+        rows.append((str(name), _int(v.get("n")), v.get("accuracy"), v.get("unknown")))
+    rows.sort(key=lambda r: (r[1] == 0, _num(r[2], 2.0), r[0]))
+    body = []
+    for name, n, acc, unk in rows:
+        cls = ' class="absent"' if n == 0 else ""
+        bar = ""
+        if _is_num(acc):
+            a = min(1.0, max(0.0, acc))
+            colour = _mix(_REDS, 1 - a) if a < 0.9 else _mix(_GREENS, 0.35 + a * 0.5)
+            bar = f'<span class="bar"><i style="width:{a * 100:.1f}%;background:{colour}"></i></span>'
+        body.append(f"<tr{cls}><td>{_e(name)}</td><td>{n:,}</td><td>{_opt_pct(acc)}{bar}</td>"
+                    f"<td>{_opt_pct(unk)}</td></tr>")
+    return (out + '<div class="panel tall narrow"><table><thead><tr><th>family</th><th>images</th>'
+            "<th>accuracy</th><th>answered unknown</th></tr></thead><tbody>" + "".join(body)
+            + "</tbody></table></div>")
+
+
+def _axis_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    step = _nice((hi - lo) / n) if hi > lo else 1.0
+    first = math.ceil(lo / step - 1e-9) * step
+    out, t = [], first
+    while t <= hi + step * 1e-6:
+        out.append(round(t, 10))
+        t += step
+    return out
+
+
+def _tick_pct(v: float) -> str:
+    return f"{v * 100:.3g}%"
+
+
+def _risk_curve_svg(points: list[tuple[float, float, float]], chosen: tuple[float, float, float] | None) -> str:
+    """Risk (error rate of the answered images) against coverage (share answered), one point per quantile."""
+    w, h = 560, 280
+    left, right, top, bottom = 56, 18, 30, 44
+    pw, ph = w - left - right, h - top - bottom
+    covs = [c for _, c, _ in points]
+    xmin = min(0.95, math.floor(min(covs) * 20 - 1e-9) / 20)
+    xmin = max(0.0, xmin)
+    ymax = _nice(max(max(r for _, _, r in points) * 1.1, 1e-3))
+
+    def px(c: float) -> float:
+        return left + pw * (min(max(c, xmin), 1.0) - xmin) / (1.0 - xmin)
+
+    def py(r: float) -> float:
+        return top + ph * (1 - min(max(r, 0.0), ymax) / ymax)
+
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" class="small" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+         f'{_FONT} font-size="11" fill="#3b4656" role="img" aria-label="coverage against risk">']
+    for t in _axis_ticks(0.0, ymax):
+        y = py(t)
+        o.append(f'<line x1="{left}" x2="{left + pw}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e6e9ee"/>'
+                 f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick_pct(t)}</text>')
+    for t in _axis_ticks(xmin, 1.0):
+        x = px(t)
+        o.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#3b4656"/>'
+                 f'<text x="{x:.1f}" y="{top + ph + 16}" text-anchor="middle">{_tick_pct(t)}</text>')
+    o.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#3b4656"/>'
+             f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#3b4656"/>')
+    pts = " ".join(f"{px(c):.1f},{py(r):.1f}" for _, c, r in sorted(points, key=lambda p: -p[1]))
+    o.append(f'<polyline points="{pts}" fill="none" stroke="{_LINE}" stroke-width="2" stroke-linejoin="round"/>')
+    for q, c, r in points:
+        o.append(f'<circle cx="{px(c):.1f}" cy="{py(r):.1f}" r="3" fill="{_LINE}"><title>quantile {q * 100:.3g}%: '
+                 f"coverage {c * 100:.2f}%, risk {r * 100:.2f}%</title></circle>")
+    if chosen is not None:
+        q, c, r = chosen
+        x, y = px(c), py(r)
+        anchor, dx = ("end", -9) if x > left + pw * 0.6 else ("start", 9)
+        o.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="6" fill="none" stroke="{_GAP}" stroke-width="2"/>'
+                 f'<text x="{x + dx:.1f}" y="{max(y - 8, top + 10):.1f}" text-anchor="{anchor}" fill="{_GAP}" '
+                 f'font-weight="600">chosen: coverage {c * 100:.1f}%, risk {r * 100:.2f}%</text>')
+    o.append(f'<text x="{left + pw / 2:.1f}" y="{h - 6}" text-anchor="middle">coverage (share of images answered)'
+             "</text>")
+    o.append(f'<text x="{left}" y="16">risk (error rate of the answered images)</text>')
+    o.append("</svg>")
+    return "".join(o)
+
+
+def _unknown_section(metrics: dict) -> str:
+    unknown = metrics.get("unknown")
+    if not isinstance(unknown, dict) or not unknown:
+        return ""
+    rule = unknown.get("rule")
+    out = ['<h2>Unknown</h2><p class="muted">Images the model is not sure are a known fruit are answered '
+           "“unknown” instead of a variety.</p>"]
+    rows = []
+    if isinstance(rule, str) and rule:
+        rows.append(("rule", _e(rule)))
+    if _is_num(unknown.get("quantile")):
+        rows.append(("quantile", _e(_tick_pct(unknown["quantile"])) + " of the held-out images"))
+    for key, name in (("energy_threshold", "energy threshold"), ("fruitness_threshold", "fruitness threshold")):
+        if _is_num(unknown.get(key)):
+            rows.append((name, _e(f"{unknown[key]:.6g}")))
+    if _is_num(unknown.get("coverage")):
+        rows.append(("coverage", _pct(unknown["coverage"]) + " of the held-out images answered"))
+    if _is_num(unknown.get("risk")):
+        rows.append(("risk", _pct(unknown["risk"]) + " of the answered held-out images wrong"))
+    if rows:
+        out.append('<div class="panel narrow"><table class="kv"><tbody>'
+                   + "".join(f'<tr><td>{k}</td><td class="l">{v}</td></tr>' for k, v in rows)
+                   + "</tbody></table></div>")
+    curve = unknown.get("curve")
+    points = []
+    if isinstance(curve, list):
+        for p in curve:
+            p = _dict(p)
+            q, c, r = p.get("quantile"), p.get("coverage"), p.get("risk")
+            if _is_num(c) and _is_num(r):
+                points.append((float(q) if _is_num(q) else 0.0, min(max(float(c), 0.0), 1.0),
+                               max(float(r), 0.0)))
+    if points:
+        chosen = None
+        if _is_num(unknown.get("quantile")):
+            chosen = next((p for p in points if abs(p[0] - unknown["quantile"]) < 1e-9), None)
+        if chosen is None and _is_num(unknown.get("coverage")) and _is_num(unknown.get("risk")):
+            chosen = (_num(unknown.get("quantile")), min(max(unknown["coverage"], 0.0), 1.0),
+                      max(unknown["risk"], 0.0))
+        out.append('<p class="muted">Each point is one threshold quantile: answering fewer images (lower '
+                   "coverage) leaves fewer errors among those answered (lower risk). Hover a point for its "
+                   "quantile.</p>")
+        out.append(f'<div class="panel narrow">{_risk_curve_svg(points, chosen)}</div>')
+    return "".join(out)
+
+
+def _clean_bins(raw) -> list[tuple[float, float, int, float | None, float]]:
+    bins = []
+    if not isinstance(raw, list):
+        return bins
+    for b in raw:
+        b = _dict(b)
+        lo, hi, acc = b.get("lo"), b.get("hi"), b.get("accuracy")
+        if not (_is_num(lo) and _is_num(hi)) or not 0.0 <= lo < hi <= 1.0:
+            continue
+        n = max(0, _int(b.get("n")))
+        conf = b.get("confidence")
+        conf = min(max(float(conf), 0.0), 1.0) if _is_num(conf) else None
+        bins.append((float(lo), float(hi), n, conf, min(max(float(acc), 0.0), 1.0) if _is_num(acc) else 0.0))
+    return bins
+
+
+def _reliability_svg(bins: list[tuple[float, float, int, float | None, float]]) -> str:
+    w, h = 440, 400
+    left, right, top, bottom = 56, 16, 40, 46
+    pw, ph = w - left - right, h - top - bottom
+
+    def px(v: float) -> float:
+        return left + pw * v
+
+    def py(v: float) -> float:
+        return top + ph * (1 - v)
+
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" class="small" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+         f'{_FONT} font-size="11" fill="#3b4656" role="img" aria-label="reliability diagram">']
+    for t in range(0, 101, 20):
+        v = t / 100
+        o.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#e6e9ee"/>'
+                 f'<text x="{left - 6}" y="{py(v) + 4:.1f}" text-anchor="end">{t}%</text>'
+                 f'<line x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#3b4656"/>'
+                 f'<text x="{px(v):.1f}" y="{top + ph + 16}" text-anchor="middle">{t}%</text>')
+    for lo, hi, n, conf, acc in bins:
+        if not n:
+            continue
+        x, bw = px(lo) + 1, max(px(hi) - px(lo) - 2, 0.6)
+        tip = (f"confidence {lo * 100:.0f}–{hi * 100:.0f}%: {n:,} images, "
+               + (f"mean confidence {conf * 100:.1f}%, " if conf is not None else "") + f"accuracy {acc * 100:.1f}%")
+        o.append(f'<rect x="{x:.1f}" y="{py(acc):.1f}" width="{bw:.1f}" height="{py(0) - py(acc):.1f}" '
+                 f'fill="{_BAR}"><title>{_e(tip)}</title></rect>')
+        if conf is not None and abs(conf - acc) > 1e-9:
+            y0, y1 = py(max(conf, acc)), py(min(conf, acc))
+            o.append(f'<rect x="{x:.1f}" y="{y0:.1f}" width="{bw:.1f}" height="{y1 - y0:.1f}" fill="{_GAP}" '
+                     f'fill-opacity="0.3" stroke="{_GAP}" stroke-width="0.8"><title>{_e(tip)}</title></rect>')
+        o.append(f'<text x="{x + bw / 2:.1f}" y="{py(acc) - 3:.1f}" text-anchor="middle" font-size="9" '
+                 f'fill="#5f6b7a">{n:,}</text>')
+    o.append(f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(1)}" y2="{py(1)}" stroke="{_LINE}" stroke-width="1.2" '
+             f'stroke-dasharray="5 4"/>')
+    o.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" stroke="#3b4656"/>'
+             f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" stroke="#3b4656"/>')
+    o.append(f'<text x="{left + pw / 2:.1f}" y="{h - 6}" text-anchor="middle">confidence (top probability)</text>'
+             f'<text transform="translate(14,{top + ph / 2:.1f}) rotate(-90)" text-anchor="middle">accuracy</text>')
+    o.append(f'<rect x="{left}" y="8" width="14" height="11" fill="{_BAR}"/>'
+             f'<text x="{left + 19}" y="18">accuracy</text>'
+             f'<rect x="{left + 86}" y="8" width="14" height="11" fill="{_GAP}" fill-opacity="0.3" stroke="{_GAP}" '
+             f'stroke-width="0.8"/><text x="{left + 105}" y="18">gap to confidence</text>'
+             f'<line x1="{left + 220}" x2="{left + 242}" y1="14" y2="14" stroke="{_LINE}" stroke-width="1.2" '
+             f'stroke-dasharray="5 4"/><text x="{left + 247}" y="18">perfect calibration</text>')
+    o.append("</svg>")
+    return "".join(o)
+
+
+def _calibration_section(metrics: dict) -> str:
+    cal = metrics.get("calibration")
+    if not isinstance(cal, dict) or not cal:
+        return ""
+    bins = _clean_bins(cal.get("bins"))
+    ece = cal.get("ece")
+    text = ("Held-out images grouped by the probability of their top prediction; a bar is the accuracy of its "
+            "group, which for a calibrated model equals the group's mean confidence (the diagonal).")
+    if _is_num(ece):
+        text += (f" Expected calibration error (ECE): <b>{ece:.4f}</b>, the image-weighted mean gap between "
+                 "confidence and accuracy.")
+    out = f'<h2>Calibration</h2><p class="muted">{text}</p>'
+    if any(n for _, _, n, _, _ in bins):
+        out += f'<div class="panel narrow">{_reliability_svg(bins)}</div>'
+    return out
+
+
+# ----------------------------------------------------------------------------- worst errors
+
+
+def _thumbnail(err: dict) -> str | None:
+    """The relative link of an error's thumbnail: gallery/<64 hex>.jpg, never anything else."""
+    thumb = err.get("thumbnail")
+    if isinstance(thumb, str) and _THUMBNAIL.match(thumb):
+        return thumb
+    image_id = err.get("image_id")
+    if isinstance(image_id, str) and _IMAGE_ID.match(image_id):
+        return f"{GALLERY}/{image_id}.jpg"
+    return None
+
+
+def _worst_errors_section(metrics: dict) -> str:
+    errs = metrics.get("worst_errors")
+    if not isinstance(errs, list):
+        return ""
+    errs = [e for e in errs if isinstance(e, dict)]
+    head = "<h2>Worst errors</h2>"
+    if not errs:
+        return head + '<p class="muted">No misclassified held-out image to show.</p>'
+    figs = []
+    for err in errs:
+        image_id = err.get("image_id")
+        short = str(image_id)[:12] if image_id is not None else "?"
+        src = _thumbnail(err)
+        img = (f'<img src="{_e(src)}" width="96" height="96" alt=""/>' if src
+               else '<span class="noimg">no thumbnail</span>')
+        label, pred = str(err.get("label", "?")), str(err.get("prediction", "?"))
+        fam = err.get("family")
+        fam = f" ({_e(fam)})" if isinstance(fam, str) and fam and fam != pred else ""
+        prob = err.get("probability")
+        p = f'<span class="p">probability {_pct(prob, 1)}</span>' if _is_num(prob) else ""
+        title = f' title="{_e(image_id)}"' if isinstance(image_id, str) else ""
+        figs.append(f"<figure>{img}<figcaption><code{title}>{_e(short)}</code>"
+                    f'<span class="t">{_e(label)} → {_e(pred)}{fam}</span>{p}</figcaption></figure>')
+    return (head + '<p class="muted">The held-out images misclassified with the highest probability: true variety → '
+            "prediction. Ids are pseudonymous (SHA-256 of the pixels), shortened to 12 characters; thumbnails are in "
+            f"{GALLERY}/ next to this report. <code>canestra erase</code> removes an image's thumbnail and entry.</p>"
+            '<div class="gallery">' + "".join(figs) + "</div>")
+
+
 def render_report(metrics: dict) -> str:
     """The full HTML document for ``metrics`` (the content of metrics.json); every key is optional."""
     if not isinstance(metrics, dict):
@@ -468,17 +840,24 @@ def render_report(metrics: dict) -> str:
         _kv_section("Model", metrics.get("model")),
         _kv_section("Counts", metrics.get("counts"), thousands=True),
     ) if s)
+    worst = _worst_errors_section(metrics)
     body = [
         "<main>",
         f"<h1>canestra — {kind} report</h1>",
         f'<p class="muted">{" · ".join(_e(s) for s in sub)}</p>' if sub else "",
         _cards(metrics),
+        _shift_section(metrics),
+        _families_section(metrics),
+        _unknown_section(metrics),
+        _calibration_section(metrics),
         _confusion_section(metrics),
         _pca_section(metrics),
         _per_class_section(metrics),
         _confusions_section(metrics),
+        worst,
         f'<div class="grid">{info}</div>' if info else "",
-        "<footer>Self-contained report written by canestra: no scripts, no network.</footer>",
+        "<footer>Self-contained report written by canestra: no scripts, no network"
+        + (f"; the thumbnails are the files in {GALLERY}/ next to it" if "<img " in worst else "") + ".</footer>",
         "</main>",
     ]
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/>'

@@ -2,7 +2,8 @@
 
 ``purge(out_dir, older_than_days)`` walks an output folder (one run, or a folder of
 runs) and removes every output unit older than the limit: a Parquet table, a model
-folder, a file (predictions.csv, quarantine.csv, metrics.json, report.html, …) or a
+folder, a run's error gallery (``gallery/``, the worst-error thumbnails report.html
+shows), a file (predictions.csv, quarantine.csv, metrics.json, report.html, …) or a
 ``_staging`` leftover. A unit's age is its newest file's mtime, or the ``created_at``
 of its ``_canestra.json`` manifest when it has one: a table is as young as its
 newest part. Units go whole (a table is never left half-deleted), folders left empty
@@ -24,6 +25,7 @@ from . import storage
 from .errors import InputError
 
 KEEP = {"_audit", "_gdpr"}
+GALLERY = "gallery"  # a run's worst-error thumbnails (gallery/<image_id>.jpg): one unit, removed whole
 MANIFEST = "_canestra.json"
 DAY = 86400.0
 
@@ -31,7 +33,7 @@ DAY = 86400.0
 @dataclass
 class Expired:
     path: str  # relative to the output folder
-    kind: str  # table, model, staging, folder or file
+    kind: str  # table, model, gallery, staging or file
     age_days: float
     bytes: int
 
@@ -53,6 +55,8 @@ def _kind(path: str) -> str | None:
     """The kind of an output unit, or None for a plain folder (a run, or a folder of runs)."""
     if os.path.basename(path) == "_staging":
         return "staging"
+    if os.path.basename(path) == GALLERY:
+        return "gallery"
     if os.path.isdir(os.path.join(path, "metadata")) and os.path.isdir(os.path.join(path, "stages")):
         return "model"
     names = os.listdir(path)

@@ -25,7 +25,7 @@ from typing import Annotated, Any
 from .config import Settings
 from .errors import EnvironmentProblem, InputError
 from .images import BadImage
-from .online import ModelSpec, OnlinePredictor, default_threads, load_model_spec
+from .online import ModelSpec, OnlinePredictor, Prediction, default_threads, load_model_spec
 
 try:
     import anyio
@@ -54,10 +54,21 @@ log = logging.getLogger(AUDIT_LOGGER)
 ClassProb = Annotated[list[str | float], Field(min_length=2, max_length=2)]
 
 
+_PREDICTION = ("the most probable variety (class), or `unknown` when the image resembles no class the model was "
+               "trained on (not a fruit it knows)")
+_PROBABILITY = "probability of the most probable variety (also given when `prediction` is `unknown`)"
+_FAMILY = "fruit family of `prediction`, e.g. `Apple` for `Apple Red 2`; empty when `prediction` is `unknown`"
+_FAMILY_PROBABILITY = ("probability of the most probable family: the probabilities of its classes summed "
+                       "(also given when `prediction` is `unknown`)")
+_TOP5 = "[[class, probability], ...], the five most probable classes, most probable first (6 decimals)"
+
+
 class PredictionOut(BaseModel):
-    prediction: str = Field(description="most probable class")
-    probability: float = Field(ge=0, le=1, description="probability of `prediction`")
-    top5: list[ClassProb] = Field(description="[[class, probability], ...], most probable first")
+    prediction: str = Field(description=_PREDICTION)
+    probability: float = Field(ge=0, le=1, description=_PROBABILITY)
+    family: str = Field(description=_FAMILY)
+    family_probability: float = Field(ge=0, le=1, description=_FAMILY_PROBABILITY)
+    top5: list[ClassProb] = Field(description=_TOP5)
     image_id: str = Field(description="SHA-256 of the decoded pixels (the id `canestra predict` writes)")
     model_version: str
     timing_ms: float = Field(description="time spent in the service for this request")
@@ -66,11 +77,13 @@ class PredictionOut(BaseModel):
 class BatchItemOut(BaseModel):
     index: int = Field(description="position of the image among the request's `file` fields")
     status: int = Field(description="200, or the error status this image alone would get (413/415/422)")
-    prediction: str | None = None
-    probability: float | None = None
-    top5: list[ClassProb] | None = None
-    image_id: str | None = None
-    error: str | None = None
+    prediction: str | None = Field(None, description=_PREDICTION + " (status 200 only)")
+    probability: float | None = Field(None, ge=0, le=1, description=_PROBABILITY + " (status 200 only)")
+    family: str | None = Field(None, description=_FAMILY + " (status 200 only)")
+    family_probability: float | None = Field(None, ge=0, le=1, description=_FAMILY_PROBABILITY + " (status 200 only)")
+    top5: list[ClassProb] | None = Field(None, description=_TOP5 + " (status 200 only)")
+    image_id: str | None = Field(None, description="SHA-256 of the decoded pixels (status 200 only)")
+    error: str | None = Field(None, description="why this image was refused (other statuses)")
 
 
 class BatchOut(BaseModel):
@@ -79,13 +92,27 @@ class BatchOut(BaseModel):
     timing_ms: float
 
 
+class UnknownThresholds(BaseModel):
+    energy: float | None = Field(description="images whose classifier energy (log-sum-exp of the margins) is below "
+                                             "this are answered `unknown`; null: no such check")
+    fruitness: float | None = Field(description="images whose ImageNet probability mass on the training images' "
+                                                "ImageNet classes is below this are answered `unknown`; null: no "
+                                                "such check")
+
+
 class ModelOut(BaseModel):
     classes: list[str]
+    families: list[str] = Field(description="the fruit families the model answers with, sorted")
+    class_families: list[str] = Field(description="the family of each class, in the order of `classes`")
+    unknown_thresholds: UnknownThresholds = Field(description="when an image is answered `unknown` "
+                                                              "(both null for models trained before this check)")
     created_at: str | None
     version: str = Field(description="SHA-256 of the model files")
     model_version: str = Field(description="short form of `version`, returned with every prediction")
     image_sizes: list[int]
     precision: str = Field(description="CNN arithmetic the model was trained with: fp32 or int8")
+    input_fit: str = Field(description="how non-square photos are made square before the CNN: crop (centre "
+                                       "square) or squash")
     pca_k: int
     backbone: str
     spark_version: str | None
@@ -217,6 +244,12 @@ def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: in
     return files
 
 
+def _answer(p: Prediction) -> dict:
+    # A sum of class probabilities can exceed 1 by a rounding ulp; the schema promises <= 1.
+    return {"prediction": p.label, "probability": min(p.probability, 1.0), "family": p.family,
+            "family_probability": min(p.family_probability, 1.0), "top5": p.top5, "image_id": p.image_id}
+
+
 def _json(payload: dict, status: int = 200) -> Response:
     return Response(json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json")
 
@@ -296,7 +329,8 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
     app = FastAPI(
         title="canestra",
         version=spec.model_version,
-        summary="Fruit-image classification: EfficientNet-Lite0 features, PCA, logistic regression.",
+        summary="Fruit-image classification: EfficientNet-Lite0 features, PCA, logistic regression; answers a "
+                "variety and its family, or `unknown` for images unlike any training class.",
         description="Uploaded images are processed in memory and never stored or logged; "
                     "the service keeps request counts only.",
         lifespan=lifespan,
@@ -318,8 +352,7 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
             raise Problem(bad_image_status(err), _bad_image_detail(err, limit_mb)) from None
         except MemoryError:
             raise Problem(413, "image too large to decode in memory") from None
-        p = predictor.predict_rgb([rgb])[0]
-        return {"prediction": p.label, "probability": p.probability, "top5": p.top5, "image_id": p.image_id}
+        return _answer(predictor.predict_rgb([rgb])[0])
 
     def score_many(blobs: list[bytes]) -> list[dict]:
         items: list[dict] = [{} for _ in blobs]
@@ -333,8 +366,7 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
             except MemoryError:
                 items[i] = {"index": i, "status": 413, "error": "image too large to decode in memory"}
         for i, p in zip(good, predictor.predict_rgb(rgbs)):
-            items[i] = {"index": i, "status": 200, "prediction": p.label, "probability": p.probability,
-                        "top5": p.top5, "image_id": p.image_id}
+            items[i] = {"index": i, "status": 200, **_answer(p)}
         return items
 
     @app.post("/v1/predict", response_model=PredictionOut, responses=_ERRORS, openapi_extra=_request_body(False),
@@ -385,7 +417,7 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
         return _json({"results": items, "model_version": spec.model_version,
                       "timing_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-    @app.get("/v1/model", response_model=ModelOut, summary="The model served: classes, training metrics, version")
+    @app.get("/v1/model", response_model=ModelOut, summary="The model served: classes, families, training metrics, version")
     async def model_info() -> Response:
         return _json({**predictor.info(), "requests": counts.snapshot()})
 
@@ -482,8 +514,8 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     from . import audit
 
     audit.note(details={"model_version": spec.model_version, "workers": cfg.workers, "threads": threads})
-    print(f"canestra serve: model {spec.model_version} ({len(spec.labels)} classes) on http://{cfg.host}:{cfg.port}/ "
-          f"with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s)", flush=True)
+    print(f"canestra serve: model {spec.model_version} ({len(spec.labels)} classes, {len(spec.families)} families) "
+          f"on http://{cfg.host}:{cfg.port}/ with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s)", flush=True)
     uvicorn.run("canestra.server:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
                 access_log=False, log_config=log_config(), server_header=False, timeout_graceful_shutdown=10,
                 # A worker answers the supervisor's health pings only once Python and uvicorn are

@@ -21,12 +21,13 @@ from .metrics import classification_metrics
 from .progress import Progress
 from .report import write_report
 from .split import METHOD, DEFAULT_BLOCKS
+from .taxonomy import is_family_label
 
 FEATURES = "features"
 MODEL = "model"
 METRICS_JSON = "metrics.json"
 REPORT_HTML = "report.html"
-PREDICTION_COL = "predicted_label"
+PREDICTION_COL = "predicted_label"  # written by the AnswerModel stage
 
 
 @dataclass
@@ -114,20 +115,51 @@ def confusion_counts(predictions, label_col: str = "label", pred_col: str = PRED
     return [(r[label_col], r[pred_col], int(r["count"])) for r in rows]
 
 
-def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None = None) -> TrainResult:
+def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=(), te=None, tf=None,
+                 profiles=None, profile_thresholds=None):
+    from .answer import AnswerRule
+
+    sizes = list(cfg.image_sizes)
+    # The ImageNet head reads the block of the embedding closest to the network's native 224 px.
+    block = min(range(len(sizes)), key=lambda i: abs(sizes[i] - 224))
+    return AnswerRule(labels=list(labels), families=taxonomy.families_of(list(labels)), energy_threshold=te,
+                      fruitness_threshold=tf, imagenet_classes=list(imagenet_classes),
+                      imagenet_offset=block * backbone.FEATURE_DIM, profiles=dict(profiles or {}),
+                      profile_thresholds=dict(profile_thresholds or {}))
+
+
+def _scored_rows(stages, df) -> "pd.DataFrame":
     from pyspark.ml import PipelineModel
-    from pyspark.ml.feature import IndexToString, StringIndexer
+
+    from .evaluation import SCORED_COLUMNS
+
+    return PipelineModel(stages=stages).transform(df).select(*SCORED_COLUMNS).toPandas()
+
+
+def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Progress | None = None) -> TrainResult:
+    """Ingest one or several roots, featurize, fit PCA + logistic regression, calibrate the
+    "unknown" rule on held-out images, evaluate (also under shift) and save one PipelineModel."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.feature import StringIndexer
+
+    from . import evaluation
+    from .answer import PROFILE_MIN_MASS, PROFILE_QUANTILE, imagenet_class_set
+    from .answer_stage import AnswerModel
+    from .taxonomy import load_taxonomy
 
     progress = progress or Progress()
+    taxonomy = load_taxonomy(cfg.taxonomy)
     out_dir = storage.ensure_output_dir(out, spark)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
     with progress.stage("ingest") as st:
-        res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed)
+        res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy)
+        fam_roots = [r for r in res.roots if r["level"] == "family"]
         st.note(
             f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined"
             + (" (catalog reused)" if res.reused else "")
+            + "".join(f"; {storage.display(r['uri'])}: family-level ({r['folders']} families)" for r in fam_roots)
         )
     timings["ingest"] = st.seconds
 
@@ -152,19 +184,53 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
         # the PCA matrix inside its task binary (measured 1.7 s -> 0.3 s per iteration).
         projected = pca.transform(train_idx).select("pca", "label_index").localCheckpoint(eager=True)
         clf = make_classifier(cfg, "pca").fit(projected)
-        to_label = IndexToString(inputCol="prediction", outputCol=PREDICTION_COL, labels=indexer.labels)
-        model = PipelineModel(stages=[featurizer, pca, clf, to_label])
+        labels = list(indexer.labels)
+        rule0 = _answer_rule(labels, taxonomy, cfg)
+        mean_labels, means = evaluation.imagenet_class_means(train_df, rule0.imagenet_offset)
+        imagenet_classes = imagenet_class_set(means)
+        profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(mean_labels)
+                    if is_family_label(lb)}
+        profile_thr = evaluation.profile_thresholds(train_df, rule0.imagenet_offset, profiles, PROFILE_QUANTILE)
         capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
             cfg.pca_k, featurizer.featureDim()) else ""
         st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
     timings["fit"] = st.seconds
 
     with progress.stage("evaluate") as st:
-        # Evaluate from the cached features (the same stages minus the CNN).
-        scored = PipelineModel(stages=[pca, clf, to_label]).transform(test_df)
-        counts = confusion_counts(scored)
-        metrics = classification_metrics(counts, classes=list(indexer.labels))
-        st.note(f"top-1 accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} held-out images")
+        # Held-out rows scored from the cached features (the same stages minus the CNN), without
+        # the unknown rule: its thresholds are calibrated on these very scores.
+        # The family-level profile check (fitted on training photos) stays on: held-out photos it
+        # refuses come back as "unknown" and count as such below.
+        plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, imagenet_classes, None, None, profiles,
+                                              profile_thr).to_json())
+        rows = _scored_rows([pca, clf, plain], test_df)
+        te, tf = evaluation.thresholds(rows, cfg.unknown_quantile)
+        rule = _answer_rule(labels, taxonomy, cfg, imagenet_classes, te, tf, profiles, profile_thr)
+        answer = AnswerModel(rule=rule.to_json())
+        model = PipelineModel(stages=[featurizer, pca, clf, answer])
+        variety_rows = rows[~rows["label"].map(is_family_label)]
+        counts = [(t, p, int(n)) for (t, p), n in
+                  variety_rows.groupby(["label", "predicted_label"]).size().items()]
+        metrics = classification_metrics(counts, classes=[lb for lb in labels if not is_family_label(lb)])
+        metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf))
+        fam_held = metrics.pop("family_roots_held_out", None)
+        shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
+                                     "family_accuracy": (metrics.get("family") or {}).get("accuracy")},
+                 "family_roots_held_out": fam_held}
+        if cfg.shift_eval:
+            catalog_test = spark.read.parquet(res.catalog_path).where("split = 'test'").select(
+                "image_id", "label", "content")
+            shifted = evaluation.perturbed(catalog_test)
+            srows = _scored_rows([featurizer, pca, clf, plain], shifted)
+            shift["perturbed_held_out"] = evaluation.shift_report(srows, taxonomy, te, tf)
+        metrics["shift"] = shift
+        evaluation.write_gallery(spark, res.catalog_path, out_dir, metrics.get("worst_errors") or [])
+        unk = metrics.get("unknown") or {}
+        st.note(f"top-1 accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} held-out images"
+                + (f"; perturbed {shift['perturbed_held_out']['accuracy'] * 100:.2f}%"
+                   if shift.get("perturbed_held_out", {}).get("accuracy") is not None else "")
+                + (f"; family-labelled photos {fam_held['family_accuracy'] * 100:.1f}%" if fam_held else "")
+                + (f"; unknown refuses {(1 - unk['coverage']) * 100:.2f}% of held-out" if unk else ""))
     timings["evaluate"] = st.seconds
 
     with progress.stage("save") as st:
@@ -185,6 +251,7 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
             {
                 "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "canestra_version": __version__,
+                "n_train": n_train,
                 "pca": {
                     "k": pca.getK(),
                     "input_dim": featurizer.featureDim(),
@@ -195,9 +262,13 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
                     "images": res.images,
                     "train": n_train,
                     "test": n_test,
+                    "held_out": len(rows),
                     "quarantined": res.quarantined,
-                    "classes": len(indexer.labels),
+                    "classes": len(labels),
+                    "families": len(set(rule.families)),
                 },
+                # GDPR Art. 25: no source paths in shared outputs, so roots are listed by order only.
+                "roots": [{"level": r["level"], "files": r["files"], "folders": r["folders"]} for r in res.roots],
                 "split": {
                     "method": METHOD,
                     "test_fraction": cfg.test_fraction,
@@ -208,9 +279,11 @@ def train(spark, images: str, out: str, cfg: Settings, progress: Progress | None
                     "backbone": backbone.MODEL_NAME + " (ImageNet, ONNX Runtime)",
                     "image_sizes": list(cfg.image_sizes),
                     "precision": cfg.precision,
+                    "input_fit": "crop",
                     "classifier": "multinomial logistic regression (Spark ML)",
                     "reg_param": cfg.reg_param,
                     "max_iter": cfg.max_iter,
+                    "taxonomy": cfg.taxonomy or "shipped Fruits-360 table",
                 },
                 "timings_s": timings,
             }

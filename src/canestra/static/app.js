@@ -1,4 +1,5 @@
-// canestra web page: pick or drop an image, POST it to /v1/predict, draw the top-5 as bars.
+// canestra web page: pick or drop an image, POST it to /v1/predict, show family and variety
+// ("Apple — Apple Red 2 (93.0 %)") or "Unknown", and draw the top-5 as bars.
 // The preview is a local blob: URL; the image only leaves the browser in the request.
 "use strict";
 
@@ -15,10 +16,25 @@
     errorBox.hidden = false;
   }
 
+  const pct = (p) => (100 * p).toFixed(1) + "\u00a0%";  // no-break space: "100.0 %" stays on one line
+
   function render(data) {
     errorBox.hidden = true;
-    $("prediction").textContent = data.prediction;
-    $("probability").textContent = (100 * data.probability).toFixed(1) + "%";
+    // "unknown" (with an empty family) = the image resembles no class the model was trained on.
+    const unknown = data.prediction === "unknown" && !data.family;
+    $("unknown").hidden = !unknown;
+    $("answer").hidden = unknown;
+    result.classList.toggle("is-unknown", unknown);
+    // The family is shown before the variety unless they read the same ("Banana", or a family-level answer).
+    const showFamily = !unknown && data.family && data.family !== data.prediction;
+    $("family").textContent = showFamily ? data.family : "";
+    $("sep").textContent = showFamily ? " — " : "";
+    $("prediction").textContent = unknown ? "" : data.prediction;
+    $("probability").textContent = unknown ? "" : "(" + pct(data.probability) + ")";
+    $("family-line").hidden = !showFamily;
+    $("family-line").textContent = showFamily
+      ? data.family + " (all its varieties together): " + pct(data.family_probability) : "";
+    $("top5-title").textContent = unknown ? "Closest classes the model knows" : "Most likely classes";
     const list = $("top5");
     list.replaceChildren();
     for (const [name, p] of data.top5) {
@@ -34,10 +50,10 @@
       fill.style.display = "block";
       fill.style.width = (100 * p).toFixed(1) + "%";
       track.appendChild(fill);
-      const pct = document.createElement("span");
-      pct.className = "pct";
-      pct.textContent = (100 * p).toFixed(1) + "%";
-      li.append(label, track, pct);
+      const value = document.createElement("span");
+      value.className = "pct";
+      value.textContent = pct(p);
+      li.append(label, track, value);
       list.appendChild(li);
     }
     $("timing").textContent = "model " + data.model_version + " · " + data.timing_ms.toFixed(1) + " ms";
@@ -84,6 +100,9 @@
   window.addEventListener("drop", (e) => e.preventDefault());
 
   fetch("/v1/model").then((r) => r.ok ? r.json() : null).then((m) => {
-    if (m) $("model-info").textContent = m.classes.length + " classes · model " + m.model_version;
+    if (!m) return;
+    const families = (m.families || []).length;
+    $("model-info").textContent = m.classes.length + " classes" + (families ? " in " + families + " families" : "")
+      + " · model " + m.model_version;
   }).catch(() => {});
 })();

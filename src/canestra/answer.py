@@ -1,0 +1,186 @@
+"""From class probabilities to the answer a user reads: variety, family, or ``unknown``.
+
+One numpy function, :func:`decide`, makes the decision; the Spark stage
+:class:`canestra.answer_stage.AnswerModel` (last stage of every trained ``PipelineModel``) and the online
+predictor both call it, so batch and HTTP answers cannot drift apart.
+
+- **variety**: the most probable class that is a variety (family-level classes such as
+  ``"Apple (family)"``, learnt from family-labelled photos, never name a variety);
+- **family** and ``family_probability``: class probabilities summed per family;
+- **unknown**: an image that resembles no training class. Two scores, both calibrated at
+  training time on held-out images (``calibrate``) and stored in the model:
+
+  * ``energy`` = log-sum-exp of the classifier's margins: low when no class fits well;
+  * ``fruitness`` = ImageNet probability mass on the ImageNet classes the training images
+    fall into (computed from the same CNN embedding with the network's own ImageNet head):
+    low for cats, cars and kitchens even when the classifier itself is confident.
+
+  * for family-level classes (learnt from family-labelled photos, which look alike whatever
+    the fruit: cluttered, real-world), a third check: when such a class wins, the photo's
+    ImageNet profile must match that class's own (mass on the ImageNet classes its training
+    photos fall into, ``profiles``). Measured: it keeps real oranges out of "Apple (family)"
+    when no real oranges were in training (docs/outside-the-studio.md).
+
+  Any score below its threshold answers ``unknown`` (and an empty family).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .taxonomy import UNKNOWN, is_family_label
+
+TOP_K = 5
+ANSWER_STAGE = "canestra.answer_stage.AnswerModel"  # class name saved in models
+
+
+@dataclass
+class AnswerRule:
+    labels: list[str]
+    families: list[str]  # one per label
+    energy_threshold: float | None = None
+    fruitness_threshold: float | None = None
+    imagenet_classes: list[int] = field(default_factory=list)
+    imagenet_offset: int = 0  # start of the 1280-d block of the embedding fed to the ImageNet head
+    profiles: dict[str, list[int]] = field(default_factory=dict)  # family-level label -> its ImageNet classes
+    profile_thresholds: dict[str, float] = field(default_factory=dict)  # family-level label -> threshold
+
+    def __post_init__(self) -> None:
+        self._variety = np.array([not is_family_label(lb) for lb in self.labels], dtype=bool)
+        self._fam_names = sorted(set(self.families))
+        fam_index = {f: i for i, f in enumerate(self._fam_names)}
+        onehot = np.zeros((len(self.labels), len(self._fam_names)))
+        for i, f in enumerate(self.families):
+            onehot[i, fam_index[f]] = 1.0
+        self._fam_onehot = onehot
+
+    def to_json(self) -> str:
+        return json.dumps({"labels": self.labels, "families": self.families,
+                           "energy_threshold": self.energy_threshold,
+                           "fruitness_threshold": self.fruitness_threshold,
+                           "imagenet_classes": self.imagenet_classes, "imagenet_offset": self.imagenet_offset,
+                           "profiles": self.profiles, "profile_thresholds": self.profile_thresholds})
+
+    @classmethod
+    def from_json(cls, text: str) -> "AnswerRule":
+        return cls(**json.loads(text))
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_head() -> tuple[np.ndarray, np.ndarray]:
+    """The CNN's own ImageNet classifier (1000 x 1280 weights, bias), read once per process."""
+    from . import backbone
+    from .torch_weights import load_state_dict
+
+    sd = load_state_dict(backbone.weights_path())
+    return np.ascontiguousarray(sd["_fc.weight"].T, dtype=np.float64), sd["_fc.bias"].astype(np.float64)
+
+
+def imagenet_probabilities(features: np.ndarray, offset: int = 0) -> np.ndarray:
+    from .backbone import FEATURE_DIM
+
+    w, b = imagenet_head()
+    logits = np.asarray(features, dtype=np.float64)[:, offset : offset + FEATURE_DIM] @ w + b
+    logits -= logits.max(axis=1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def energy(margins: np.ndarray) -> np.ndarray:
+    m = np.asarray(margins, dtype=np.float64)
+    mx = m.max(axis=1)
+    return mx + np.log(np.exp(m - mx[:, None]).sum(axis=1))
+
+
+def fruitness(features: np.ndarray, rule: AnswerRule, inet: np.ndarray | None = None) -> np.ndarray:
+    if not rule.imagenet_classes:
+        return np.ones(len(features))
+    if inet is None:
+        inet = imagenet_probabilities(features, rule.imagenet_offset)
+    return inet[:, rule.imagenet_classes].sum(axis=1)
+
+
+def profile_mismatch(probs: np.ndarray, inet: np.ndarray | None, rule: AnswerRule) -> np.ndarray:
+    """True where the winning class is family-level and the photo's ImageNet profile is not its own."""
+    out = np.zeros(len(probs), dtype=bool)
+    if inet is None or not rule.profile_thresholds:
+        return out
+    top = np.asarray(probs).argmax(axis=1)
+    index = {lb: i for i, lb in enumerate(rule.labels)}
+    for label, thr in rule.profile_thresholds.items():
+        sel = top == index.get(label, -1)
+        if sel.any():
+            out[sel] = inet[sel][:, rule.profiles[label]].sum(axis=1) < thr
+    return out
+
+
+@dataclass
+class Answers:
+    prediction: list[str]
+    probability: np.ndarray
+    family: list[str]
+    family_probability: np.ndarray
+    energy: np.ndarray
+    fruitness: np.ndarray
+    top5: list[list[tuple[str, float]]]
+    unknown: np.ndarray  # bool
+
+
+def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: AnswerRule) -> Answers:
+    probs = np.asarray(probs, dtype=np.float64)
+    n = len(probs)
+    if not n:
+        return Answers([], np.zeros(0), [], np.zeros(0), np.zeros(0), np.zeros(0), [], np.zeros(0, bool))
+    # Variety: best variety class (ties -> lowest index, as Spark's argmax); a model trained on
+    # family-level images only answers with the family.
+    if rule._variety.any():
+        masked = np.where(rule._variety[None, :], probs, -1.0)
+        best = masked.argmax(axis=1)
+    else:
+        best = probs.argmax(axis=1)
+    fam_p = probs @ rule._fam_onehot
+    fam_best = fam_p.argmax(axis=1)
+    en = energy(margins)
+    inet = imagenet_probabilities(features, rule.imagenet_offset) if rule.imagenet_classes else None
+    fr = fruitness(features, rule, inet)
+    unknown = profile_mismatch(probs, inet, rule)
+    if rule.energy_threshold is not None:
+        unknown |= en < rule.energy_threshold
+    if rule.fruitness_threshold is not None:
+        unknown |= fr < rule.fruitness_threshold
+    labels = rule.labels
+    fams = rule._fam_names
+    prediction, family, top5 = [], [], []
+    for i in range(n):
+        order = np.argsort(-probs[i], kind="stable")[:TOP_K]
+        top5.append([(labels[j], round(float(probs[i, j]), 6)) for j in order])
+        if unknown[i]:
+            prediction.append(UNKNOWN)
+            family.append("")
+        else:
+            lb = labels[best[i]]
+            prediction.append(lb if rule._variety.any() else fams[fam_best[i]])
+            family.append(fams[fam_best[i]])
+    return Answers(prediction, probs[np.arange(n), best], family, fam_p[np.arange(n), fam_best], en, fr, top5, unknown)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def quantile_threshold(scores: np.ndarray, q: float) -> float | None:
+    scores = np.asarray(scores, dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    return float(np.quantile(scores, q)) if len(scores) else None
+
+
+def imagenet_class_set(class_means: np.ndarray, min_mass: float = 0.01) -> list[int]:
+    """ImageNet classes that hold at least ``min_mass`` of some training class's mean probability."""
+    return [int(j) for j in np.where(np.atleast_2d(class_means).max(axis=0) >= min_mass)[0]]
+
+
+PROFILE_MIN_MASS = 0.02  # an ImageNet class belongs to a family-level class's profile from this mean mass
+PROFILE_QUANTILE = 0.05  # share of a family-level class's own training photos its profile check may refuse

@@ -1,0 +1,277 @@
+"""Held-out evaluation beyond top-1: families, "unknown" coverage and risk, calibration,
+the worst errors, and an evaluation under shift (perturbed held-out images).
+
+Everything here works on the held-out rows scored by the model's last stages (a few
+numbers per image, collected on the driver) or, for the shift evaluation, on the
+held-out catalog rows re-encoded under seeded photometric/geometric changes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+
+from .answer import quantile_threshold
+from .taxonomy import UNKNOWN, is_family_label
+
+SCORED_COLUMNS = ["image_id", "label", "predicted_label", "predicted_probability", "family", "family_probability",
+                  "energy", "fruitness"]
+QUANTILE_GRID = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+GALLERY = "gallery"
+WORST_ERRORS = 12
+SHIFT_DESCRIPTION = ("held-out images under seeded changes of brightness, contrast, saturation, white balance, "
+                     "rotation (up to 20 degrees), scale (0.8-1.15), shift and blur")
+
+
+def thresholds(rows: pd.DataFrame, q: float) -> tuple[float | None, float | None]:
+    """Energy and fruitness thresholds refusing at most ``q`` of each kind of held-out image.
+
+    The kinds are studio (variety-labelled) and family-labelled photos: the lower of
+    the two quantiles is kept, so neither kind loses more than ``q`` to "unknown".
+    """
+    if q <= 0 or rows.empty:
+        return None, None
+    fam_rows = rows["label"].map(is_family_label)
+    te, tf = [], []
+    for part in (rows[~fam_rows], rows[fam_rows]):
+        if len(part):
+            te.append(quantile_threshold(part["energy"].to_numpy(), q))
+            tf.append(quantile_threshold(part["fruitness"].to_numpy(), q))
+    te = [t for t in te if t is not None]
+    tf = [t for t in tf if t is not None]
+    return (min(te) if te else None), (min(tf) if tf else None)
+
+
+def _unknown(rows: pd.DataFrame, te: float | None, tf: float | None) -> np.ndarray:
+    out = (rows["predicted_label"] == UNKNOWN).to_numpy()  # refused by the family-level profile check
+    if te is not None:
+        out |= rows["energy"].to_numpy() < te
+    if tf is not None:
+        out |= rows["fruitness"].to_numpy() < tf
+    return out
+
+
+def _wrong(rows: pd.DataFrame, true_family: pd.Series) -> np.ndarray:
+    """A variety-labelled image is wrong when its variety is; a family-labelled one when its family is."""
+    fam_rows = rows["label"].map(is_family_label).to_numpy()
+    variety_wrong = (rows["predicted_label"] != rows["label"]).to_numpy()
+    family_wrong = (rows["family"] != true_family).to_numpy()
+    return np.where(fam_rows, family_wrong, variety_wrong)
+
+
+def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf: float | None) -> dict:
+    """families, unknown (coverage/risk + curve), calibration and the worst errors of the held-out rows.
+
+    ``rows`` were scored without the unknown rule (``predicted_label`` is always a class).
+    """
+    out: dict = {}
+    if rows.empty:
+        return out
+    true_family = rows["label"].map(taxonomy.family)
+    unknown = _unknown(rows, te, tf)
+    fam_ok = (rows["family"] == true_family).to_numpy()
+    per_family = {}
+    for fam, idx in true_family.groupby(true_family).groups.items():
+        m = rows.index.get_indexer(idx)
+        per_family[str(fam)] = {"n": int(len(m)), "accuracy": float(fam_ok[m].mean()),
+                                "unknown": float(unknown[m].mean())}
+    out["family"] = {"n": int(len(rows)), "accuracy": float(fam_ok.mean()),
+                     "answered_accuracy": float((fam_ok & ~unknown).mean()), "per_family": per_family}
+
+    wrong = _wrong(rows, true_family)
+    curve = []
+    for qq in sorted(set(QUANTILE_GRID) | {q}):
+        a, b = thresholds(rows, qq)
+        unk = _unknown(rows, a, b)
+        answered = ~unk
+        curve.append({"quantile": qq, "coverage": float(answered.mean()),
+                      "risk": float(wrong[answered].mean()) if answered.any() else 0.0})
+    answered = ~unknown
+    out["unknown"] = {
+        "rule": f"unknown when energy < t_e or fruitness < t_f (thresholds: the {q * 100:g} % quantile of "
+                "held-out images, studio and family-labelled photos each)",
+        "quantile": q, "energy_threshold": te, "fruitness_threshold": tf,
+        "coverage": float(answered.mean()),
+        "risk": float(wrong[answered].mean()) if answered.any() else 0.0,
+        "curve": curve,
+    }
+
+    variety = ~rows["label"].map(is_family_label).to_numpy()
+    conf = rows["predicted_probability"].to_numpy()[variety]
+    ok = ~wrong[variety]
+    bins = []
+    ece = 0.0
+    for i in range(10):
+        lo, hi = i / 10, (i + 1) / 10
+        m = (conf >= lo) & ((conf < hi) if i < 9 else (conf <= hi))
+        if m.any():
+            c, a = float(conf[m].mean()), float(ok[m].mean())
+            ece += m.sum() / max(1, len(conf)) * abs(c - a)
+            bins.append({"lo": lo, "hi": hi, "n": int(m.sum()), "confidence": c, "accuracy": a})
+        else:
+            bins.append({"lo": lo, "hi": hi, "n": 0, "confidence": None, "accuracy": None})
+    out["calibration"] = {"bins": bins, "ece": float(ece)}
+
+    err = rows[wrong].assign(score=np.where(variety[wrong], rows["predicted_probability"].to_numpy()[wrong],
+                                         rows["family_probability"].to_numpy()[wrong]))
+    err = err.sort_values(["score", "image_id"], ascending=[False, True]).head(WORST_ERRORS)
+    out["worst_errors"] = [
+        {"image_id": r.image_id, "label": r.label, "prediction": r.predicted_label, "probability": float(r.score),
+         "family": r.family, "thumbnail": f"{GALLERY}/{r.image_id}.jpg"}
+        for r in err.itertuples(index=False)
+    ]
+    fam_rows = ~variety
+    if fam_rows.any():
+        out["family_roots_held_out"] = {
+            "n": int(fam_rows.sum()), "family_accuracy": float(fam_ok[fam_rows].mean()),
+            "answered_family_accuracy": float((fam_ok & ~unknown)[fam_rows].mean()),
+            "unknown_rate": float(unknown[fam_rows].mean()),
+        }
+    return out
+
+
+def shift_report(rows: pd.DataFrame, taxonomy, te: float | None, tf: float | None) -> dict:
+    """Accuracy of perturbed held-out images (scored without the unknown rule, which is applied here)."""
+    if rows.empty:
+        return {}
+    true_family = rows["label"].map(taxonomy.family)
+    variety = ~rows["label"].map(is_family_label).to_numpy()
+    unknown = _unknown(rows, te, tf)
+    # Top-1 ignores the unknown rule (the class the model would name), as the block-split figure does.
+    return {
+        "n": int(len(rows)),
+        "accuracy": float((rows["predicted_label"] == rows["label"]).to_numpy()[variety].mean()) if variety.any() else None,
+        "family_accuracy": float((rows["family"] == true_family).mean()),
+        "unknown_rate": float(unknown.mean()),
+        "description": SHIFT_DESCRIPTION,
+    }
+
+
+def perturb_jpeg(data: bytes, seed: int) -> bytes:
+    """One seeded change of lighting, colour and geometry, re-encoded as JPEG (white fill, as the studio)."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    from .images import decode_rgb
+
+    rng = np.random.default_rng(seed)
+    im = Image.fromarray(decode_rgb(data))
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.75, 1.2))
+    im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.75, 1.25))
+    im = ImageEnhance.Color(im).enhance(rng.uniform(0.7, 1.3))
+    arr = np.asarray(im).astype(np.float32) * rng.uniform(0.9, 1.1, size=3)  # white balance
+    im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    w, h = im.size
+    scale, angle = rng.uniform(0.8, 1.15), rng.uniform(-20, 20)
+    dx, dy = rng.uniform(-0.08, 0.08, 2) * (w, h)
+    im = im.rotate(angle, resample=Image.BILINEAR, fillcolor=(255, 255, 255), translate=(float(dx), float(dy)))
+    nw, nh = max(8, int(w * scale)), max(8, int(h * scale))
+    im2 = im.resize((nw, nh), Image.BILINEAR)
+    canvas = Image.new("RGB", (w, h), (255, 255, 255))
+    if nw <= w:
+        canvas.paste(im2, ((w - nw) // 2, (h - nh) // 2))
+    else:
+        x0, y0 = (nw - w) // 2, (nh - h) // 2
+        canvas.paste(im2.crop((x0, y0, x0 + w, y0 + h)), (0, 0))
+    if rng.random() < 0.3:
+        canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    buf = io.BytesIO()
+    canvas.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def perturbed(df):
+    """The ``content`` column of ``df`` replaced by its seeded perturbation (seed from the image_id)."""
+    from pyspark.sql.functions import col, pandas_udf
+
+    @pandas_udf("binary")
+    def perturb(contents: pd.Series, ids: pd.Series) -> pd.Series:
+        return pd.Series([perturb_jpeg(bytes(c), int(i[:12], 16)) for c, i in zip(contents, ids)])
+
+    return df.withColumn("content", perturb(col("content"), col("image_id")))
+
+
+def imagenet_class_means(df, offset: int) -> tuple[list[str], np.ndarray]:
+    """Mean ImageNet probabilities per label over ``df`` (label, features): partial sums per partition."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql.functions import col
+
+    def sums(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from .answer import imagenet_probabilities
+
+        acc: dict[str, list] = {}
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            p = imagenet_probabilities(np.stack(pdf["f"].to_numpy()), offset)
+            for label, idx in pdf.groupby("label").indices.items():
+                s = acc.setdefault(label, [0, np.zeros(p.shape[1])])
+                s[0] += len(idx)
+                s[1] += p[idx].sum(axis=0)
+        yield pd.DataFrame({"label": list(acc), "n": [v[0] for v in acc.values()],
+                            "s": [v[1].tolist() for v in acc.values()]})
+
+    parts = (df.select("label", vector_to_array(col("features"), "float32").alias("f"))
+             .mapInPandas(sums, "label string, n long, s array<double>").collect())
+    totals: dict[str, list] = {}
+    for r in parts:
+        t = totals.setdefault(r["label"], [0, 0.0])
+        t[0] += r["n"]
+        t[1] = t[1] + np.asarray(r["s"])
+    labels = sorted(totals)
+    return labels, np.stack([totals[lb][1] / max(1, totals[lb][0]) for lb in labels])
+
+
+def write_gallery(spark, catalog_path: str, out_dir: str, errors: list[dict], size: int = 96) -> None:
+    """Thumbnails of the worst errors as ``<out>/gallery/<image_id>.jpg`` (local outputs only)."""
+    from PIL import Image
+
+    from . import storage
+    from .images import decode_rgb
+
+    if storage.is_remote(out_dir):
+        return
+    final = os.path.join(out_dir, GALLERY)
+    staging = storage.staging_dir(final)
+    os.makedirs(staging, exist_ok=True)
+    ids = sorted({e["image_id"] for e in errors})
+    if ids:
+        rows = spark.read.parquet(catalog_path).where(spark_in("image_id", ids)).select("image_id", "content").collect()
+        for r in rows:
+            im = Image.fromarray(decode_rgb(bytes(r["content"])))
+            im.thumbnail((size, size))
+            im.save(os.path.join(staging, f"{r['image_id']}.jpg"), "JPEG", quality=85)
+    storage.publish_dir(staging, final)
+
+
+def spark_in(column: str, values: list[str]):
+    from pyspark.sql.functions import col
+
+    return col(column).isin(values)
+
+
+def profile_thresholds(df, offset: int, profiles: dict[str, list[int]], q: float) -> dict[str, float]:
+    """Per family-level class: the ``q`` quantile of its own training photos' ImageNet profile mass."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql.functions import col
+
+    if not profiles:
+        return {}
+
+    def scores(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from .answer import imagenet_probabilities
+
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            p = imagenet_probabilities(np.stack(pdf["f"].to_numpy()), offset)
+            yield pd.DataFrame({"label": pdf["label"].to_numpy(),
+                                "s": [float(p[i, profiles[lb]].sum()) for i, lb in enumerate(pdf["label"])]})
+
+    rows = (df.where(col("label").isin(list(profiles)))
+            .select("label", vector_to_array(col("features"), "float32").alias("f"))
+            .mapInPandas(scores, "label string, s double").toPandas())
+    return {str(lb): float(np.quantile(g["s"].to_numpy(), q)) for lb, g in rows.groupby("label")}
