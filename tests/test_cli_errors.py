@@ -105,3 +105,12 @@ def test_debug_shows_the_trace(tmp_path):
     p = run_cli("train", "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--debug")
     assert p.returncode == 2
     assert "Traceback" in p.stderr
+
+
+def test_model_cache_not_writable(tmp_path, sample_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli("train", "--images", str(sample_dir), "--out", str(tmp_path / "out"),
+                   env={"CANESTRA_CACHE_DIR": str(blocker / "cache")})
+    assert_plain_error(proc, "model cache", "is not writable", "CANESTRA_CACHE_DIR")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -14,6 +14,7 @@ average pool of the last conv block) and ``logits`` [N, 1000] (ImageNet).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -60,6 +61,11 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "canestra"
     )
     return Path(root)
+
+
+def cache_not_writable(exc: OSError) -> EnvironmentProblem:
+    return EnvironmentProblem(f"the model cache {cache_dir()} is not writable ({exc.strerror or exc}): set "
+                              "CANESTRA_CACHE_DIR to a writable folder")
 
 
 def _file_sha256(path: str) -> str:
@@ -172,8 +178,11 @@ class _file_lock:
         self.fh = None
 
     def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fh = open(self.path, "a+b")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fh = open(self.path, "a+b")
+        except OSError as exc:
+            raise cache_not_writable(exc) from None
         try:
             import fcntl
 
@@ -203,13 +212,19 @@ def default_model_path() -> str:
         from .torch_weights import load_state_dict
 
         model = build_onnx(load_state_dict(src))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Atomic publish: concurrent workers may race to build; each writes its own
-        # temp file and the last rename wins with identical bytes.
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".onnx.tmp")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-        os.replace(tmp, target)
+        # Atomic publish: readers never see a half-written graph; a failed write leaves no temp file.
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".onnx.tmp")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(model.SerializeToString())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError as exc:
+            raise cache_not_writable(exc) from None
     return str(target)
 
 
@@ -259,6 +274,21 @@ def has_vnni() -> bool:
     return bool({"avx512_vnni", "avx_vnni"} & cpu_flags())
 
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    import logging
+
+    root = logging.getLogger()
+    null, level = logging.NullHandler(), root.level
+    root.addHandler(null)  # a handler present: logging.warning() does not install a stderr one
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(null)
+        root.setLevel(level)
+
+
 def int8_model_path() -> str:
     """Static int8 (QDQ, per-channel weights) version of the fp32 graph, cached like it.
 
@@ -295,9 +325,10 @@ def int8_model_path() -> str:
             private = os.path.join(work, "fp32.onnx")
             shutil.copyfile(fp32, private)
             out = os.path.join(work, "int8.onnx")
-            quantize_static(private, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8 if vnni else QuantType.QUInt8)
+            with _quiet_root_logger():  # ONNX Runtime's advice lines are for its developers, not ours
+                quantize_static(private, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8 if vnni else QuantType.QUInt8)
             os.replace(out, target)  # atomic: racing workers publish identical files
     return str(target)
 

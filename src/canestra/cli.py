@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -193,12 +194,30 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(**{k: getattr(args, k, None) for k in keys})
 
 
-def _spark(cfg: Settings):
+_LOG_FILE: list[str] = []  # where this command's Spark/JVM output went (named in error messages)
+
+
+def spark_log_path(out: str) -> str:
+    """``OUT/_logs/spark.log`` for a local --out; a local temp file for s3:// outputs."""
+    from .storage import is_remote, local_path
+
+    if is_remote(out):
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "canestra-logs", f"spark-{os.getpid()}.log")
+    return os.path.join(local_path(out), "_logs", "spark.log")
+
+
+def _spark(cfg: Settings, out: str):
     from .sparkctx import get_spark
 
     conf = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch)}
     os.environ.setdefault("CANESTRA_DRIVER_MEMORY", cfg.driver_memory)
-    return get_spark(cfg.master, conf=conf)
+    # Normal runs: every Spark/JVM line goes to the log file; --debug shows everything.
+    log_file = None if cfg.debug else spark_log_path(out)
+    if log_file:
+        _LOG_FILE[:] = [log_file]
+    return get_spark(cfg.master, conf=conf, log_file=log_file)
 
 
 def _precheck(args: argparse.Namespace) -> None:
@@ -217,6 +236,12 @@ def _precheck(args: argparse.Namespace) -> None:
         check_model_dir(args.model)
         list_for_ingest(args.images, require_labels=args.command == "evaluate")
     ensure_output_dir(args.out)
+    if args.command in ("train", "predict", "evaluate"):
+        # Build (or find) the CNN graph once here: a cache problem is one plain line before Spark
+        # starts, and local workers then find the file instead of racing to build it.
+        from . import backbone
+
+        backbone.model_path(getattr(args, "precision", None) or os.environ.get("CANESTRA_PRECISION") or "fp32")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         from .catalog import ingest
         from .storage import ensure_output_dir
 
-        spark = _spark(cfg)
+        spark = _spark(cfg, args.out)
         out = ensure_output_dir(args.out, spark)
         with progress.stage("ingest") as st:
             from .taxonomy import load_taxonomy
@@ -262,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
         from .metrics import format_summary
         from .training import train
 
-        spark = _spark(cfg)
+        spark = _spark(cfg, args.out)
         res = train(spark, args.images, args.out, cfg, progress)
         audit.note(**{k: v for k, v in res.metrics.get("counts", {}).items() if isinstance(v, int)},
                    outputs=[os.path.join(res.out_dir, n) for n in ("model", "catalog", "features", "metrics.json",
@@ -272,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "predict":
         from .prediction import predict
 
-        spark = _spark(cfg)
+        spark = _spark(cfg, args.out)
         res = predict(spark, args.model, args.images, args.out, progress, include_paths=args.include_paths)
         audit.note(predicted=res.predicted, quarantined=res.quarantined, details={"include_paths": args.include_paths},
                    outputs=[res.predictions_path, os.path.join(res.out_dir, "predictions.csv"),
@@ -283,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         from .metrics import format_summary
         from .prediction import evaluate
 
-        spark = _spark(cfg)
+        spark = _spark(cfg, args.out)
         metrics = evaluate(spark, args.model, args.images, args.out, progress)
         audit.note(**{k: v for k, v in metrics.get("counts", {}).items() if isinstance(v, int)},
                    outputs=[os.path.join(args.out, n) for n in ("predictions", "metrics.json", "report.html")])
@@ -291,9 +316,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_WORKER_ERROR = re.compile(r"canestra\.errors\.(?:EnvironmentProblem|InputError|OutputError): (.+)")
+
+
 def _plain_spark_error(exc: BaseException) -> str | None:
-    """A one-line reading of common Spark/Java failures, or None."""
+    """A one-line reading of common Spark/Java/Python-worker failures, or None."""
     text = str(exc)
+    found = _WORKER_ERROR.search(text)  # a canestra error raised inside a Spark Python worker
+    if found:
+        return found.group(1).strip()
+    if "MemoryError" in text or "java.lang.OutOfMemoryError" in text or (
+            "Python worker exited unexpectedly" in text and ("137" in text or "Killed" in text or "signal 9" in text)):
+        return ("a Spark worker ran out of memory: lower --batch-size or --arrow-batch, or give Spark more memory "
+                "(CANESTRA_DRIVER_MEMORY, spark.executor.memory)")
+    if "InvalidProtobuf" in text or "INVALID_PROTOBUF" in text or ("onnxruntime" in text and "Load model" in text):
+        return ("the cached CNN model file is corrupt: delete the canestra cache folder "
+                "(CANESTRA_CACHE_DIR, default ~/.cache/canestra) and run again")
     if "Permission denied" in text or "AccessDeniedException" in text:
         return "permission denied while Spark wrote or read a file: check the --out folder's permissions"
     if "No space left on device" in text:
@@ -337,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"canestra: error: {plain}", file=sys.stderr)
             return EXIT_USER_ERROR
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        where = f"see {_LOG_FILE[0]} or " if _LOG_FILE else ""
         print(f"canestra: error: unexpected failure ({type(exc).__name__}: {first}); "
-              "re-run with --debug for the full trace and report it", file=sys.stderr)
+              f"{where}re-run with --debug for the full trace, and report it", file=sys.stderr)
         return 1
 
 

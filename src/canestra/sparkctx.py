@@ -58,8 +58,15 @@ def log4j_config() -> str:
     return str(resources.files("canestra").joinpath("conf/log4j2.properties"))
 
 
-def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[str, str] | None = None):
-    """Create (or reuse) the SparkSession with canestra's defaults."""
+def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[str, str] | None = None,
+              log_file: str | None = None):
+    """Create (or reuse) the SparkSession with canestra's defaults.
+
+    With ``log_file``, everything the JVM and its Python workers print (log4j at any level,
+    native-library notices, worker tracebacks) goes to that file instead of the terminal:
+    the JVM is started with its stdout/stderr redirected there. Users see canestra's own
+    lines; a failure names the file.
+    """
     java_version()
     # Spark's Python workers must use this interpreter (the venv), not whatever
     # `python3` is first on PATH; on one machine, keep Spark on loopback.
@@ -67,6 +74,7 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     if master.startswith("local") or "127.0.0.1" in master or "localhost" in master:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     log_opt = f"-Dlog4j2.configurationFile=file:{log4j_config()} -Dlog4j.configurationFile=file:{log4j_config()}"
@@ -76,23 +84,31 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
         # since: Spark ML's PCA came out wrong with its Java BLAS loops JIT-compiled to AVX-512.
         # Capping the JIT at AVX2 cost nothing measurable; CANESTRA_JVM_AVX512=1 lifts it.
         log_opt += " -XX:UseAVX=2"
-    builder = (
-        SparkSession.builder.master(master)
-        .appName(app_name)
-        .config("spark.driver.extraJavaOptions", log_opt)
-        .config("spark.executor.extraJavaOptions", log_opt)
-        # Spark's progress bar only where a person watches; CI logs get our stage lines.
-        .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")
-        .config("spark.ui.enabled", "false")
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.python.worker.reuse", "true")
-        .config("spark.sql.shuffle.partitions", str(max(4, 2 * (os.cpu_count() or 2))))
-        .config("spark.driver.memory", os.environ.get("CANESTRA_DRIVER_MEMORY", "4g"))
-        .config("spark.sql.parquet.compression.codec", "snappy")
-    )
+    settings = {
+        "spark.driver.extraJavaOptions": log_opt,
+        "spark.executor.extraJavaOptions": log_opt,
+        # Spark's progress bar only where a person watches and the JVM writes to the terminal.
+        "spark.ui.showConsoleProgress": "true" if sys.stderr.isatty() and not log_file else "false",
+        "spark.ui.enabled": "false",
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.python.worker.reuse": "true",
+        "spark.sql.shuffle.partitions": str(max(4, 2 * (os.cpu_count() or 2))),
+        "spark.driver.memory": os.environ.get("CANESTRA_DRIVER_MEMORY", "4g"),
+        "spark.sql.parquet.compression.codec": "snappy",
+    }
     if master.startswith("local"):
-        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-    for key, value in (conf or {}).items():
+        settings.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
+    settings.update(conf or {})
+    if log_file and SparkContext._active_spark_context is None:
+        from pyspark.java_gateway import launch_gateway
+
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        sconf = SparkConf().setMaster(master).setAppName(app_name).setAll(list(settings.items()))
+        with open(log_file, "ab") as sink:  # the child keeps its own copy of the descriptor
+            gateway = launch_gateway(sconf, popen_kwargs={"stdout": sink, "stderr": sink})
+        SparkContext(conf=sconf, gateway=gateway)
+    builder = SparkSession.builder.master(master).appName(app_name)
+    for key, value in settings.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

@@ -12,6 +12,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import __version__, backbone, storage
 from .catalog import balanced_partitions, ingest, read_manifest
 from .config import Settings
@@ -67,8 +69,38 @@ def featurize_table(spark, catalog_path: str, out_path: str, featurizer: ImageFe
     return out_path
 
 
+_DRIVER_PCA_MAX_VALUES = 16_000_000  # rows x dims (128 MB of float64) under which PCA runs on the driver
+
+
+def _pca_model(spark, pc: np.ndarray, explained: np.ndarray, k: int):
+    """A Spark ``PCAModel`` (the same stage Spark's PCA fits) from components computed on the driver."""
+    from pyspark.ml.common import _py2java
+    from pyspark.ml.feature import PCAModel
+    from pyspark.ml.linalg import DenseMatrix, DenseVector
+
+    sc = spark.sparkContext
+    d = pc.shape[0]
+    jpc = _py2java(sc, DenseMatrix(d, k, np.asarray(pc[:, :k], dtype=np.float64).flatten(order="F").tolist()))
+    jev = _py2java(sc, DenseVector(np.asarray(explained[:k], dtype=np.float64).tolist()))
+    model = PCAModel(sc._jvm.org.apache.spark.ml.feature.PCAModel(PCAModel._randomUID(), jpc, jev))
+    model._set(k=k, inputCol="features", outputCol="pca")
+    model._transfer_params_to_java()
+    return model
+
+
+def _choose_k(ratio: np.ndarray, cfg: Settings, max_k: int) -> int:
+    if cfg.pca_variance is None:
+        return min(cfg.pca_k, max_k)
+    return int(min(max_k, np.searchsorted(np.cumsum(ratio), cfg.pca_variance) + 1))
+
+
 def fit_pca(train_df, cfg: Settings, input_dim: int, n_train: int):
     """Fit PCA with ``pca_k`` components, or the fewest reaching ``pca_variance``.
+
+    Small training sets (rows x dims up to 16 M) are decomposed on the driver with numpy:
+    Spark's PCA always decomposes the d x d covariance in the JVM, 50 s for the 2,560-d
+    embedding even on the 254-image bundled sample, against 0.3 s for an SVD of the rows.
+    Larger sets use Spark's PCA (distributed covariance). Both give Spark's ``PCAModel``.
 
     Never more than ``n_train - 1`` components: n centred rows span at most n - 1
     directions, the rest is numerical noise, and on the 253-image bundled sample those
@@ -77,16 +109,18 @@ def fit_pca(train_df, cfg: Settings, input_dim: int, n_train: int):
     from pyspark.ml.feature import PCA
 
     max_k = max(1, min(input_dim, n_train - 1))
+    if n_train * input_dim <= _DRIVER_PCA_MAX_VALUES:
+        x = np.stack([r.features.toArray() for r in train_df.select("features").collect()])
+        x -= x.mean(axis=0)
+        _, sv, vt = np.linalg.svd(x, full_matrices=False)
+        var = sv ** 2
+        ratio = var / var.sum() if var.sum() > 0 else var
+        k = _choose_k(ratio, cfg, max_k)
+        return _pca_model(train_df.sparkSession, vt.T, ratio, k)
     if cfg.pca_variance is not None:
         # One fit with many components gives the spectrum; refit at the chosen k.
-        probe_k = min(max_k, 512)
-        probe = PCA(k=probe_k, inputCol="features", outputCol="pca").fit(train_df)
-        cum, k = 0.0, probe_k
-        for i, v in enumerate(probe.explainedVariance.toArray(), start=1):
-            cum += float(v)
-            if cum >= cfg.pca_variance:
-                k = i
-                break
+        probe = PCA(k=min(max_k, 512), inputCol="features", outputCol="pca").fit(train_df)
+        k = _choose_k(probe.explainedVariance.toArray(), cfg, min(max_k, 512))
     else:
         k = min(cfg.pca_k, max_k)
     return PCA(k=k, inputCol="features", outputCol="pca").fit(train_df)
