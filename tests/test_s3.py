@@ -323,3 +323,21 @@ def test_erase_deletes_the_source_object(moto, buckets, spark, sample_dir, tmp_p
     secrets = (moto.key_id, moto.secret)
     assert not [x for x in secrets if x in captured.out + captured.err]
     assert not [p for p in out.rglob("*") if p.is_file() for x in secrets if x.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_fresh_machine_train_from_s3_prints_only_canestra_lines(moto, buckets, tmp_path):
+    """Issue 14's matrix, s3:// row: empty model cache, two workers, images read through the emulator."""
+    import re
+
+    env = dict(os.environ, CANESTRA_CACHE_DIR=str(tmp_path / "empty-cache"), CANESTRA_MASTER="local[2]")
+    env.pop("CANESTRA_DEBUG", None)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "canestra.cli", "train", "--images", IMAGES, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    own = re.compile(r"^(canestra |accuracy |macro-F1 |PCA |worst classes|top confusions|  |model: )")
+    assert [ln for ln in text.splitlines() if ln.strip() and not own.match(ln)] == []
+    assert (out / "model" / "metadata").is_dir() and (out / "_logs" / "spark.log").is_file()
+    assert moto.secret not in text
