@@ -274,3 +274,42 @@ def test_cli_serve_bad_model_exits_2_before_starting(tmp_path):
                        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")})
     assert r.returncode == 2
     assert r.stderr.strip().startswith("canestra: error: model folder") and "Uvicorn" not in r.stderr + r.stdout
+
+
+@pytest.mark.slow
+def test_serve_two_workers_build_the_int8_graph_into_an_empty_cache(model_dir, sample_dir, tmp_path):
+    """Issue 14's matrix, serve row: both workers load an int8 model at once on a fresh machine."""
+    import shutil
+
+    model = tmp_path / "model-int8"
+    shutil.copytree(model_dir, model)
+    for meta in model.glob("stages/*ImageFeaturizer*/metadata/part-*"):
+        doc = json.loads(meta.read_text().splitlines()[0])
+        doc.setdefault("paramMap", {})["precision"] = "int8"
+        meta.write_text(json.dumps(doc) + "\n")
+        for crc in meta.parent.glob(".*.crc"):
+            crc.unlink()
+    port = free_port()
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "CANESTRA_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "canestra.cli", "serve", "--model", str(model), "--port", str(port),
+                             "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, "server did not come up"
+            time.sleep(0.5)
+        with httpx.Client(base_url=base, trust_env=False, timeout=60) as http:
+            for path in images_of(sample_dir, "Strawberry", 4):
+                assert http.post("/v1/predict", files={"file": (path.name, path.read_bytes())}).status_code == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert "Traceback" not in out and "WARNING:root" not in out, out[-3000:]
+    assert any(p.name.endswith(".onnx") and "int8" in p.name for p in (tmp_path / "cache").iterdir())
