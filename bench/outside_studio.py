@@ -45,12 +45,13 @@ Non-fruit images: scikit-image's sample photos (``skimage/data/*.png|jpg``) and 
 ``sklearn/datasets/images/*.jpg``, each whole, centre square and 4 corner crops at 60 %.
 
 Features are cached in ``--work`` (per backbone, image set, variant and size, with the list of
-images they belong to and a spot check of two rows on reuse), so a re-run only refits. The
-~100 fits (L-BFGS, 100 iterations, float64) dominate: about an hour on 2 busy cores, a
-quarter of that on 2 idle ones; the features add ~20 min on a first run.
+images they belong to and a spot check of two rows on reuse), and so are the figures of each
+finished lever (keyed by its settings and feature files; ``--refit`` ignores them). The
+~100 fits (L-BFGS, 100 iterations, float64) dominate: 16 min measured on 2 quiet cores,
+close to an hour when other jobs share them; the features add ~20 min on a first run.
 
     python bench/outside_studio.py [levers|real|all] [--studio DIR] [--real DIR] [--work DIR]
-        [--lite1 LITE1.onnx] [--max-iter 100] [--threads 2] [--json]
+        [--lite1 LITE1.onnx] [--max-iter 100] [--threads 2] [--refit] [--json]
 
 ``--lite1`` adds EfficientNet-Lite1 at 160 and 224 px: pass an ONNX graph with canestra's graph
 interface (input ``image`` uint8 NHWC, outputs ``features``/``logits``); canestra ships no
@@ -109,6 +110,7 @@ LEVERS = [
     Lever("100+224 px, no PCA, reg 1e-4", (100, 224), None, 1e-4),
     Lever("100+160 px, no PCA, reg 1e-5", (100, 160), None, 1e-5),
     Lever("160+224 px, no PCA, reg 1e-4", (160, 224), None, 1e-4),
+    Lever("160+224 px, no PCA, reg 1e-5", (160, 224), None, 1e-5),
     Lever("160+224 px, PCA 512, reg 1e-4", (160, 224), 512, 1e-4),
     Lever("160+224 px, PCA 512, reg 1e-5 (new default)", (160, 224), 512, 1e-5),
     Lever("160+224 px, PCA 768, reg 1e-5", (160, 224), 768, 1e-5),
@@ -199,6 +201,9 @@ class FeatureCache:
         self.threads = threads
         self.backbones = backbones  # name -> ONNX path
 
+    def path(self, backbone_name: str, image_set: str, variant: str, size: int) -> Path:
+        return self.dir / f"{backbone_name}-{image_set}-{variant}-{size}.npy"
+
     def _embed(self, backbone_name: str, rgbs: list[np.ndarray], size: int, fit: str) -> np.ndarray:
         from canestra import backbone
 
@@ -208,7 +213,7 @@ class FeatureCache:
             image_of: Callable[[int], np.ndarray], fit: str = "crop") -> dict[int, np.ndarray]:
         out, missing = {}, []
         for size in sizes:
-            path = self.dir / f"{backbone_name}-{image_set}-{variant}-{size}.npy"
+            path = self.path(backbone_name, image_set, variant, size)
             side = path.with_suffix(".json")
             if path.exists() and side.exists() and json.loads(side.read_text())["items"] == items:
                 arr = np.load(path)
@@ -231,7 +236,7 @@ class FeatureCache:
                     log(f"  {start + len(rgbs)}/{len(items)} ({time.perf_counter() - t0:.0f} s)")
             for s in missing:
                 arr = np.concatenate(parts[s]).astype(np.float32)
-                path = self.dir / f"{backbone_name}-{image_set}-{variant}-{s}.npy"
+                path = self.path(backbone_name, image_set, variant, s)
                 np.save(path, arr)
                 path.with_suffix(".json").write_text(json.dumps({"items": items, "fit": fit}))
                 out[s] = arr
@@ -423,6 +428,19 @@ class Perturbed:
 # ----------------------------------------------------------------------------- levers
 
 
+def fits_key(args, cache: FeatureCache, studio: Studio, lv: Lever) -> str:
+    """Identity of a lever's fits: its settings, the iterations, the images and the exact feature
+    files (a recomputed file gets a new mtime), so finished levers survive an interrupted run."""
+    import hashlib
+
+    files = [cache.path(lv.backbone, image_set, variant, s) for image_set in ("studio", "perturbed")
+             for variant in (("plain", "mirror") if lv.flip else ("plain",)) for s in lv.sizes]
+    ident = {"lever": lv.__dict__, "max_iter": args.max_iter, "version": 1,
+             "images": hashlib.sha256("\n".join(studio.items).encode()).hexdigest(),
+             "features": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_levers(args, cache: FeatureCache, studio: Studio, levers: list[Lever]) -> dict:
     n_classes = len(studio.classes)
     y = studio.y
@@ -441,6 +459,8 @@ def run_levers(args, cache: FeatureCache, studio: Studio, levers: list[Lever]) -
     per_160 = 1.0 / rates[("lite0", 160)]
 
     rows = []
+    done_dir = Path(args.work) / "levers"  # finished levers' figures, reused unless --refit
+    done_dir.mkdir(parents=True, exist_ok=True)
     directions: dict = {}  # PCA directions per split, for the features of the current lever
     features_of = None
     for lv in levers:
@@ -450,6 +470,12 @@ def run_levers(args, cache: FeatureCache, studio: Studio, levers: list[Lever]) -
             directions.clear()
         X = studio.features(cache, lv.backbone, lv.sizes, lv.flip)
         Xp = perturbed.features(cache, lv.backbone, lv.sizes, lv.flip)
+        cost = sum(1.0 / rates[(lv.backbone, s)] for s in lv.sizes) * (2 if lv.flip else 1) / per_160
+        done = done_dir / f"{fits_key(args, cache, studio, lv)}.json"
+        if done.exists() and not args.refit:
+            rows.append({**json.loads(done.read_text()), "featurize_cost_vs_160": cost})
+            log(f"{lv.name}: figures of an earlier run with the same features ({done})")
+            continue
         log(f"{lv.name}: fitting")
 
         def held_out_top1(test, key):
@@ -460,13 +486,14 @@ def run_levers(args, cache: FeatureCache, studio: Studio, levers: list[Lever]) -
         acc_pert = top1(m10, Xp, y[perturbed.rows])
         acc5 = {s: held_out_top1(t, f"blocks5-{s}")[1] for s, t in tests5.items()}
         acc_sess = {s: held_out_top1(t, f"session-{s}")[1] for s, t in tests_session.items()}
-        cost = sum(1.0 / rates[(lv.backbone, s)] for s in lv.sizes) * (2 if lv.flip else 1) / per_160
-        rows.append({"lever": lv.name, "backbone": lv.backbone, "sizes": list(lv.sizes), "pca_k": lv.pca_k,
-                     "reg": lv.reg, "mirror_averaged": lv.flip, "dims": int(m10.W.shape[0]),
-                     "blocks10": acc10, "blocks5_mean": float(np.mean(list(acc5.values()))),
-                     "blocks5": {str(k): v for k, v in acc5.items()}, "perturbed": acc_pert,
-                     "session_out_mean": float(np.mean(list(acc_sess.values()))),
-                     "session_out": {str(k): v for k, v in acc_sess.items()}, "featurize_cost_vs_160": cost})
+        row = {"lever": lv.name, "backbone": lv.backbone, "sizes": list(lv.sizes), "pca_k": lv.pca_k,
+               "reg": lv.reg, "mirror_averaged": lv.flip, "dims": int(m10.W.shape[0]),
+               "blocks10": acc10, "blocks5_mean": float(np.mean(list(acc5.values()))),
+               "blocks5": {str(k): v for k, v in acc5.items()}, "perturbed": acc_pert,
+               "session_out_mean": float(np.mean(list(acc_sess.values()))),
+               "session_out": {str(k): v for k, v in acc_sess.items()}}
+        done.write_text(json.dumps(row))
+        rows.append({**row, "featurize_cost_vs_160": cost})
         log(f"{lv.name}: done in {time.perf_counter() - t0:.0f} s")
 
     print(f"Levers: top-1 % on {len(studio.items)} studio images, {n_classes} classes ({studio.root})")
@@ -685,6 +712,7 @@ def main() -> None:
     ap.add_argument("--lite1", metavar="ONNX", help="EfficientNet-Lite1 graph (canestra's interface): adds 2 levers")
     ap.add_argument("--max-iter", type=int, default=100, help="L-BFGS iterations per fit")
     ap.add_argument("--threads", type=int, default=2, help="ONNX Runtime and torch threads")
+    ap.add_argument("--refit", action="store_true", help="refit every lever, even those an earlier run finished")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     benchlib.setup_env()
