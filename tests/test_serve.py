@@ -231,25 +231,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_two_workers(model: str, env: dict, timeout: float):
+    """`canestra serve --workers 2` on a free loopback port; (process, base URL) once /readyz answers."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "canestra.cli", "serve", "--model", model, "--port", str(port),
+                             "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(base + "/readyz", timeout=2, trust_env=False).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() >= deadline:
+            proc.kill()
+            out, _ = proc.communicate(timeout=60)
+            raise AssertionError(f"server did not come up: {out[-2000:]}")
+        time.sleep(0.5)
+
+
 @pytest.mark.slow  # ~10 s idle, minutes on a loaded 2-core machine (two model loads + uvicorn start)
 def test_cli_serve_with_two_workers(model_dir, sample_dir, tmp_path):
     """The real command: uvicorn with 2 worker processes (app factory + env), then a clean stop."""
-    port = free_port()
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    proc = subprocess.Popen([sys.executable, "-m", "canestra.cli", "serve", "--model", model_dir, "--port", str(port),
-                             "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc, base = _start_two_workers(model_dir, env, 120)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "server did not come up"
-            time.sleep(0.5)
         with httpx.Client(base_url=base, trust_env=False, timeout=60) as http:
             for path in images_of(sample_dir, "Strawberry", 4):
                 r = http.post("/v1/predict", files={"file": (path.name, path.read_bytes())})
@@ -289,22 +297,9 @@ def test_serve_two_workers_build_the_int8_graph_into_an_empty_cache(model_dir, s
         meta.write_text(json.dumps(doc) + "\n")
         for crc in meta.parent.glob(".*.crc"):
             crc.unlink()
-    port = free_port()
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "CANESTRA_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "canestra.cli", "serve", "--model", str(model), "--port", str(port),
-                             "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc, base = _start_two_workers(str(model), env, 300)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=2, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, "server did not come up"
-            time.sleep(0.5)
         with httpx.Client(base_url=base, trust_env=False, timeout=60) as http:
             for path in images_of(sample_dir, "Strawberry", 4):
                 assert http.post("/v1/predict", files={"file": (path.name, path.read_bytes())}).status_code == 200

@@ -47,7 +47,7 @@ class AnswerModel(Transformer, DefaultParamsReadable, DefaultParamsWritable):
         from pyspark.ml.functions import vector_to_array
         from pyspark.sql import functions as F
 
-        rule_json = self.getOrDefault(self.rule)
+        rule = self.getRule()  # parsed once here; the UDF closure ships it to the workers
 
         @F.pandas_udf(OUTPUT_SCHEMA)
         def answer(probs: pd.Series, margins: pd.Series, feats: pd.Series) -> pd.DataFrame:
@@ -55,8 +55,7 @@ class AnswerModel(Transformer, DefaultParamsReadable, DefaultParamsWritable):
 
             if not len(probs):
                 return pd.DataFrame({c.split()[0]: [] for c in OUTPUT_SCHEMA.split(", ")})
-            r = AnswerRule.from_json(rule_json)
-            a = decide(np.stack(probs.to_numpy()), np.stack(margins.to_numpy()), np.stack(feats.to_numpy()), r)
+            a = decide(np.stack(probs.to_numpy()), np.stack(margins.to_numpy()), np.stack(feats.to_numpy()), rule)
             return pd.DataFrame({
                 "predicted_label": a.prediction, "predicted_probability": a.probability, "family": a.family,
                 "family_probability": a.family_probability, "energy": a.energy, "fruitness": a.fruitness,

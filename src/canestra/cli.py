@@ -220,7 +220,7 @@ def _spark(cfg: Settings, out: str):
     return get_spark(cfg.master, conf=conf, log_file=log_file)
 
 
-def _precheck(args: argparse.Namespace) -> None:
+def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
     """Fail fast on bad paths before paying for a JVM start."""
     from .catalog import list_for_ingest
     from .storage import ensure_output_dir
@@ -241,7 +241,7 @@ def _precheck(args: argparse.Namespace) -> None:
         # starts, and local workers then find the file instead of racing to build it.
         from . import backbone
 
-        backbone.model_path(getattr(args, "precision", None) or os.environ.get("CANESTRA_PRECISION") or "fp32")
+        backbone.model_path(cfg.precision)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_serve(args.model, cfg)
     progress = Progress(quiet=args.quiet)
-    _precheck(args)
+    _precheck(args, cfg)
     if args.command == "ingest":
         from .catalog import ingest
         from .storage import ensure_output_dir

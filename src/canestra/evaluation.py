@@ -239,18 +239,14 @@ def write_gallery(spark, catalog_path: str, out_dir: str, errors: list[dict], si
     os.makedirs(staging, exist_ok=True)
     ids = sorted({e["image_id"] for e in errors})
     if ids:
-        rows = spark.read.parquet(catalog_path).where(spark_in("image_id", ids)).select("image_id", "content").collect()
+        from pyspark.sql.functions import col
+
+        rows = spark.read.parquet(catalog_path).where(col("image_id").isin(ids)).select("image_id", "content").collect()
         for r in rows:
             im = Image.fromarray(decode_rgb(bytes(r["content"])))
             im.thumbnail((size, size))
             im.save(os.path.join(staging, f"{r['image_id']}.jpg"), "JPEG", quality=85)
     storage.publish_dir(staging, final)
-
-
-def spark_in(column: str, values: list[str]):
-    from pyspark.sql.functions import col
-
-    return col(column).isin(values)
 
 
 def profile_thresholds(df, offset: int, profiles: dict[str, list[int]], q: float) -> dict[str, float]:

@@ -64,14 +64,19 @@ class Taxonomy:
 
     rows: dict[str, str] = field(default_factory=dict)  # lower-cased class -> family
 
+    def __post_init__(self) -> None:
+        # lower-cased family -> family as spelled in the table (first spelling, sorted, wins)
+        self._family_by_lower: dict[str, str] = {}
+        for fam in sorted(set(self.rows.values())):
+            self._family_by_lower.setdefault(fam.lower(), fam)
+
     @property
     def families(self) -> set[str]:
-        return set(self.rows.values())
+        return set(self._family_by_lower.values())
 
     def canonical_family(self, name: str) -> str | None:
         """The family spelled as in the table (``"apple"`` -> ``"Apple"``), or None."""
-        low = name.strip().lower()
-        return next((f for f in sorted(self.families) if f.lower() == low), None)
+        return self._family_by_lower.get(name.strip().lower())
 
     def family(self, label: str) -> str:
         if is_family_label(label):

@@ -144,11 +144,6 @@ def make_classifier(cfg: Settings, features_col: str):
     )
 
 
-def confusion_counts(predictions, label_col: str = "label", pred_col: str = PREDICTION_COL):
-    rows = predictions.groupBy(label_col, pred_col).count().collect()
-    return [(r[label_col], r[pred_col], int(r["count"])) for r in rows]
-
-
 def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=(), te=None, tf=None,
                  profiles=None, profile_thresholds=None):
     from .answer import AnswerRule
