@@ -1,7 +1,7 @@
 """Abstention through the real product: what a trained canestra model answers "unknown" to.
 
 bench/outside_studio.py measures the answer rule on a probe; this script runs the product
-itself, end to end (Spark, ``canestra.training.train`` and ``canestra.prediction.predict``
+itself, end to end (Spark, ``canestra.pipeline.train.train`` and ``canestra.pipeline.predict.predict``
 with ``Settings.load()``, i.e. canestra's defaults unless CANESTRA_* variables say otherwise):
 
 1. writes the non-fruit images (scikit-image's and scikit-learn's sample photos, each whole,
@@ -73,7 +73,7 @@ def predictions(spark, run: str, images: str, out: str):
     """predictions.csv of ``canestra predict`` as a DataFrame (family "" when unknown)."""
     import pandas as pd
 
-    from canestra.prediction import PREDICTIONS_CSV, predict
+    from canestra.pipeline.predict import PREDICTIONS_CSV, predict
 
     predict(spark, os.path.join(run, "model"), images, out)
     return pd.read_csv(os.path.join(out, PREDICTIONS_CSV), keep_default_na=False)
@@ -111,11 +111,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     benchlib.setup_env()
-    from canestra.catalog import CATALOG
+    from canestra.pipeline.ingest import CATALOG
     from canestra.config import Settings
     from canestra.sparkctx import get_spark
-    from canestra.taxonomy import load_taxonomy
-    from canestra.training import train
+    from canestra.answer.taxonomy import load_taxonomy
+    from canestra.pipeline.train import train
 
     work = Path(args.work) / "abstention"
     cfg = Settings.load()

@@ -48,7 +48,7 @@ def setup_env() -> None:
 
 def list_subset(images: str, limit: int | None):
     """The listing canestra would make, cut to ``limit`` files spread over all classes."""
-    from canestra.storage import list_images
+    from canestra.storage.files import list_images
 
     files = [f for f in list_images(images) if f.label is not None]
     if limit and limit < len(files):

@@ -32,8 +32,8 @@ CANDIDATES = ["100", "160", "224", "100+224"]
 
 
 def load_images(root: Path):
-    from canestra.images import decode_rgb
-    from canestra.storage import list_images
+    from canestra.vision.images import decode_rgb
+    from canestra.storage.files import list_images
 
     files = [f for f in list_images(str(root)) if f.label]
     images = [decode_rgb(Path(f.path).read_bytes()) for f in files]
@@ -41,7 +41,7 @@ def load_images(root: Path):
 
 
 def bare_features(images, size: int, cache: Path) -> np.ndarray:
-    from canestra import backbone
+    from canestra.vision import backbone
 
     path = cache / f"features-{size}-{len(images)}.npy"
     if path.exists():
@@ -57,7 +57,7 @@ def spark_speed(spark, files, sizes: tuple[int, ...], per_class: int = 10) -> fl
     """Spark featurizer img/s on a class-balanced subset (read bytes -> vectors written)."""
     import pandas as pd
 
-    from canestra.featurizer import ImageFeaturizer
+    from canestra.vision.featurizer import ImageFeaturizer
 
     seen: dict[str, int] = {}
     subset = []
@@ -82,7 +82,7 @@ def accuracy(spark, X: np.ndarray, labels, fit_idx, eval_idx, pca_k: int | None,
     from pyspark.ml.feature import PCA, StringIndexer
     from pyspark.ml.functions import array_to_vector
 
-    from canestra.training import make_classifier
+    from canestra.pipeline.train import make_classifier
 
     def frame(idx):
         pdf = pd.DataFrame({"label": [labels[i] for i in idx], "f": list(X[idx].astype(np.float64))})
@@ -111,7 +111,7 @@ def main() -> None:
 
     from canestra.config import Settings
     from canestra.sparkctx import get_spark
-    from canestra.split import assign_splits
+    from canestra.pipeline.split import assign_splits
 
     cfg = Settings.load()
     files, images = load_images(Path(args.images))

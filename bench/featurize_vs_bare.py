@@ -1,7 +1,7 @@
 """Spark featurization vs a bare ONNX Runtime loop: same images, same cores, one run.
 
-(A) bare: one process reads each file, decodes it (canestra.images.decode_rgb),
-    resizes it (canestra.backbone.resize_rgb) and runs the same ONNX model file in
+(A) bare: one process reads each file, decodes it (canestra.vision.images.decode_rgb),
+    resizes it (canestra.vision.backbone.resize_rgb) and runs the same ONNX model file in
     batches with the best intra-op thread count (probed: 1..cores).
 (B) canestra: ``featurize_table`` on Spark ``local[*]`` -- the catalog table
     (written once by ``canestra ingest``, untimed) through the ImageFeaturizer stage
@@ -25,8 +25,8 @@ import benchlib
 
 
 def bare_loop(paths: list[str], sizes: tuple[int, ...], batch: int, threads: int, model_path: str) -> int:
-    from canestra import backbone
-    from canestra.images import BadImage, decode_rgb
+    from canestra.vision import backbone
+    from canestra.vision.images import BadImage, decode_rgb
 
     n = 0
     pending = []
@@ -72,11 +72,11 @@ def main() -> None:
     args = ap.parse_args()
     benchlib.setup_env()
 
-    from canestra import backbone
-    from canestra.catalog import ingest
+    from canestra.vision import backbone
+    from canestra.pipeline.ingest import ingest
     from canestra.config import Settings
     from canestra.sparkctx import get_spark
-    from canestra.training import featurize_table, make_featurizer
+    from canestra.pipeline.train import featurize_table, make_featurizer
 
     cfg = Settings.load(image_sizes=args.image_size, batch_size=args.batch_size, threads=args.threads)
     sizes = tuple(cfg.image_sizes)

@@ -1,6 +1,6 @@
 """Outside the studio: the figures behind docs/outside-the-studio.md.
 
-Every figure comes from the product's CNN features (``canestra.backbone.embed``, fp32
+Every figure comes from the product's CNN features (``canestra.vision.backbone.embed``, fp32
 EfficientNet-Lite0, centre-crop fit unless stated) and a *probe* standing in for Spark: the
 objective of ``canestra train`` -- PCA without whitening, then multinomial logistic regression
 minimising mean cross-entropy + reg/2 * ||W||^2 (intercepts unpenalised), solved by L-BFGS --
@@ -14,7 +14,7 @@ lever (image sizes, PCA, L2, mirror averaging):
   product's split before it moved to 5 blocks;
 * 5 blocks: 1 of 5 blocks held out (the product's split now), mean over seeds 42, 7, 3;
 * perturbed: the 10-block model on its held-out images after
-  ``canestra.evaluation.perturb_jpeg``, seeded from the image id exactly as the shift
+  ``canestra.pipeline.evaluation.perturb_jpeg``, seeded from the image id exactly as the shift
   evaluation of ``canestra train`` (``int(pixel_id(decode_rgb(bytes))[:12], 16)``);
 * session out: per class one capture session (file-name prefix ``r_``, ``r2_``, ``r3_`` or
   none) held out, the session drawn per class with seeds 0, 1, 2; mean of the three (a
@@ -28,9 +28,9 @@ lever (image sizes, PCA, L2, mirror averaging):
 
 * family accuracy of a studio-only model (trained on the 5-block train split) with the photo
   squashed, centre-cropped or padded with white to a square;
-* the product's answer rule, built as ``canestra.training.train`` builds it
-  (``canestra.answer.AnswerRule`` + ``decide``; energy and fruitness thresholds from
-  ``canestra.evaluation.thresholds`` on the held-out studio rows; ImageNet classes from the
+* the product's answer rule, built as ``canestra.pipeline.train.train`` builds it
+  (``canestra.answer.rule.AnswerRule`` + ``decide``; energy and fruitness thresholds from
+  ``canestra.pipeline.evaluation.thresholds`` on the held-out studio rows; ImageNet classes from the
   per-class mean ImageNet probabilities; family-level profiles), for the studio-only model
   and for the mixed model (studio train split + real photos as "Apple (family)", ...):
   5-fold CV family accuracy on the real photos (folds stratified by family, seed 0; each
@@ -135,7 +135,7 @@ def list_labelled(root: str) -> list[str]:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    from canestra.images import decode_rgb
+    from canestra.vision.images import decode_rgb
 
     return decode_rgb(Path(path).read_bytes())
 
@@ -161,7 +161,7 @@ def nonfruit_images() -> list[tuple[str, np.ndarray]]:
     import skimage
     import sklearn
 
-    from canestra.images import decode_rgb
+    from canestra.vision.images import decode_rgb
 
     sk = os.path.join(os.path.dirname(skimage.__file__), "data")
     sl = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "images")
@@ -205,7 +205,7 @@ class FeatureCache:
         return self.dir / f"{backbone_name}-{image_set}-{variant}-{size}.npy"
 
     def _embed(self, backbone_name: str, rgbs: list[np.ndarray], size: int, fit: str) -> np.ndarray:
-        from canestra import backbone
+        from canestra.vision import backbone
 
         return backbone.embed(rgbs, (size,), self.backbones[backbone_name], threads=self.threads, fit=fit)
 
@@ -246,7 +246,7 @@ class FeatureCache:
 def throughput(model_paths: dict[str, str], needed: set[tuple[str, int]], rgbs: list[np.ndarray],
                threads: int) -> dict[tuple[str, int], float]:
     """img/s of ``backbone.embed`` per (backbone, size): median of interleaved repeats."""
-    from canestra import backbone
+    from canestra.vision import backbone
 
     runs: dict[tuple[str, int], list[float]] = {k: [] for k in sorted(needed)}
     for name, size in runs:  # warm-up: session creation and first-run allocations
@@ -291,7 +291,7 @@ class Probe:
 
 def pca_directions(Z: np.ndarray) -> np.ndarray:
     """Eigenvectors of the covariance of centred rows ``Z``, largest first (Spark's PCA directions),
-    at most ``n - 1`` of them: n centred rows span no more (``canestra.training.fit_pca`` caps k so)."""
+    at most ``n - 1`` of them: n centred rows span no more (``canestra.pipeline.train.fit_pca`` caps k so)."""
     _, vecs = np.linalg.eigh(Z.T @ Z / (len(Z) - 1))
     return np.ascontiguousarray(vecs[:, ::-1][:, : max(1, len(Z) - 1)])
 
@@ -340,7 +340,7 @@ def top1(probe: Probe, X: np.ndarray, y: np.ndarray) -> float:
 
 
 def block_test(labels: list[str], names: list[str], seed: int, n_blocks: int) -> np.ndarray:
-    from canestra.split import assign_splits
+    from canestra.pipeline.split import assign_splits
 
     return np.array(assign_splits(labels, names, TEST_FRACTION, seed, n_blocks=n_blocks)) == "test"
 
@@ -403,7 +403,7 @@ class Perturbed:
     """Held-out studio images under ``perturb_jpeg``, seeded from the image id as ``canestra train``."""
 
     def __init__(self, studio: Studio, rows: np.ndarray):
-        from canestra.images import decode_rgb, pixel_id
+        from canestra.vision.images import decode_rgb, pixel_id
 
         self.studio, self.rows = studio, rows
         self.data = [Path(studio.root, studio.items[i]).read_bytes() for i in rows]
@@ -411,8 +411,8 @@ class Perturbed:
         self.items = [f"{studio.items[i]}#perturb:{s}" for i, s in zip(rows, self.seeds)]
 
     def rgb(self, j: int) -> np.ndarray:
-        from canestra.evaluation import perturb_jpeg
-        from canestra.images import decode_rgb
+        from canestra.pipeline.evaluation import perturb_jpeg
+        from canestra.vision.images import decode_rgb
 
         return decode_rgb(perturb_jpeg(self.data[j], self.seeds[j]))
 
@@ -528,20 +528,20 @@ class Decisions:
 
 def imagenet_offset(sizes) -> int:
     """Start of the embedding block fed to the ImageNet head: the size closest to 224 px,
-    as ``canestra.training._answer_rule``."""
-    from canestra.backbone import FEATURE_DIM
+    as ``canestra.pipeline.train._answer_rule``."""
+    from canestra.vision.backbone import FEATURE_DIM
 
     return min(range(len(sizes)), key=lambda i: abs(sizes[i] - 224)) * FEATURE_DIM
 
 
 def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_train, X_cal, cal_labels, q: float):
-    """The answer rule as ``canestra.training.train`` builds it, from training and held-out rows."""
+    """The answer rule as ``canestra.pipeline.train.train`` builds it, from training and held-out rows."""
     import pandas as pd
 
-    from canestra import evaluation
-    from canestra.answer import (PROFILE_MIN_MASS, PROFILE_QUANTILE, AnswerRule, decide, imagenet_class_set,
+    from canestra.pipeline import evaluation
+    from canestra.answer.rule import (PROFILE_MIN_MASS, PROFILE_QUANTILE, AnswerRule, decide, imagenet_class_set,
                                  imagenet_probabilities)
-    from canestra.taxonomy import is_family_label
+    from canestra.answer.taxonomy import is_family_label
 
     offset = imagenet_offset(sizes)
     families = taxonomy.families_of(labels)
@@ -562,7 +562,7 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
 
 
 def decisions(probe: Probe, rule, X: np.ndarray) -> Decisions:
-    from canestra.answer import decide
+    from canestra.answer.rule import decide
 
     probs = probe.probabilities(X)
     a = decide(probs, probe.margins(X), X, rule)
@@ -582,7 +582,7 @@ def cv_folds(families: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def run_real(args, cache: FeatureCache, studio: Studio) -> dict:
     from canestra.config import Settings
-    from canestra.taxonomy import family_label, load_taxonomy
+    from canestra.answer.taxonomy import family_label, load_taxonomy
 
     cfg = Settings()  # canestra's defaults, not the environment's
     sizes, pca_k, reg, q = tuple(cfg.image_sizes), cfg.pca_k, cfg.reg_param, cfg.unknown_quantile
@@ -718,7 +718,7 @@ def main() -> None:
     benchlib.setup_env()
     import torch
 
-    from canestra import backbone
+    from canestra.vision import backbone
 
     torch.set_num_threads(args.threads)
     backbones = {"lite0": backbone.model_path("fp32")}

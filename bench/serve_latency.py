@@ -59,9 +59,9 @@ def _bare_worker(model_dir: str, image: str, core: int | None, iterations: int, 
                  start: mp.Event, out: mp.Queue) -> None:
     _pin(core)
     benchlib.setup_env()
-    from canestra import backbone
-    from canestra.images import decode_rgb
-    from canestra.online import load_model_spec
+    from canestra.vision import backbone
+    from canestra.vision.images import decode_rgb
+    from canestra.serve.predictor import load_model_spec
 
     spec = load_model_spec(model_dir)
     path = spec.onnx_path or backbone.default_model_path()
@@ -262,9 +262,9 @@ def pct(values, q: float) -> float:
 
 def quick_model() -> str:
     """A small model trained on the bundled sample, cached between runs; its model/ folder."""
-    from canestra import backbone
+    from canestra.vision import backbone
     from canestra.errors import InputError
-    from canestra.online import load_model_spec
+    from canestra.serve.predictor import load_model_spec
 
     out = backbone.cache_dir() / "bench-serve-model"
     model = out / "model"
@@ -338,7 +338,7 @@ def main() -> None:
     benchlib.setup_env()
     model_dir = os.path.abspath(args.model) if args.model else quick_model()
     from canestra.errors import InputError
-    from canestra.online import load_model_spec
+    from canestra.serve.predictor import load_model_spec
 
     try:
         spec = load_model_spec(model_dir)

@@ -42,7 +42,7 @@ def rate(datas: list[bytes], size: int, batch: int, sess, resample) -> float:
     import numpy as np
     from PIL import Image
 
-    from canestra.images import decode_rgb
+    from canestra.vision.images import decode_rgb
 
     with benchlib.Timer() as tm:
         for i in range(0, len(datas), batch):
@@ -63,7 +63,7 @@ def main() -> None:
     benchlib.setup_env()
     from PIL import Image
 
-    from canestra import backbone
+    from canestra.vision import backbone
     from canestra.config import Settings
 
     cfg = Settings.load()

@@ -77,9 +77,9 @@ def template_features(spark, images: str, out: str) -> None:
 
 
 def canestra_features(spark, images: str, work: Path, sizes, precision: str = "fp32") -> int:
-    from canestra.catalog import ingest
+    from canestra.pipeline.ingest import ingest
     from canestra.config import Settings
-    from canestra.training import featurize_table, make_featurizer
+    from canestra.pipeline.train import featurize_table, make_featurizer
 
     cfg = Settings.load(image_sizes=sizes, precision=precision)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_batch))

@@ -39,7 +39,7 @@ def trained(spark, tmp_path_factory, sample_dir):
     """Train once on the bundled sample (10 classes x 32 images) for the tests that need a model."""
     from canestra.config import Settings
     from canestra.progress import Progress
-    from canestra.training import train
+    from canestra.pipeline.train import train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = Settings.load(pca_k=32, max_iter=30)

@@ -10,7 +10,8 @@ import threading
 
 import pytest
 
-from canestra import audit, cli
+from canestra.privacy import audit
+from canestra.cli import commands as cli
 from canestra.errors import InputError
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canestra import backbone
-from canestra.torch_weights import load_state_dict
+from canestra.vision import backbone
+from canestra.vision.weights import load_state_dict
 
 # ImageNet-1k indices of fruit/vegetable classes that Fruits-360 also has.
 IMAGENET = {"Banana": 954, "Orange": 950, "Lemon": 951, "Strawberry": 949, "Apple Granny Smith": 948,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from canestra import deploy_aws
+from canestra.deploy import aws as deploy_aws
 from canestra.cli import main
 from canestra.errors import InputError
-from canestra.regions import EU_EEA_REGIONS, check_region
+from canestra.storage.regions import EU_EEA_REGIONS, check_region
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "deploy" / "aws"

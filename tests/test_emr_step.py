@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from canestra import backbone, deploy_aws
+from canestra.vision import backbone
+from canestra.deploy import aws as deploy_aws
 
 pytestmark = pytest.mark.slow
 

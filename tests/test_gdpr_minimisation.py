@@ -20,8 +20,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from PIL.TiffImagePlugin import IFDRational
 
-from canestra import audit, cli
-from canestra.images import has_metadata
+from canestra.privacy import audit
+from canestra.cli import commands as cli
+from canestra.vision.images import has_metadata
 from canestra.progress import Progress
 
 LAT = ((45, 1), (27, 1), (3647, 100))  # 45° 27' 36.47" N: a home in Milan
@@ -86,7 +87,7 @@ def build_gps_images(root: Path, sample_dir: Path) -> list[Path]:
 def gps_run(spark, sample_dir, tmp_path_factory):
     """Train on the GPS-tagged photos, then `canestra predict` (in-process) into out/pred."""
     from canestra.config import Settings
-    from canestra.training import train
+    from canestra.pipeline.train import train
 
     base = tmp_path_factory.mktemp("gdpr")
     images, out = base / "Anna Bianchi holiday", base / "out"

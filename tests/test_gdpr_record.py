@@ -9,7 +9,8 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from canestra import cli, erase
+from canestra.cli import commands as cli
+from canestra.privacy import erase
 
 
 @pytest.fixture

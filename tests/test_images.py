@@ -1,4 +1,4 @@
-"""Decoding, validation and metadata stripping of single images (canestra.images)."""
+"""Decoding, validation and metadata stripping of single images (canestra.vision.images)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
 import corpus  # noqa: E402
-from canestra.images import (  # noqa: E402
+from canestra.vision.images import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     BadImage,
     CleanImage,

@@ -1,4 +1,4 @@
-"""canestra.metrics: hand-computed cases, edge cases, and a scikit-learn cross-check."""
+"""canestra.pipeline.metrics: hand-computed cases, edge cases, and a scikit-learn cross-check."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from canestra.metrics import classification_metrics, format_summary
+from canestra.pipeline.metrics import classification_metrics, format_summary
 
 
 def _floats(obj):

@@ -35,7 +35,7 @@ def test_old_model_loads_and_predicts_in_spark(spark, sample_dir):
 
 
 def test_old_model_serves_online(sample_dir):
-    from canestra.online import OnlinePredictor
+    from canestra.serve.predictor import OnlinePredictor
 
     predictor = OnlinePredictor.from_model_dir(str(FIXTURE), threads=1)
     images = sorted((sample_dir / "Banana").glob("*.jpg"))[:8]

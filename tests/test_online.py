@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canestra import backbone
+from canestra.vision import backbone
 from canestra.errors import InputError
-from canestra.online import OnlinePredictor, Prediction, load_model_spec, spark_matrix, spark_vector
+from canestra.serve.predictor import OnlinePredictor, Prediction, load_model_spec, spark_matrix, spark_vector
 from canestra.progress import Progress
-from canestra.taxonomy import UNKNOWN
+from canestra.answer.taxonomy import UNKNOWN
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIMAGE_PHOTOS = ("chelsea.png", "rocket.jpg", "motorcycle_left.png", "coffee.png")  # cat, rocket, motorbike, cup
@@ -73,7 +73,7 @@ def spark_predictions(spark, trained, sample_dir, tmp_path_factory, model_dir) -
     """`canestra predict` (Spark) on the 320 real sample images, keyed by image_id."""
     import pyarrow.parquet as pq
 
-    from canestra.prediction import predict
+    from canestra.pipeline.predict import predict
 
     out = tmp_path_factory.mktemp("spark-predict")
     res = predict(spark, model_dir, str(sample_dir), str(out), Progress(quiet=True))
@@ -143,7 +143,7 @@ def test_same_answers_as_spark_on_non_square_and_non_fruit_images(spark, model_d
     sides) and on pictures of no fruit: same answers, and the non-fruit ones are `unknown`."""
     import pyarrow.parquet as pq
 
-    from canestra.prediction import predict
+    from canestra.pipeline.predict import predict
 
     res = predict(spark, model_dir, str(odd_photos), str(tmp_path / "pred"), Progress(quiet=True))
     rows = {r["image_id"]: r for r in pq.read_table(res.predictions_path).to_pylist()}
@@ -194,7 +194,7 @@ def test_model_saved_before_the_answer_stage_still_serves(spark, model_dir, tmp_
     from pyspark.ml import PipelineModel
     from pyspark.ml.feature import IndexToString
 
-    from canestra.taxonomy import load_taxonomy
+    from canestra.answer.taxonomy import load_taxonomy
 
     new = PipelineModel.load(model_dir)
     labels = new.stages[-1].labels()
@@ -326,7 +326,7 @@ def test_predicts_in_a_process_where_spark_cannot_be_imported(model_dir, sample_
     image = next((sample_dir / "Banana").glob("*.jpg"))
     code = (
         "import sys; sys.modules['pyspark'] = None\n"  # any `import pyspark...` now raises ImportError
-        "from canestra.online import OnlinePredictor\n"
+        "from canestra.serve.predictor import OnlinePredictor\n"
         f"p = OnlinePredictor.from_model_dir({model_dir!r}, threads=1)\n"
         f"data = open({str(image)!r}, 'rb').read()\n"
         "r = p.predict_bytes(data)\n"
@@ -334,7 +334,7 @@ def test_predicts_in_a_process_where_spark_cannot_be_imported(model_dir, sample_
         f"cat = open({str(skimage_photo('chelsea.png'))!r}, 'rb').read()\n"
         "print(p.predict_bytes(cat).label)\n"  # the unknown rule (ImageNet head) needs no Spark either
         "from fastapi.testclient import TestClient\n"
-        "from canestra.server import create_app\n"
+        "from canestra.serve.app import create_app\n"
         "with TestClient(create_app(predictor=p)) as c:\n"
         "    body = c.post('/v1/predict', content=data).json()\n"
         "    print(body['prediction'], body['family'])\n"
@@ -354,8 +354,8 @@ def test_int8_model_same_answers_as_spark(spark, sample_dir, tmp_path):
     import pyarrow.parquet as pq
 
     from canestra.config import Settings
-    from canestra.prediction import predict
-    from canestra.training import train
+    from canestra.pipeline.predict import predict
+    from canestra.pipeline.train import train
 
     res = train(spark, str(sample_dir), str(tmp_path / "run"), Settings.load(precision="int8", pca_k=32, max_iter=30),
                 Progress(quiet=True))

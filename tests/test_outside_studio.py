@@ -43,7 +43,7 @@ def _read_csv(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def mixed(spark, tmp_path_factory, sample_dir):
-    from canestra.training import train
+    from canestra.pipeline.train import train
 
     out = tmp_path_factory.mktemp("mixed")
     res = train(spark, [str(sample_dir), str(REAL)], str(out), Settings.load(pca_k=32, max_iter=30),
@@ -52,7 +52,7 @@ def mixed(spark, tmp_path_factory, sample_dir):
 
 
 def test_multi_root_training_learns_families_from_a_family_level_root(mixed, spark, tmp_path):
-    from canestra.prediction import load_model, model_labels, predict
+    from canestra.pipeline.predict import load_model, model_labels, predict
 
     m = mixed.metrics
     assert [r["level"] for r in m["roots"]] == ["variety", "family"]
@@ -81,7 +81,7 @@ def test_multi_root_training_learns_families_from_a_family_level_root(mixed, spa
 
 
 def test_predictions_carry_family_in_csv_and_parquet(trained, spark, sample_dir, tmp_path):
-    from canestra.prediction import predict
+    from canestra.pipeline.predict import predict
 
     res = predict(spark, str(Path(trained.out_dir) / "model"), str(sample_dir), str(tmp_path / "p"),
                   Progress(quiet=True))
@@ -98,7 +98,7 @@ def test_predictions_carry_family_in_csv_and_parquet(trained, spark, sample_dir,
 
 
 def test_images_of_no_fruit_are_answered_unknown(trained, spark, tmp_path):
-    from canestra.prediction import predict
+    from canestra.pipeline.predict import predict
 
     folder = _non_fruit_folder(tmp_path / "no-fruit")
     res = predict(spark, str(Path(trained.out_dir) / "model"), str(folder), str(tmp_path / "p"),

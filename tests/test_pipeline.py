@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from corpus import build_bad_corpus
 
-from canestra.catalog import CATALOG_COLUMNS
-from canestra.images import has_metadata
-from canestra.prediction import evaluate, predict
+from canestra.pipeline.ingest import CATALOG_COLUMNS
+from canestra.vision.images import has_metadata
+from canestra.pipeline.predict import evaluate, predict
 from canestra.progress import Progress
 
 QUIET = Progress(quiet=True)
@@ -95,7 +95,7 @@ def test_bad_inputs_quarantined_nothing_lost(spark, trained, sample_dir, tmp_pat
 
 
 def test_ingest_strips_gps_from_stored_images(spark, sample_dir, tmp_path):
-    from canestra.catalog import ingest
+    from canestra.pipeline.ingest import ingest
 
     corpus = build_bad_corpus(tmp_path / "imgs")
     res = ingest(spark, str(tmp_path / "imgs"), str(tmp_path / "out"))
@@ -110,7 +110,7 @@ def test_ingest_strips_gps_from_stored_images(spark, sample_dir, tmp_path):
 
 def test_rerun_is_idempotent(spark, sample_dir, tmp_path):
     from canestra.config import Settings
-    from canestra.training import train
+    from canestra.pipeline.train import train
 
     small = tmp_path / "imgs"
     for cls in ("Banana", "Kiwi", "Lemon"):
@@ -133,7 +133,7 @@ def test_rerun_is_idempotent(spark, sample_dir, tmp_path):
 
 def test_crashed_publish_never_looks_complete(tmp_path):
     """A table is visible under its final name only once complete (staging + rename)."""
-    from canestra import storage
+    from canestra.storage import files as storage
 
     final = str(tmp_path / "table")
     staging = storage.staging_dir(final)
@@ -148,7 +148,7 @@ def test_crashed_publish_never_looks_complete(tmp_path):
 def test_readme_job_with_default_settings_classifies_the_bundled_sample(spark, sample_dir, tmp_path):
     """`canestra train --images sample/fruits-360` as the README runs it: defaults, right answers."""
     from canestra.config import Settings
-    from canestra.training import train
+    from canestra.pipeline.train import train
 
     res = train(spark, str(sample_dir), str(tmp_path / "demo"), Settings.load(), QUIET)
     m = res.metrics

@@ -1,4 +1,4 @@
-"""canestra.report: a self-contained, escaped, well-formed report.html."""
+"""canestra.pipeline.report: a self-contained, escaped, well-formed report.html."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from canestra import report
-from canestra.metrics import classification_metrics
-from canestra.report import render_report, write_report
+from canestra.pipeline import report
+from canestra.pipeline.metrics import classification_metrics
+from canestra.pipeline.report import render_report, write_report
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 XMLNS = 'xmlns="http://www.w3.org/2000/svg"'

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from canestra import cli
-from canestra.retention import purge
+from canestra.cli import commands as cli
+from canestra.privacy.purge import purge
 
 DAY = 86400
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from canestra import s3, storage
+from canestra.storage import s3
+from canestra.storage import files as storage
 from canestra.cli import main
 from canestra.errors import InputError
 
@@ -268,7 +269,7 @@ def test_train_from_s3_reads_the_same_images(moto, buckets, spark, trained, tmp_
     """Executors read the bytes from S3 with the settings in the task closure (their env has none)."""
     from canestra.config import Settings
     from canestra.progress import Progress
-    from canestra.training import train
+    from canestra.pipeline.train import train
 
     res = train(spark, IMAGES, str(tmp_path / "run"), Settings.load(image_sizes="100", pca_k=8, max_iter=5),
                 Progress(quiet=True))

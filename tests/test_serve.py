@@ -20,8 +20,8 @@ from corpus import build_bad_corpus, decompression_bomb_png
 from PIL import Image
 
 from canestra.config import Settings
-from canestra.online import OnlinePredictor
-from canestra.taxonomy import UNKNOWN
+from canestra.serve.predictor import OnlinePredictor
+from canestra.answer.taxonomy import UNKNOWN
 
 STATUS_FOR_REASON = {  # tests/corpus.py reason -> what an HTTP client must get
     "empty file": 422, "truncated": 422, "not an image": 415, "decompression bomb": 422,
@@ -36,7 +36,7 @@ def model_dir(trained) -> str:
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    from canestra.server import create_app
+    from canestra.serve.app import create_app
 
     return create_app(model_dir, Settings.load(serve_threads=1, max_batch=8))
 

@@ -24,7 +24,7 @@ def base_url(trained):
     """The app under a real uvicorn server on 127.0.0.1 (a free port), in a thread."""
     import uvicorn
 
-    from canestra.server import create_app
+    from canestra.serve.app import create_app
 
     app = create_app(os.path.join(trained.out_dir, "model"), Settings.load(serve_threads=1))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, access_log=False, log_level="warning"))

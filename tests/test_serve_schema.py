@@ -23,7 +23,7 @@ OPERATIONS = ["POST /v1/predict", "POST /v1/predict/batch", "GET /v1/model", "GE
 
 @pytest.fixture(scope="module")
 def serve_schema(trained):
-    from canestra.server import create_app
+    from canestra.serve.app import create_app
 
     app = create_app(os.path.join(trained.out_dir, "model"), Settings.load(serve_threads=1, max_batch=4))
     return schemathesis.openapi.from_asgi("/openapi.json", app)

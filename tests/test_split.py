@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from canestra.errors import InputError
-from canestra.split import assign_splits, frame_number
+from canestra.pipeline.split import assign_splits, frame_number
 
 
 def test_frame_number_from_fruits360_names():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from canestra.errors import InputError
-from canestra.taxonomy import family_label, is_family_label, load_taxonomy
+from canestra.answer.taxonomy import family_label, is_family_label, load_taxonomy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fruits-360-sample" / "Training"
 

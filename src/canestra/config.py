@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import InputError
+from canestra.errors import InputError
 
 
 def parse_sizes(value: str | int | list | tuple) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 
-from .errors import InputError
+from canestra.errors import InputError
 
 FAMILY_SUFFIX = " (family)"
 UNKNOWN = "unknown"  # the answer when an image resembles no training class

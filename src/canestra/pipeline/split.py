@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InputError
+from canestra.errors import InputError
 
 METHOD = "contiguous frame-number blocks per class"
 # 5 blocks (one held out at the default 20 %): the test frames sit further from any training

@@ -14,16 +14,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__, backbone, storage
-from .catalog import balanced_partitions, ingest, read_manifest
-from .config import Settings
-from .errors import InputError
-from .featurizer import ImageFeaturizer
-from .metrics import classification_metrics
-from .progress import Progress
-from .report import write_report
-from .split import METHOD, DEFAULT_BLOCKS
-from .taxonomy import is_family_label
+from canestra import __version__
+from canestra.vision import backbone
+from canestra.storage import files as storage
+from canestra.pipeline.ingest import balanced_partitions, ingest, read_manifest
+from canestra.config import Settings
+from canestra.errors import InputError
+from canestra.vision.featurizer import ImageFeaturizer
+from canestra.pipeline.metrics import classification_metrics
+from canestra.progress import Progress
+from canestra.pipeline.report import write_report
+from canestra.pipeline.split import METHOD, DEFAULT_BLOCKS
+from canestra.answer.taxonomy import is_family_label
 
 FEATURES = "features"
 MODEL = "model"
@@ -146,7 +148,7 @@ def make_classifier(cfg: Settings, features_col: str):
 
 def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=(), te=None, tf=None,
                  profiles=None, profile_thresholds=None):
-    from .answer import AnswerRule
+    from canestra.answer.rule import AnswerRule
 
     sizes = list(cfg.image_sizes)
     # The ImageNet head reads the block of the embedding closest to the network's native 224 px.
@@ -160,7 +162,7 @@ def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=()
 def _scored_rows(stages, df) -> "pd.DataFrame":
     from pyspark.ml import PipelineModel
 
-    from .evaluation import SCORED_COLUMNS
+    from canestra.pipeline.evaluation import SCORED_COLUMNS
 
     return PipelineModel(stages=stages).transform(df).select(*SCORED_COLUMNS).toPandas()
 
@@ -171,10 +173,10 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
     from pyspark.ml import PipelineModel
     from pyspark.ml.feature import StringIndexer
 
-    from . import evaluation
-    from .answer import PROFILE_MIN_MASS, PROFILE_QUANTILE, imagenet_class_set
-    from .answer_stage import AnswerModel
-    from .taxonomy import load_taxonomy
+    from canestra.pipeline import evaluation
+    from canestra.answer.rule import PROFILE_MIN_MASS, PROFILE_QUANTILE, imagenet_class_set
+    from canestra.answer.stage import AnswerModel
+    from canestra.answer.taxonomy import load_taxonomy
 
     progress = progress or Progress()
     taxonomy = load_taxonomy(cfg.taxonomy)
@@ -267,7 +269,7 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
         staging = storage.staging_dir(model_path)
         model.write().overwrite().save(staging)
         # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.
-        from .erase import write_training_ids
+        from canestra.privacy.erase import write_training_ids
 
         write_training_ids(staging, (r.image_id for r in train_idx.select("image_id").toLocalIterator()))
         storage.publish_dir(staging, model_path)

@@ -16,8 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import s3
-from .errors import InputError, OutputError
+from canestra.storage import s3
+from canestra.errors import InputError, OutputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -43,7 +43,7 @@ def s3_options() -> s3.S3Options:
     """The driver's S3 options: configured, else from ``CANESTRA_*``/``AWS_*`` env vars."""
     if _s3_options is not None:
         return _s3_options
-    from .config import Settings
+    from canestra.config import Settings
 
     return s3.S3Options.from_settings(Settings.load())
 

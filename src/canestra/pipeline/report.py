@@ -870,7 +870,7 @@ def write_report(metrics: dict, path: str | os.PathLike) -> None:
     """Render ``metrics`` and write it to ``path`` atomically (``path + '.tmp'``, then ``os.replace``)."""
     path = os.fspath(path)
     text = render_report(metrics)  # render first: a rendering error leaves nothing behind
-    from . import storage
+    from canestra.storage import files as storage
 
     if storage.is_remote(path):  # s3://: one encrypted PutObject through the storage seam
         storage.write_text_atomic(path, text)

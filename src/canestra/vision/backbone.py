@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EnvironmentProblem, InputError
+from canestra.errors import EnvironmentProblem, InputError
 
 MODEL_NAME = "efficientnet_lite0"
 FEATURE_DIM = 1280
@@ -209,7 +209,7 @@ def default_model_path() -> str:
     with _build_lock, _file_lock(target):
         if target.exists():
             return str(target)
-        from .torch_weights import load_state_dict
+        from canestra.vision.weights import load_state_dict
 
         model = build_onnx(load_state_dict(src))
         # Atomic publish: readers never see a half-written graph; a failed write leaves no temp file.
@@ -246,7 +246,7 @@ def _calibration_batches():
     """Fixed inputs shipped with the package (canestra/calibration/*.jpg) at the usual sizes."""
     from importlib import resources
 
-    from .images import decode_rgb
+    from canestra.vision.images import decode_rgb
 
     folder = resources.files("canestra").joinpath("calibration")
     imgs = [decode_rgb(f.read_bytes()) for f in sorted(folder.iterdir(), key=lambda f: f.name)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
-from . import storage
-from .errors import InputError
-from .split import assign_splits, frame_number
+from canestra.storage import files as storage
+from canestra.errors import InputError
+from canestra.pipeline.split import assign_splits, frame_number
 
 CATALOG = "catalog"
 QUARANTINE_CSV = "quarantine.csv"
@@ -48,8 +48,8 @@ class IngestResult:
 def _clean_partition(max_pixels: int, s3_options=None):
     # s3_options travels in the closure: executors must not depend on the driver's env.
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from . import storage as st
-        from .images import BadImage, clean_image
+        from canestra.storage import files as st
+        from canestra.vision.images import BadImage, clean_image
 
         for pdf in batches:
             rows = []
@@ -160,7 +160,7 @@ def as_roots(images_uri: str | list[str] | tuple[str, ...]) -> list[str]:
 def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None) -> tuple[list[storage.ListedFile], list[dict]]:
     """List one or several roots. With a taxonomy, a root whose folders are all family names
     (``real-photos/Apple/...``) is family-level: its labels become ``"Apple (family)"``."""
-    from .taxonomy import family_label
+    from canestra.answer.taxonomy import family_label
 
     roots = as_roots(images_uri)
     files: list[storage.ListedFile] = []
@@ -219,7 +219,7 @@ def ingest(
     ``images_uri`` may list several roots; with a ``taxonomy``, family-level roots are
     recognised (see ``list_roots``).
     """
-    from .images import DEFAULT_MAX_PIXELS
+    from canestra.vision.images import DEFAULT_MAX_PIXELS
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     files, roots = list_roots(images_uri, require_labels, taxonomy)
@@ -230,7 +230,7 @@ def ingest(
         files_unlabelled = []
     final = os.path.join(out_dir, table_name)
     qpath = os.path.join(out_dir, quarantine_name)
-    from .split import DEFAULT_BLOCKS
+    from canestra.pipeline.split import DEFAULT_BLOCKS
 
     fp = listing_fingerprint(files, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels,
                              blocks=DEFAULT_BLOCKS)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CanestraError, EnvironmentProblem, InputError
+from canestra.errors import CanestraError, EnvironmentProblem, InputError
 
 SCHEMES = ("s3://", "s3a://")
 _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
@@ -233,7 +233,7 @@ def _response_of(exc: BaseException) -> dict | None:
 
 def check_bucket(uri: str, opts: S3Options, error_cls: type[CanestraError] = InputError) -> str:
     """Reachable, readable and in an allowed region; returns the bucket's region."""
-    from .regions import check_region
+    from canestra.storage.regions import check_region
 
     bucket, _ = split_uri(uri)
     cached = _CHECKED_BUCKETS.get((opts, bucket))
@@ -310,7 +310,7 @@ def read_bytes(uri: str, opts: S3Options) -> bytes:
 
 def write_bytes(uri: str, data: bytes, opts: S3Options) -> None:
     """One PutObject (atomic on S3), encrypted at rest (GDPR Art. 32)."""
-    from .errors import OutputError
+    from canestra.errors import OutputError
 
     check_bucket(uri, opts, OutputError)  # once per bucket and process
     bucket, key = split_uri(uri)
@@ -336,7 +336,7 @@ def exists(uri: str, opts: S3Options) -> bool:
 
 def delete(uri: str, opts: S3Options) -> bool:
     """Delete one object (erase --delete-source); False when it did not exist."""
-    from .errors import OutputError
+    from canestra.errors import OutputError
 
     bucket, key = split_uri(uri)
     c = client(opts)
@@ -360,7 +360,7 @@ def _delete_prefix(c, bucket: str, prefix: str) -> None:
 
 def probe_writable(uri: str, opts: S3Options) -> None:
     """Prove ``uri`` accepts (encrypted) writes, leaving nothing behind."""
-    from .errors import OutputError
+    from canestra.errors import OutputError
 
     probe = join(uri, f".canestra-write-test-{uuid.uuid4().hex[:12]}")
     write_bytes(probe, b"", opts)
@@ -375,7 +375,7 @@ def replace_tree(staging: str, final: str, opts: S3Options) -> None:
     S3 has no rename: between deleting the old table and the last copy a reader can see
     a partial table. A crash leaves the complete staging copy under ``_staging/``.
     """
-    from .errors import OutputError
+    from canestra.errors import OutputError
 
     c = client(opts)
     src_bucket, src_key = split_uri(staging)

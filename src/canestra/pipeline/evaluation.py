@@ -15,8 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from .answer import quantile_threshold
-from .taxonomy import UNKNOWN, is_family_label
+from canestra.answer.rule import quantile_threshold
+from canestra.answer.taxonomy import UNKNOWN, is_family_label
 
 SCORED_COLUMNS = ["image_id", "label", "predicted_label", "predicted_probability", "family", "family_probability",
                   "energy", "fruitness"]
@@ -155,7 +155,7 @@ def perturb_jpeg(data: bytes, seed: int) -> bytes:
     """One seeded change of lighting, colour and geometry, re-encoded as JPEG (white fill, as the studio)."""
     from PIL import Image, ImageEnhance, ImageFilter
 
-    from .images import decode_rgb
+    from canestra.vision.images import decode_rgb
 
     rng = np.random.default_rng(seed)
     im = Image.fromarray(decode_rgb(data))
@@ -200,7 +200,7 @@ def imagenet_class_means(df, offset: int) -> tuple[list[str], np.ndarray]:
     from pyspark.sql.functions import col
 
     def sums(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from .answer import imagenet_probabilities
+        from canestra.answer.rule import imagenet_probabilities
 
         acc: dict[str, list] = {}
         for pdf in batches:
@@ -229,8 +229,8 @@ def write_gallery(spark, catalog_path: str, out_dir: str, errors: list[dict], si
     """Thumbnails of the worst errors as ``<out>/gallery/<image_id>.jpg`` (local outputs only)."""
     from PIL import Image
 
-    from . import storage
-    from .images import decode_rgb
+    from canestra.storage import files as storage
+    from canestra.vision.images import decode_rgb
 
     if storage.is_remote(out_dir):
         return
@@ -258,7 +258,7 @@ def profile_thresholds(df, offset: int, profiles: dict[str, list[int]], q: float
         return {}
 
     def scores(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from .answer import imagenet_probabilities
+        from canestra.answer.rule import imagenet_probabilities
 
         for pdf in batches:
             if pdf.empty:

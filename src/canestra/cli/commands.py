@@ -13,10 +13,11 @@ import re
 import sys
 import traceback
 
-from . import __version__, audit
-from .config import Settings
-from .errors import EXIT_USER_ERROR, CanestraError
-from .progress import Progress
+from canestra import __version__
+from canestra.privacy import audit
+from canestra.config import Settings
+from canestra.errors import EXIT_USER_ERROR, CanestraError
+from canestra.progress import Progress
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, EU regions)")
     cloud = p.add_subparsers(dest="cloud", metavar="CLOUD", required=True)
-    from .deploy_aws import add_cli_arguments
+    from canestra.deploy.aws import add_cli_arguments
 
     add_cli_arguments(cloud.add_parser("aws", help="CloudFormation stack: encrypted S3 bucket, IAM roles, EMR 7 cluster"))
     return parser
@@ -154,7 +155,7 @@ def _gdpr_parsers(sub) -> None:
 
 def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
     if args.command == "erase":
-        from .erase import erase
+        from canestra.privacy.erase import erase
 
         res = erase(args.out, args.image_id, args.source, delete_source=args.delete_source)
         audit.note(images=res.image_ids, rows_removed=res.total_rows, files_deleted=len(res.files_deleted),
@@ -167,7 +168,7 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
         for model in res.unknown_models:
             print(f"the model at {model} does not list its training images: retrain it if erased images were in them")
     elif args.command == "purge":
-        from .retention import purge
+        from canestra.privacy.purge import purge
 
         res = purge(args.out, cfg.retention_days, dry_run=args.dry_run)
         audit.note(removed=len(res.removed), kept=res.kept, bytes=res.bytes,
@@ -177,7 +178,7 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
             print(f"{verb} {e.kind} {e.path} ({e.age_days:g} days old, {e.bytes} bytes)")
         print(f"{verb} {len(res.removed)} output(s) older than {res.older_than_days:g} days; kept {res.kept}")
     else:
-        from .gdpr import write_record
+        from canestra.privacy.record import write_record
 
         md, js, rec = write_record(args.out, cfg)
         audit.note(tables=len(rec["categories_of_data"]["tables"]), outputs=[md, js])
@@ -199,7 +200,7 @@ _LOG_FILE: list[str] = []  # where this command's Spark/JVM output went (named i
 
 def spark_log_path(out: str) -> str:
     """``OUT/_logs/spark.log`` for a local --out; a local temp file for s3:// outputs."""
-    from .storage import is_remote, local_path
+    from canestra.storage.files import is_remote, local_path
 
     if is_remote(out):
         import tempfile
@@ -209,7 +210,7 @@ def spark_log_path(out: str) -> str:
 
 
 def _spark(cfg: Settings, out: str):
-    from .sparkctx import get_spark
+    from canestra.sparkctx import get_spark
 
     conf = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch)}
     os.environ.setdefault("CANESTRA_DRIVER_MEMORY", cfg.driver_memory)
@@ -222,16 +223,16 @@ def _spark(cfg: Settings, out: str):
 
 def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
     """Fail fast on bad paths before paying for a JVM start."""
-    from .catalog import list_for_ingest
-    from .storage import ensure_output_dir
+    from canestra.pipeline.ingest import list_for_ingest
+    from canestra.storage.files import ensure_output_dir
 
     if args.command in ("ingest", "train"):
-        from .catalog import list_roots
-        from .taxonomy import load_taxonomy
+        from canestra.pipeline.ingest import list_roots
+        from canestra.answer.taxonomy import load_taxonomy
 
         list_roots(args.images, require_labels=True, taxonomy=load_taxonomy(getattr(args, "taxonomy", None)))
     if args.command in ("predict", "evaluate"):
-        from .prediction import check_model_dir
+        from canestra.pipeline.predict import check_model_dir
 
         check_model_dir(args.model)
         list_for_ingest(args.images, require_labels=args.command == "evaluate")
@@ -239,18 +240,19 @@ def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
     if args.command in ("train", "predict", "evaluate"):
         # Build (or find) the CNN graph once here: a cache problem is one plain line before Spark
         # starts, and local workers then find the file instead of racing to build it.
-        from . import backbone
+        from canestra.vision import backbone
 
         backbone.model_path(cfg.precision)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "deploy":  # no Spark: plans and creates cloud resources
-        from .deploy_aws import run_cli
+        from canestra.deploy.aws import run_cli
 
         return run_cli(args)
     cfg = _settings(args)
-    from . import s3, storage
+    from canestra.storage import s3
+    from canestra.storage import files as storage
 
     storage.configure_s3(s3.S3Options.from_settings(cfg))  # S3 endpoint/encryption/region settings
     if args.command in ("erase", "purge", "gdpr"):
@@ -262,19 +264,19 @@ def run(args: argparse.Namespace) -> int:
         # (measured with 2 workers on 2 cores: 33 % -> 72 % of the bare ONNX Runtime rate).
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, "1")
-        from .server import run_serve
+        from canestra.serve.app import run_serve
 
         return run_serve(args.model, cfg)
     progress = Progress(quiet=args.quiet)
     _precheck(args, cfg)
     if args.command == "ingest":
-        from .catalog import ingest
-        from .storage import ensure_output_dir
+        from canestra.pipeline.ingest import ingest
+        from canestra.storage.files import ensure_output_dir
 
         spark = _spark(cfg, args.out)
         out = ensure_output_dir(args.out, spark)
         with progress.stage("ingest") as st:
-            from .taxonomy import load_taxonomy
+            from canestra.answer.taxonomy import load_taxonomy
 
             res = ingest(spark, args.images, out, test_fraction=cfg.test_fraction, seed=cfg.seed, reuse=False,
                          taxonomy=load_taxonomy(cfg.taxonomy))
@@ -284,8 +286,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"catalog": res.catalog_path, "images": res.images, "quarantined": res.quarantined,
                           "quarantine_csv": res.quarantine_csv}))
     elif args.command == "train":
-        from .metrics import format_summary
-        from .training import train
+        from canestra.pipeline.metrics import format_summary
+        from canestra.pipeline.train import train
 
         spark = _spark(cfg, args.out)
         res = train(spark, args.images, args.out, cfg, progress)
@@ -295,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_summary(res.metrics))
         print(f"model: {os.path.join(res.out_dir, 'model')}  report: {os.path.join(res.out_dir, 'report.html')}")
     elif args.command == "predict":
-        from .prediction import predict
+        from canestra.pipeline.predict import predict
 
         spark = _spark(cfg, args.out)
         res = predict(spark, args.model, args.images, args.out, progress, include_paths=args.include_paths)
@@ -305,8 +307,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{res.predicted} predictions -> {os.path.join(res.out_dir, 'predictions.csv')}; "
               f"{res.quarantined} quarantined -> {os.path.join(res.out_dir, 'quarantine.csv')}")
     elif args.command == "evaluate":
-        from .metrics import format_summary
-        from .prediction import evaluate
+        from canestra.pipeline.metrics import format_summary
+        from canestra.pipeline.predict import evaluate
 
         spark = _spark(cfg, args.out)
         metrics = evaluate(spark, args.model, args.images, args.out, progress)

@@ -19,8 +19,12 @@ import stat
 import time
 from typing import Any
 
-from . import __version__, audit, erase, retention, storage
-from .config import Settings
+from canestra import __version__
+from canestra.privacy import audit
+from canestra.privacy import erase
+from canestra.privacy import purge as retention
+from canestra.storage import files as storage
+from canestra.config import Settings
 
 GDPR_DIR = "_gdpr"
 RECORD_JSON = "record-of-processing.json"
@@ -103,7 +107,7 @@ def _region(cfg: Settings, remote: bool) -> str | None:
 
 
 def _location(out_dir: str, cfg: Settings) -> dict[str, Any]:
-    from .regions import EU_EEA_REGIONS, is_eu_eea
+    from canestra.storage.regions import EU_EEA_REGIONS, is_eu_eea
 
     remote = "://" in out_dir and not out_dir.startswith("file://")
     region = _region(cfg, remote)
@@ -163,7 +167,7 @@ def _security(root: str, cfg: Settings, tables: list, csvs: list) -> list[str]:
 
 def _s3_measures(cfg: Settings) -> list[str]:
     """Encryption and transfer settings as the S3 code will apply them (s3.S3Options), not as documented."""
-    from .s3 import S3Options
+    from canestra.storage.s3 import S3Options
 
     opts = S3Options.from_settings(cfg)
     sse = opts.sse_kwargs()
@@ -271,7 +275,7 @@ def render_markdown(rec: dict[str, Any]) -> str:
 
 def write_record(out_dir: str, cfg: Settings) -> tuple[str, str, dict[str, Any]]:
     """Write ``_gdpr/record-of-processing.{md,json}`` under ``out_dir``; (md path, json path, record)."""
-    from .errors import InputError
+    from canestra.errors import InputError
 
     root = storage.local_path(out_dir)
     if not os.path.isdir(root):

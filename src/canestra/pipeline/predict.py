@@ -7,16 +7,16 @@ import json
 import os
 from dataclasses import dataclass
 
-from . import storage
-from .catalog import QUARANTINE_CSV, cleaned_frame, list_for_ingest, write_quarantine_csv
-from .errors import InputError
-from .metrics import classification_metrics
-from .progress import Progress
-from .report import write_report
+from canestra.storage import files as storage
+from canestra.pipeline.ingest import QUARANTINE_CSV, cleaned_frame, list_for_ingest, write_quarantine_csv
+from canestra.errors import InputError
+from canestra.pipeline.metrics import classification_metrics
+from canestra.progress import Progress
+from canestra.pipeline.report import write_report
 
 PREDICTIONS = "predictions"
 PREDICTIONS_CSV = "predictions.csv"
-from .answer import TOP_K  # noqa: E402,F401  (one value for Spark and serving)
+from canestra.answer.rule import TOP_K  # noqa: E402,F401  (one value for Spark and serving)
 
 
 @dataclass
@@ -59,7 +59,7 @@ def load_model(path: str):
 
 
 def model_labels(model) -> list[str]:
-    from .answer_stage import AnswerModel
+    from canestra.answer.stage import AnswerModel
 
     for stage in model.stages:
         if isinstance(stage, AnswerModel):
@@ -91,7 +91,7 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
     with progress.stage("read images") as st:
         files = list_for_ingest(images, require_labels=False)
         labelled = any(f.label is not None for f in files)
-        from .images import DEFAULT_MAX_PIXELS
+        from canestra.vision.images import DEFAULT_MAX_PIXELS
 
         cleaned = cleaned_frame(spark, files, ["predict"] * len(files), [None] * len(files),
                                 DEFAULT_MAX_PIXELS).persist()

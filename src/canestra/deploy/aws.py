@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
-from . import __version__
-from .errors import EnvironmentProblem, InputError, OutputError
-from .regions import check_region
+from canestra import __version__
+from canestra.errors import EnvironmentProblem, InputError, OutputError
+from canestra.storage.regions import check_region
 
 TEMPLATE_NAME = "canestra-emr.yaml"
 PRICES_NAME = "prices.json"
@@ -52,7 +52,7 @@ _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,100}$")
 def kit_dir() -> Path:
     """The ``deploy/aws`` folder: ``CANESTRA_DEPLOY_DIR`` or the source checkout's."""
     env = os.environ.get("CANESTRA_DEPLOY_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "deploy" / "aws"
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "deploy" / "aws"
     if not (path / TEMPLATE_NAME).is_file():
         raise EnvironmentProblem(
             f"the AWS deployment kit is not at {path}: run from a canestra source checkout "
@@ -454,7 +454,7 @@ def aws_session(region: str, profile: str | None = None):
 
 def build_wheel(dest: Path) -> Path:
     """``pip wheel`` the checkout canestra runs from (no deps: the bootstrap installs those)."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     if not (root / "pyproject.toml").is_file():
         raise EnvironmentProblem("cannot find canestra's source tree to build the wheel: pass --wheel PATH")
     proc = subprocess.run(

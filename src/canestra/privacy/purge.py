@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from . import storage
-from .errors import InputError
+from canestra.storage import files as storage
+from canestra.errors import InputError
 
 KEEP = {"_audit", "_gdpr"}
 GALLERY = "gallery"  # a run's worst-error thumbnails (gallery/<image_id>.jpg): one unit, removed whole

@@ -38,9 +38,10 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from . import s3, storage
-from .errors import InputError, OutputError
-from .report import write_report
+from canestra.storage import s3
+from canestra.storage import files as storage
+from canestra.errors import InputError, OutputError
+from canestra.pipeline.report import write_report
 
 TRAINING_IDS = "canestra_training_ids.txt"  # inside a model dir: the image ids it was fitted on
 ERASURES = "canestra_erasures.json"  # inside a model dir: erasures since it was trained (no ids)
@@ -257,7 +258,7 @@ def _image_files(source: str) -> list[str]:
 
 
 def _pixel_id(path: str) -> str | None:
-    from .images import BadImage, clean_image
+    from canestra.vision.images import BadImage, clean_image
 
     try:
         return clean_image(storage.read_bytes(path)).image_id

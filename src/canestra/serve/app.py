@@ -1,6 +1,6 @@
 """``canestra serve``: online classification over HTTP (FastAPI + uvicorn), no Spark.
 
-Each uvicorn worker process loads the model once (:mod:`canestra.online`) and runs
+Each uvicorn worker process loads the model once (:mod:`canestra.serve.predictor`) and runs
 one inference at a time on its own ONNX Runtime session, so ``workers x threads``
 stays within the machine's cores.
 
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-from .config import Settings
-from .errors import EnvironmentProblem, InputError
-from .images import BadImage
-from .online import ModelSpec, OnlinePredictor, Prediction, default_threads, load_model_spec
+from canestra.config import Settings
+from canestra.errors import EnvironmentProblem, InputError
+from canestra.vision.images import BadImage
+from canestra.serve.predictor import ModelSpec, OnlinePredictor, Prediction, default_threads, load_model_spec
 
 try:
     import anyio
@@ -504,19 +504,19 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     check_serve_settings(cfg)
     spec = load_model_spec(model_dir)  # InputError -> `canestra: error: ...`, exit 2, before uvicorn starts
     if not spec.onnx_path:
-        from . import backbone
+        from canestra.vision import backbone
 
         backbone.default_model_path()  # build the ONNX graph once, not once per worker
     threads = cfg.serve_threads or default_threads(cfg.workers)
     os.environ[ENV_CONFIG] = json.dumps({"model_dir": spec.model_dir, "serve_threads": threads,
                                          "max_upload_mb": cfg.max_upload_mb, "max_batch": cfg.max_batch,
                                          "workers": cfg.workers})
-    from . import audit
+    from canestra.privacy import audit
 
     audit.note(details={"model_version": spec.model_version, "workers": cfg.workers, "threads": threads})
     print(f"canestra serve: model {spec.model_version} ({len(spec.labels)} classes, {len(spec.families)} families) "
           f"on http://{cfg.host}:{cfg.port}/ with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s)", flush=True)
-    uvicorn.run("canestra.server:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
+    uvicorn.run("canestra.serve.app:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
                 access_log=False, log_config=log_config(), server_header=False, timeout_graceful_shutdown=10,
                 # A worker answers the supervisor's health pings only once Python and uvicorn are
                 # imported; uvicorn's 5 s default kills slow starters on a busy machine, in a loop.

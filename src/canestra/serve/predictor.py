@@ -11,7 +11,7 @@ fitted matrices are Parquet (``stages/*/data/*.parquet``), so this module reads 
 - PCA: Spark's ``PCAModel`` computes ``pc^T x`` (no centring) in float64;
 - LR: margins ``W x + b`` (Spark's ``rawPrediction``; binomial: ``[-m, m]``),
   probabilities = softmax(margins) (binomial: sigmoid), as in Spark;
-- answer: :func:`canestra.answer.decide` with the ``AnswerModel`` stage's rule (variety,
+- answer: :func:`canestra.answer.rule.decide` with the ``AnswerModel`` stage's rule (variety,
   family, ``unknown``), the function that stage itself calls in Spark. Old models: a
   rule built from the ``IndexToString`` labels and the shipped taxonomy, without
   ``unknown`` thresholds.
@@ -32,18 +32,21 @@ from typing import Any
 
 import numpy as np
 
-from . import answer, backbone
-from .answer import AnswerRule
-from .errors import InputError
-from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
+from canestra.answer import rule as answer
+from canestra.vision import backbone
+from canestra.answer.rule import AnswerRule
+from canestra.errors import InputError
+from canestra.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
 
 METRICS_JSON = "metrics.json"  # written by `canestra train` next to model/
 
-_FEATURIZER = "canestra.featurizer.ImageFeaturizer"
+_FEATURIZER = "canestra.vision.featurizer.ImageFeaturizer"
 _PCA = "org.apache.spark.ml.feature.PCAModel"
 _LR = "org.apache.spark.ml.classification.LogisticRegressionModel"
-_ANSWER = answer.ANSWER_STAGE  # canestra.answer_stage.AnswerModel: the last stage of current models
+_ANSWER = answer.ANSWER_STAGE  # canestra.answer.stage.AnswerModel: the last stage of current models
 _LABELS = "org.apache.spark.ml.feature.IndexToString"  # the last stage of models saved before it
+# Class names written by canestra 0.1.0 (flat package layout) -> where those stages live now.
+_MOVED = {"canestra.featurizer.ImageFeaturizer": _FEATURIZER, "canestra.answer_stage.AnswerModel": _ANSWER}
 
 
 # ---------------------------------------------------------------------------- reading Spark ML files
@@ -189,7 +192,8 @@ def load_model_spec(path: str) -> ModelSpec:
     by_class: dict[str, tuple[str, dict]] = {}
     for uid in uids:
         meta = _read_metadata(stage_dirs[uid])
-        by_class.setdefault(meta.get("class", ""), (stage_dirs[uid], meta))
+        cls = meta.get("class", "")
+        by_class.setdefault(_MOVED.get(cls, cls), (stage_dirs[uid], meta))
     last = _ANSWER if _ANSWER in by_class else _LABELS
     need = {_FEATURIZER: "ImageFeaturizer", _PCA: "PCA", _LR: "LogisticRegression", last: "AnswerModel"}
     absent = [name for cls, name in need.items() if cls not in by_class]
@@ -240,7 +244,7 @@ def load_model_spec(path: str) -> ModelSpec:
 def _answer_rule(model_dir: str, stage_class: str, params: dict[str, Any]) -> AnswerRule:
     """The decision rule: the AnswerModel's ``rule`` Param, or (old models) one built from IndexToString."""
     if stage_class == _LABELS:
-        from .taxonomy import load_taxonomy
+        from canestra.answer.taxonomy import load_taxonomy
 
         labels = [str(x) for x in params.get("labels") or []]
         return AnswerRule(labels=labels, families=load_taxonomy().families_of(labels))

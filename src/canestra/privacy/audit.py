@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from . import __version__
+from canestra import __version__
 
 AUDIT_DIR = "_audit"
 AUDIT_FILE = "audit.jsonl"
@@ -126,7 +126,7 @@ def note(*, outputs: list[str] | tuple[str, ...] = (), details: dict[str, Any] |
 
 
 def _exit_code(exc: BaseException) -> int:
-    from .errors import CanestraError
+    from canestra.errors import CanestraError
 
     if isinstance(exc, CanestraError):
         return exc.exit_code

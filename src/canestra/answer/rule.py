@@ -1,7 +1,7 @@
 """From class probabilities to the answer a user reads: variety, family, or ``unknown``.
 
 One numpy function, :func:`decide`, makes the decision; the Spark stage
-:class:`canestra.answer_stage.AnswerModel` (last stage of every trained ``PipelineModel``) and the online
+:class:`canestra.answer.stage.AnswerModel` (last stage of every trained ``PipelineModel``) and the online
 predictor both call it, so batch and HTTP answers cannot drift apart.
 
 - **variety**: the most probable class that is a variety (family-level classes such as
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .taxonomy import UNKNOWN, is_family_label
+from canestra.answer.taxonomy import UNKNOWN, is_family_label
 
 TOP_K = 5
-ANSWER_STAGE = "canestra.answer_stage.AnswerModel"  # class name saved in models
+ANSWER_STAGE = "canestra.answer.stage.AnswerModel"  # class name saved in models
 
 
 @dataclass
@@ -73,15 +73,15 @@ class AnswerRule:
 @functools.lru_cache(maxsize=1)
 def imagenet_head() -> tuple[np.ndarray, np.ndarray]:
     """The CNN's own ImageNet classifier (1000 x 1280 weights, bias), read once per process."""
-    from . import backbone
-    from .torch_weights import load_state_dict
+    from canestra.vision import backbone
+    from canestra.vision.weights import load_state_dict
 
     sd = load_state_dict(backbone.weights_path())
     return np.ascontiguousarray(sd["_fc.weight"].T, dtype=np.float64), sd["_fc.bias"].astype(np.float64)
 
 
 def imagenet_probabilities(features: np.ndarray, offset: int = 0) -> np.ndarray:
-    from .backbone import FEATURE_DIM
+    from canestra.vision.backbone import FEATURE_DIM
 
     w, b = imagenet_head()
     logits = np.asarray(features, dtype=np.float64)[:, offset : offset + FEATURE_DIM] @ w + b

@@ -1,0 +1,3 @@
+from canestra.cli.commands import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Cloud deployment: AWS EMR + S3 in an EU region."""

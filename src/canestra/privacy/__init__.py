@@ -1,0 +1,1 @@
+"""GDPR: audit records, erasure, retention purge, the record of processing."""

@@ -1,0 +1,1 @@
+"""Online prediction: the in-process predictor, the HTTP app, the web page."""
