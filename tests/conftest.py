@@ -59,11 +59,18 @@ def spark_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def canestra_wheel(tmp_path_factory) -> Path:
     """canestra built as a wheel with `pip wheel` (what the EMR bootstrap action installs)."""
+    import shutil
     import subprocess
 
     dest = tmp_path_factory.mktemp("wheel")
+    # Build from a clean copy: pip builds in-tree, and a stale build/lib of the checkout would
+    # slip modules that no longer exist in src/ into the wheel.
+    tree = tmp_path_factory.mktemp("wheel-src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest),
-                    str(ROOT)], check=True, capture_output=True, text=True, timeout=300)
+                    str(tree)], check=True, capture_output=True, text=True, timeout=300)
     wheels = sorted(dest.glob("canestra-*.whl"))
     assert wheels, "pip wheel produced no canestra wheel"
     return wheels[-1]

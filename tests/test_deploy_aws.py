@@ -1,4 +1,4 @@
-"""`canestra deploy aws`: the CloudFormation kit in deploy/aws/ lints clean (cfn-lint,
+"""`canestra deploy aws`: the CloudFormation kit (src/canestra/deploy/aws_kit/) lints clean (cfn-lint,
 checkov, parliament), keeps data in the EU/EEA, and creates its resources against a
 local AWS emulator (moto server on 127.0.0.1) without ever printing the credentials."""
 
@@ -19,7 +19,7 @@ from canestra.errors import InputError
 from canestra.storage.regions import EU_EEA_REGIONS, check_region
 
 ROOT = Path(__file__).resolve().parents[1]
-KIT = ROOT / "deploy" / "aws"
+KIT = ROOT / "src" / "canestra" / "deploy" / "aws_kit"
 TEMPLATE = KIT / "canestra-emr.yaml"
 REGION = "eu-west-3"
 KMS_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"

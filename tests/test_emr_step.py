@@ -19,7 +19,7 @@ from canestra.deploy import aws as deploy_aws
 
 pytestmark = pytest.mark.slow
 
-KIT = Path(__file__).resolve().parents[1] / "deploy" / "aws"
+KIT = Path(__file__).resolve().parents[1] / "src" / "canestra" / "deploy" / "aws_kit"
 # The `trained` fixture's settings, passed the way the template passes TrainArgs.
 TRAIN_ARGS = ("--pca-k", "32", "--max-iter", "30")
 

@@ -1,4 +1,4 @@
-"""``canestra deploy aws``: render the CloudFormation kit in ``deploy/aws/``, print the plan
+"""``canestra deploy aws``: render the CloudFormation kit in ``aws_kit/`` (shipped in the package), print the plan
 and a cost estimate, and (with AWS credentials) create the stack.
 
 Two passes, because the cluster's bootstrap action reads the wheel from the bucket
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib.resources
 import io
 import ipaddress
 import json
@@ -37,6 +38,7 @@ PRICES_NAME = "prices.json"
 BOOTSTRAP_NAME = "bootstrap.sh"
 STEP_SCRIPT_NAME = "emr_step.py"
 TLS_ZIP_NAME = "emr-tls-certs.zip"
+KIT_PACKAGE_DIR = "aws_kit"  # package data beside this module
 ARTIFACTS = "artifacts/"
 
 # Where the bootstrap action installs canestra on every EMR node.
@@ -50,13 +52,15 @@ _STACK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,100}$")
 
 
 def kit_dir() -> Path:
-    """The ``deploy/aws`` folder: ``CANESTRA_DEPLOY_DIR`` or the source checkout's."""
+    """The kit's folder: ``CANESTRA_DEPLOY_DIR``, else the ``aws_kit`` data shipped in the package."""
     env = os.environ.get("CANESTRA_DEPLOY_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[3] / "deploy" / "aws"
+    # Installed wheels are plain folders, so the resource is a real path spark-submit/S3 uploads can read.
+    path = Path(env) if env else Path(str(importlib.resources.files("canestra.deploy").joinpath(KIT_PACKAGE_DIR)))
     if not (path / TEMPLATE_NAME).is_file():
+        where = "CANESTRA_DEPLOY_DIR" if env else "the installed canestra package"
         raise EnvironmentProblem(
-            f"the AWS deployment kit is not at {path}: run from a canestra source checkout "
-            f"or set CANESTRA_DEPLOY_DIR to its deploy/aws folder"
+            f"the AWS deployment kit is not at {path} ({where}): reinstall canestra "
+            f"or set CANESTRA_DEPLOY_DIR to a folder holding {TEMPLATE_NAME}"
         )
     return path
 
@@ -350,7 +354,7 @@ class CostEstimate:
     def lines(self) -> list[str]:
         out = [f"cost estimate ({self.label}):"]
         if self.total_usd is None:
-            out.append("  no price in deploy/aws/prices.json for this region/instance type: see the AWS pricing pages")
+            out.append("  no price in the kit's prices.json for this region/instance type: see the AWS pricing pages")
             return out
         for itype in self.ec2_per_hour:
             out.append(f"  {itype}: EC2 ${self.ec2_per_hour[itype]:.3f}/h + EMR ${self.emr_per_hour[itype]:.3f}/h")
@@ -361,7 +365,7 @@ class CostEstimate:
 
 
 def estimate_cost(params: DeployParams, job_hours: float, kit: Path | None = None) -> CostEstimate:
-    """Instance-hours x (EC2 + EMR uplift) from ``deploy/aws/prices.json``.
+    """Instance-hours x (EC2 + EMR uplift) from the kit's ``prices.json``.
 
     Hours per instance = the expected job time plus the idle timeout, the most a
     cluster lingers after its last step before it terminates itself.

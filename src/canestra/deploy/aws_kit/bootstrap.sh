@@ -26,6 +26,6 @@ PY
 sudo "$VENV/bin/pip" install -q -r "$tmp/requirements.txt"
 # Build the ONNX graph once per node here rather than inside the first Spark task;
 # Spark's executors (user yarn) read it from the shared cache.
-sudo CANESTRA_CACHE_DIR="$CACHE" "$VENV/bin/python" -c "from canestra import backbone; print(backbone.default_model_path())"
+sudo CANESTRA_CACHE_DIR="$CACHE" "$VENV/bin/python" -c "from canestra.vision import backbone; print(backbone.default_model_path())"
 sudo chmod -R a+rX /opt/canestra
 rm -rf "$tmp"
