@@ -16,7 +16,6 @@ import dataclasses
 import datetime as dt
 import importlib.resources
 import io
-import ipaddress
 import json
 import os
 import re
@@ -27,11 +26,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
-from urllib.parse import urlparse
 
 from canestra import __version__
 from canestra.errors import EnvironmentProblem, InputError, OutputError
 from canestra.storage.regions import check_region
+from canestra.storage.s3 import check_endpoint  # the same TLS rule as s3:// data paths
 
 TEMPLATE_NAME = "canestra-emr.yaml"
 PRICES_NAME = "prices.json"
@@ -414,29 +413,6 @@ def plan_lines(params: DeployParams, rendered: dict, cost: CostEstimate) -> list
 # --------------------------------------------------------------------------- AWS calls
 
 
-def check_endpoint(endpoint_url: str | None, allow_http: bool) -> None:
-    """Plain-http endpoints only for a local emulator, and only when asked for (GDPR Art. 32)."""
-    if not endpoint_url:
-        return
-    url = urlparse(endpoint_url)
-    if url.scheme == "https":
-        return
-    if url.scheme != "http":
-        raise InputError(f"--endpoint-url {endpoint_url!r} must be an https:// URL")
-    if not allow_http:
-        raise InputError(
-            f"--endpoint-url {endpoint_url!r} is plain http (no TLS): only for a local emulator, "
-            f"and only together with --allow-http-endpoint"
-        )
-    host = url.hostname or ""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        raise InputError(f"--allow-http-endpoint only allows a loopback host (127.0.0.1), not {host!r}")
-
-
 def aws_session(region: str, profile: str | None = None):
     """A boto3 session on the standard credential chain; refuses to go on without credentials."""
     try:
@@ -659,7 +635,7 @@ def run_cli(args) -> int:
     """``canestra deploy aws``: validate, print the plan; unless --dry-run, deploy."""
     params = params_from_cli(args)
     params.validate()
-    check_endpoint(args.endpoint_url, args.allow_http_endpoint)
+    check_endpoint(args.endpoint_url, args.allow_http_endpoint, flag="--endpoint-url")
     for n in (args.raw_retention_days, args.output_retention_days, args.log_retention_days):
         if n < 1:
             raise InputError("retention days must be at least 1")

@@ -5,7 +5,7 @@
   ``--allow-non-eu-region``.
 - GDPR Art. 32: every object canestra writes (or copies) carries server-side encryption,
   SSE-S3 (``AES256``) or SSE-KMS with ``--sse-kms-key-id``; plain ``http://`` endpoints
-  are refused unless ``--allow-http-endpoint`` (local emulators only).
+  are refused unless ``--allow-http-endpoint``, and then only on a loopback host (local emulators).
 - Credentials come from the standard AWS chain (env, profile, instance role). They are
   never printed: ``S3Options`` hides them from ``repr`` and error messages never quote them.
 
@@ -18,12 +18,14 @@ aiobotocore, which pins botocore to a narrow range and would fight the boto3 tha
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from canestra.errors import CanestraError, EnvironmentProblem, InputError
 
@@ -48,6 +50,32 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 def join(uri: str, *parts: str) -> str:
     return "/".join([str(uri).rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def check_endpoint(endpoint_url: str | None, allow_http: bool, flag: str = "--s3-endpoint-url") -> None:
+    """GDPR Art. 32: image bytes and signed requests only over TLS; the one rule for every AWS endpoint.
+
+    Plain ``http://`` only when asked for (``--allow-http-endpoint``) and only to a loopback
+    host: a local emulator, never data crossing a network unencrypted.
+    """
+    if not endpoint_url:
+        return
+    url = urlparse(endpoint_url)
+    if url.scheme == "https" and url.hostname:
+        return
+    if url.scheme != "http" or not url.hostname:
+        raise InputError(f"{flag} {endpoint_url!r} is not an https:// URL: use e.g. https://s3.eu-west-3.amazonaws.com")
+    if not allow_http:
+        raise InputError(
+            f"{flag} {endpoint_url} is plain http:// (unencrypted): use https://, or pass "
+            "--allow-http-endpoint (env CANESTRA_ALLOW_HTTP_ENDPOINT=1) for a local emulator on 127.0.0.1"
+        )
+    try:
+        loopback = ipaddress.ip_address(url.hostname).is_loopback
+    except ValueError:
+        loopback = url.hostname == "localhost"
+    if not loopback:
+        raise InputError(f"--allow-http-endpoint only allows a loopback host (127.0.0.1), not {url.hostname!r}")
 
 
 @dataclass(frozen=True)
@@ -76,20 +104,7 @@ class S3Options:
         )
 
     def check_endpoint(self) -> None:
-        """GDPR Art. 32: image bytes and credentials-signed requests only over TLS."""
-        if not self.endpoint_url:
-            return
-        scheme = self.endpoint_url.split("://", 1)[0].lower() if "://" in self.endpoint_url else ""
-        if scheme == "https":
-            return
-        if scheme == "http":
-            if self.allow_http_endpoint:
-                return
-            raise InputError(
-                f"S3 endpoint {self.endpoint_url} is plain http:// (unencrypted): use https://, or pass "
-                "--allow-http-endpoint (env CANESTRA_ALLOW_HTTP_ENDPOINT=1) for a local emulator"
-            )
-        raise InputError(f"S3 endpoint {self.endpoint_url!r} is not a URL: use e.g. https://s3.eu-west-3.amazonaws.com")
+        check_endpoint(self.endpoint_url, self.allow_http_endpoint)
 
     def sse_kwargs(self) -> dict[str, str]:
         """Request parameters that make S3 encrypt what canestra writes (PutObject, CopyObject, uploads)."""
