@@ -867,24 +867,8 @@ def render_report(metrics: dict) -> str:
 
 
 def write_report(metrics: dict, path: str | os.PathLike) -> None:
-    """Render ``metrics`` and write it to ``path`` atomically (``path + '.tmp'``, then ``os.replace``)."""
-    path = os.fspath(path)
-    text = render_report(metrics)  # render first: a rendering error leaves nothing behind
+    """Render ``metrics`` and write it to ``path`` whole or not at all (local or s3://)."""
     from canestra.storage import files as storage
 
-    if storage.is_remote(path):  # s3://: one encrypted PutObject through the storage seam
-        storage.write_text_atomic(path, text)
-        return
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    text = render_report(metrics)  # render first: a rendering error leaves nothing behind
+    storage.write_text_atomic(os.fspath(path), text)

@@ -1,7 +1,7 @@
 """Where bytes live: listing image trees, reading image bytes, publishing outputs.
 
 The one module that touches storage. Local paths and ``file://`` are handled here;
-``s3://bucket/prefix`` dispatches to ``s3.py`` (s3fs/boto3, also on the executors).
+``s3://bucket/prefix`` dispatches to ``s3.py`` (boto3, also on the executors).
 Tables are published atomically: written to a staging directory, then renamed into
 place, so a crashed run never leaves a half-written table under its final name
 (on S3, which has no rename, publishing is copy-then-delete; see docs/storage.md).
