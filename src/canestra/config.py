@@ -67,6 +67,7 @@ class Settings:
     allow_http_endpoint: bool = False
     allow_non_eu_region: bool = False
     sse_kms_key_id: str | None = None
+    s3_max_attempts: int = 3  # per S3 request, retries of throttling/5xx included (botocore standard mode)
     extra_spark_conf: dict[str, str] = field(default_factory=dict)
 
     _ENV_PREFIX = "CANESTRA_"
@@ -94,6 +95,8 @@ class Settings:
             raise InputError(f"--precision must be fp32 or int8, got {s.precision!r}")
         if not 0.0 <= s.unknown_quantile < 0.5:
             raise InputError(f"--unknown-quantile must be in [0, 0.5), got {s.unknown_quantile}")
+        if s.s3_max_attempts < 1:
+            raise InputError(f"CANESTRA_S3_MAX_ATTEMPTS must be at least 1, got {s.s3_max_attempts}")
         if s.pca_k is not None and s.pca_k < 1:
             raise InputError(f"--pca-k must be a positive number of components, got {s.pca_k}")
         if s.retention_days is not None and s.retention_days < 0:

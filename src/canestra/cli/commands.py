@@ -269,6 +269,14 @@ def run(args: argparse.Namespace) -> int:
         return run_serve(args.model, cfg)
     progress = Progress(quiet=args.quiet)
     _precheck(args, cfg)
+    from canestra.storage.lock import out_lock
+
+    # One run per --out at a time: a second one stops here naming the holder (docs/reliability.md).
+    with out_lock(args.out, args.command):
+        return _run_job(args, cfg, progress)
+
+
+def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int:
     if args.command == "ingest":
         from canestra.pipeline.ingest import ingest
         from canestra.storage.files import ensure_output_dir

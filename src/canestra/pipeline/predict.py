@@ -11,6 +11,7 @@ from canestra.storage import files as storage
 from canestra.pipeline.ingest import QUARANTINE_CSV, cleaned_frame, list_for_ingest, write_quarantine_csv
 from canestra.errors import InputError
 from canestra.pipeline.metrics import classification_metrics
+from canestra.pipeline.model_dir import check_model_dir  # noqa: F401  (one check for predict, evaluate, serve)
 from canestra.progress import Progress
 from canestra.pipeline.report import write_report
 
@@ -27,23 +28,6 @@ class PredictResult:
     labelled: bool
     predictions_path: str
     classes: list[str]
-
-
-def check_model_dir(path: str) -> str:
-    if storage.is_remote(path):  # s3://: Spark loads it (EMRFS on EMR)
-        if not storage.is_dir(path.rstrip("/") + "/metadata"):
-            raise InputError(f"{path} is not a saved canestra model (no metadata/): pass the model/ folder "
-                             "written by `canestra train`")
-        return path.rstrip("/")
-    local = storage.local_path(path)
-    if not os.path.isdir(local):
-        raise InputError(f"model folder {local} does not exist: pass the model/ folder written by `canestra train`")
-    if not os.path.isdir(os.path.join(local, "metadata")) or not os.path.isdir(os.path.join(local, "stages")):
-        raise InputError(
-            f"{local} is not a saved canestra model (no metadata/ and stages/): "
-            "pass the model/ folder written by `canestra train`"
-        )
-    return local
 
 
 def load_model(path: str):

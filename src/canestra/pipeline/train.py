@@ -268,6 +268,9 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
         model_path = os.path.join(out_dir, MODEL)
         staging = storage.staging_dir(model_path)
         model.write().overwrite().save(staging)
+        from canestra.pipeline.model_dir import write_model_info
+
+        write_model_info(staging, model.stages)  # version + format: a later canestra can refuse it plainly
         # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.
         from canestra.privacy.erase import write_training_ids
 

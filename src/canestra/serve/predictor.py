@@ -168,15 +168,10 @@ class ModelSpec:
 
 
 def check_model_dir(path: str) -> str:
-    local = os.path.abspath(os.path.expanduser(path[len("file://"):] if path.startswith("file://") else path))
-    if "://" in path and not path.startswith("file://"):
-        raise InputError(f"{path}: serve a local model folder (copy it from object storage first)")
-    if not os.path.isdir(local):
-        raise InputError(f"model folder {local} does not exist: pass the model/ folder written by `canestra train`")
-    if not os.path.isdir(os.path.join(local, "metadata")) or not os.path.isdir(os.path.join(local, "stages")):
-        raise InputError(f"{local} is not a saved canestra model (no metadata/ and stages/): "
-                         "pass the model/ folder written by `canestra train`")
-    return local
+    """The shared model-folder check (pipeline/model_dir.py), local folders only."""
+    from canestra.pipeline.model_dir import check_model_dir as check
+
+    return check(path, local_only=True)
 
 
 def load_model_spec(path: str) -> ModelSpec:

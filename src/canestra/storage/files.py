@@ -9,6 +9,7 @@ place, so a crashed run never leaves a half-written table under its final name
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -213,9 +214,14 @@ def write_text_atomic(path: str, text: str) -> None:
     path = local_path(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:  # e.g. disk full: leave no partial temp file beside the intact old one
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_text(path: str) -> str | None:

@@ -32,6 +32,9 @@ from canestra.errors import CanestraError, EnvironmentProblem, InputError
 SCHEMES = ("s3://", "s3a://")
 _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
                  "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity"}
+# Error codes S3 answers when it sheds load or fails inside (retried by botocore first).
+_THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+                   "ServiceUnavailable", "InternalError", "RequestTimeout"}
 _ENV_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
@@ -89,6 +92,7 @@ class S3Options:
     # (key id, secret, session token) found in the driver's environment, so executors started
     # before they were set can use them too (as Spark does for s3a). Never shown by repr.
     credentials: tuple[str, str, str | None] | None = field(default=None, repr=False)
+    max_attempts: int = 3  # per request, the first included (botocore standard mode; its default too)
 
     @classmethod
     def from_settings(cls, cfg: Any) -> "S3Options":
@@ -101,6 +105,7 @@ class S3Options:
             allow_non_eu_region=bool(getattr(cfg, "allow_non_eu_region", False)),
             sse_kms_key_id=getattr(cfg, "sse_kms_key_id", None) or None,
             credentials=(key, secret, token) if key and secret else None,
+            max_attempts=int(getattr(cfg, "s3_max_attempts", None) or cls.max_attempts),
         )
 
     def check_endpoint(self) -> None:
@@ -141,8 +146,11 @@ def client(opts: S3Options):
             # A private session: None credentials fall through to the standard chain (profile, role).
             session = boto3.session.Session(aws_access_key_id=key, aws_secret_access_key=secret,
                                             aws_session_token=token)
+            # Standard mode retries throttling (503 SlowDown) and 5xx with jittered exponential
+            # backoff; attempts come from Settings (CANESTRA_S3_MAX_ATTEMPTS), few by default so a
+            # dead endpoint's error stays quick.
             c = session.client("s3", endpoint_url=opts.endpoint_url, config=Config(
-                retries={"max_attempts": 3, "mode": "standard"},  # keep a dead endpoint's error quick
+                retries={"max_attempts": opts.max_attempts, "mode": "standard"},
                 connect_timeout=10, read_timeout=60, max_pool_connections=16))
             _CLIENTS[opts] = c
     return c
@@ -187,6 +195,10 @@ def plain_error(exc: BaseException, uri: str, opts: S3Options, error_cls: type[C
     if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return error_cls(f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                          "AWS_PROFILE, or run with an instance role")
+    if code in _THROTTLE_CODES or (code or "").isdigit() and code.startswith("5"):
+        return error_cls(f"S3 at {opts.where()} kept failing for {uri} ({code}, {opts.max_attempts} attempts): "
+                         "the service is throttling or unavailable; retry later, or allow more attempts with "
+                         "CANESTRA_S3_MAX_ATTEMPTS")
     if _is_unreachable(exc):
         return error_cls(f"cannot reach the S3 endpoint {opts.where()} for {uri}: check --s3-endpoint-url "
                          "(env CANESTRA_S3_ENDPOINT_URL) and the network")
@@ -331,6 +343,25 @@ def write_bytes(uri: str, data: bytes, opts: S3Options) -> None:
     bucket, key = split_uri(uri)
     with plain_errors(uri, opts, OutputError):
         client(opts).put_object(Bucket=bucket, Key=key, Body=data, **opts.sse_kwargs())
+
+
+def put_if_absent(uri: str, data: bytes, opts: S3Options) -> bool:
+    """Create an object only if none exists (conditional put, ``If-None-Match: *``).
+
+    False when the object already exists (412), or another writer's put raced ours (409).
+    """
+    from canestra.errors import OutputError
+
+    check_bucket(uri, opts, OutputError)
+    bucket, key = split_uri(uri)
+    with plain_errors(uri, opts, OutputError):
+        try:
+            client(opts).put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", **opts.sse_kwargs())
+        except Exception as exc:
+            if _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+    return True
 
 
 def exists(uri: str, opts: S3Options) -> bool:
