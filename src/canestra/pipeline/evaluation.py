@@ -17,11 +17,11 @@ import pandas as pd
 
 from canestra.answer.rule import quantile_threshold
 from canestra.answer.taxonomy import UNKNOWN, is_family_label
+from canestra.layout import GALLERY
 
 SCORED_COLUMNS = ["image_id", "label", "predicted_label", "predicted_probability", "family", "family_probability",
                   "energy", "fruitness"]
 QUANTILE_GRID = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-GALLERY = "gallery"
 WORST_ERRORS = 12
 SHIFT_DESCRIPTION = ("held-out images under seeded changes of brightness, contrast, saturation, white balance, "
                      "rotation (up to 20 degrees), scale (0.8-1.15), shift and blur")

@@ -21,10 +21,8 @@ import pandas as pd
 from canestra.storage import files as storage
 from canestra.errors import InputError
 from canestra.pipeline.split import assign_splits, frame_number
+from canestra.layout import CATALOG, MANIFEST, QUARANTINE_CSV
 
-CATALOG = "catalog"
-QUARANTINE_CSV = "quarantine.csv"
-MANIFEST = "_canestra.json"
 
 # Columns of the catalog table.
 CATALOG_COLUMNS = ["image_id", "label", "split", "frame", "width", "height", "format", "content", "source_path"]

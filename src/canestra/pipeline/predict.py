@@ -14,10 +14,9 @@ from canestra.pipeline.metrics import classification_metrics
 from canestra.pipeline.model_dir import check_model_dir  # noqa: F401  (one check for predict, evaluate, serve)
 from canestra.progress import Progress
 from canestra.pipeline.report import write_report
+from canestra.layout import METRICS_JSON, PREDICTIONS_CSV, REPORT_HTML
 
 PREDICTIONS = "predictions"
-PREDICTIONS_CSV = "predictions.csv"
-from canestra.answer.rule import TOP_K  # noqa: E402,F401  (one value for Spark and serving)
 
 
 @dataclass
@@ -129,6 +128,6 @@ def evaluate(spark, model_path: str, images: str, out: str, progress: Progress |
     metrics = classification_metrics([(r["label"], r["prediction"], int(r["count"])) for r in rows],
                                      classes=res.classes)
     metrics["counts"] = {"images": res.predicted, "test": res.predicted, "quarantined": res.quarantined}
-    storage.write_text_atomic(os.path.join(res.out_dir, "metrics.json"), json.dumps(metrics, indent=2, allow_nan=False))
-    write_report(metrics, os.path.join(res.out_dir, "report.html"))
+    storage.write_text_atomic(os.path.join(res.out_dir, METRICS_JSON), json.dumps(metrics, indent=2, allow_nan=False))
+    write_report(metrics, os.path.join(res.out_dir, REPORT_HTML))
     return metrics

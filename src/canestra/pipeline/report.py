@@ -21,6 +21,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from canestra.layout import GALLERY
+
 # Colour ramps (ColorBrewer): green for the diagonal (correct share of the
 # row = recall), red for off-diagonal cells (share of the row going there).
 _GREENS = ("#e5f5e0", "#a1d99b", "#41ab5d", "#006d2c")
@@ -30,8 +32,7 @@ _BAR, _LINE = "#9ecae1", "#08519c"
 _GAP = "#de2d26"
 _FONT = 'font-family="system-ui,Helvetica,Arial,sans-serif"'
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
-_THUMBNAIL = re.compile(r"^gallery/[0-9a-f]{64}\.jpg$")
-GALLERY = "gallery"  # thumbnails of the worst errors, next to report.html
+_THUMBNAIL = re.compile(rf"^{GALLERY}/[0-9a-f]{{64}}\.jpg$")
 
 _CSS = """
 *{box-sizing:border-box}

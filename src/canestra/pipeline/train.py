@@ -26,11 +26,8 @@ from canestra.progress import Progress
 from canestra.pipeline.report import write_report
 from canestra.pipeline.split import METHOD, DEFAULT_BLOCKS
 from canestra.answer.taxonomy import is_family_label
+from canestra.layout import FEATURES, METRICS_JSON, MODEL, REPORT_HTML
 
-FEATURES = "features"
-MODEL = "model"
-METRICS_JSON = "metrics.json"
-REPORT_HTML = "report.html"
 PREDICTION_COL = "predicted_label"  # written by the AnswerModel stage
 
 

@@ -29,9 +29,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from canestra import __version__
+from canestra.layout import AUDIT_DIR, AUDIT_FILE
 
-AUDIT_DIR = "_audit"
-AUDIT_FILE = "audit.jsonl"
 ENV_LOG = "CANESTRA_AUDIT_LOG"
 ENV_ACTOR = "CANESTRA_ACTOR"
 

@@ -42,17 +42,14 @@ from canestra.storage import s3
 from canestra.storage import files as storage
 from canestra.errors import InputError, OutputError
 from canestra.pipeline.report import write_report
+from canestra.layout import ERASURES, GOVERNANCE_DIRS, MANIFEST, METRICS_JSON, REPORT_HTML, STAGING
 
 TRAINING_IDS = "canestra_training_ids.txt"  # inside a model dir: the image ids it was fitted on
-ERASURES = "canestra_erasures.json"  # inside a model dir: erasures since it was trained (no ids)
 ID_COLUMN = "image_id"
 PATH_COLUMNS = ("source_path", "path")
-MANIFEST = "_canestra.json"
-METRICS_JSON = "metrics.json"  # a run's metrics; its worst_errors name image ids
-REPORT_HTML = "report.html"  # rendered from the metrics.json beside it
 WORST_ERRORS = "worst_errors"
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
-_SKIP_DIRS = {"_audit", "_gdpr"}  # governance records: they hold no image ids or paths
+_SKIP_DIRS = GOVERNANCE_DIRS  # governance records: they hold no image ids or paths
 _SMALL_FILE = 64 * 1024 * 1024  # larger non-Parquet files are not searched for traces
 
 
@@ -128,7 +125,7 @@ def find_tables(out_dir: str) -> list[str]:
     """Folders holding Parquet part files (Spark tables), outside models and staging leftovers."""
     tables = []
     for dirpath, dirnames, filenames in _walk(out_dir):
-        if "_staging" in dirpath.split(os.sep) or is_model_dir(dirpath):
+        if STAGING in dirpath.split(os.sep) or is_model_dir(dirpath):
             continue
         if any(f.endswith(".parquet") and not f.startswith((".", "_")) for f in filenames):
             tables.append(dirpath)
@@ -137,7 +134,7 @@ def find_tables(out_dir: str) -> list[str]:
 
 
 def find_models(out_dir: str) -> list[str]:
-    return [d for d, _, _ in _walk(out_dir) if is_model_dir(d) and "_staging" not in d.split(os.sep)]
+    return [d for d, _, _ in _walk(out_dir) if is_model_dir(d) and STAGING not in d.split(os.sep)]
 
 
 # ---------------------------------------------------------------------------- matching rows
@@ -503,7 +500,7 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
         if n:
             res.rows_removed[os.path.relpath(table, root)] = n
     for dirpath, _, filenames in _walk(root):
-        if "_staging" in dirpath.split(os.sep):
+        if STAGING in dirpath.split(os.sep):
             continue
         for name in filenames:
             path = os.path.join(dirpath, name)
@@ -520,10 +517,10 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
                 os.remove(path)  # a thumbnail (gallery/<id>.jpg) or a copy of an erased image inside the outputs
                 res.files_deleted.append(os.path.relpath(path, root))
     for dirpath, dirnames, _ in os.walk(root):
-        if "_staging" in dirnames:  # leftovers of crashed runs may hold the image: never complete outputs
-            shutil.rmtree(os.path.join(dirpath, "_staging"))
-            res.files_deleted.append(os.path.relpath(os.path.join(dirpath, "_staging"), root))
-            dirnames.remove("_staging")
+        if STAGING in dirnames:  # leftovers of crashed runs may hold the image: never complete outputs
+            shutil.rmtree(os.path.join(dirpath, STAGING))
+            res.files_deleted.append(os.path.relpath(os.path.join(dirpath, STAGING), root))
+            dirnames.remove(STAGING)
     for model in find_models(root):
         n = _update_model(model, ids)
         if n is None:

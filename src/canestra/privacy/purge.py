@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 
 from canestra.storage import files as storage
 from canestra.errors import InputError
+from canestra.layout import GALLERY, GOVERNANCE_DIRS, MANIFEST, STAGING
 
-KEEP = {"_audit", "_gdpr"}
-GALLERY = "gallery"  # a run's worst-error thumbnails (gallery/<image_id>.jpg): one unit, removed whole
-MANIFEST = "_canestra.json"
+KEEP = GOVERNANCE_DIRS
 DAY = 86400.0
 
 
@@ -53,7 +52,7 @@ class PurgeResult:
 
 def _kind(path: str) -> str | None:
     """The kind of an output unit, or None for a plain folder (a run, or a folder of runs)."""
-    if os.path.basename(path) == "_staging":
+    if os.path.basename(path) == STAGING:
         return "staging"
     if os.path.basename(path) == GALLERY:
         return "gallery"

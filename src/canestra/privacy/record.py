@@ -25,8 +25,8 @@ from canestra.privacy import erase
 from canestra.privacy import purge as retention
 from canestra.storage import files as storage
 from canestra.config import Settings
+from canestra.layout import CATALOG, FEATURES, GDPR_DIR, PREDICTIONS_CSV, STAGING
 
-GDPR_DIR = "_gdpr"
 RECORD_JSON = "record-of-processing.json"
 RECORD_MD = "record-of-processing.md"
 PLACEHOLDER = "[to be completed by the controller]"
@@ -69,7 +69,7 @@ def _csvs(root: str) -> list[dict[str, Any]]:
     out = []
     for dirpath, _, filenames in erase._walk(root):
         for name in sorted(filenames):
-            if not name.endswith(".csv") or "_staging" in dirpath.split(os.sep):
+            if not name.endswith(".csv") or STAGING in dirpath.split(os.sep):
                 continue
             path = os.path.join(dirpath, name)
             with open(path, newline="", encoding="utf-8") as fh:
@@ -157,7 +157,7 @@ def _security(root: str, cfg: Settings, tables: list, csvs: list) -> list[str]:
         + (" (WARNING: readable by all local users; chmod o-rwx)" if mode & stat.S_IROTH else ""),
     ]
     measures += _s3_measures(cfg)
-    shared_paths = [t["table"] for t in tables if t["holds_source_paths"] and "catalog" not in t["table"]]
+    shared_paths = [t["table"] for t in tables if t["holds_source_paths"] and CATALOG not in t["table"]]
     shared_paths += [c["file"] for c in csvs if c["holds_source_paths"] and "quarantine" not in c["file"]]
     if shared_paths:
         measures.append("WARNING: outputs meant for sharing hold source paths (--include-paths): "
@@ -194,9 +194,9 @@ def build_record(out_dir: str, cfg: Settings) -> dict[str, Any]:
     tables, csvs, models = _tables(root), _csvs(root), _models(root)
     names = {os.path.basename(t["table"]) for t in tables}
     purposes = []
-    if names & {"catalog", "features"} or models:
+    if names & {CATALOG, FEATURES} or models:
         purposes.append("training and evaluating an image classifier for fruit (catalog, features, model)")
-    if "predictions" in names or any(c["file"].endswith("predictions.csv") for c in csvs):
+    if "predictions" in names or any(c["file"].endswith(PREDICTIONS_CSV) for c in csvs):
         purposes.append("classifying images with a trained model (predictions)")
     if not purposes:
         purposes.append("fruit-image classification (no outputs on disk yet)")

@@ -37,8 +37,8 @@ from canestra.vision import backbone
 from canestra.answer.rule import AnswerRule
 from canestra.errors import InputError
 from canestra.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
+from canestra.layout import METRICS_JSON
 
-METRICS_JSON = "metrics.json"  # written by `canestra train` next to model/
 
 _FEATURIZER = "canestra.vision.featurizer.ImageFeaturizer"
 _PCA = "org.apache.spark.ml.feature.PCAModel"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from canestra.storage import s3
 from canestra.errors import InputError, OutputError
+from canestra.layout import STAGING
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -180,7 +181,7 @@ def ensure_output_dir(uri: str, spark=None) -> str:
 def staging_dir(final: str) -> str:
     """A fresh sibling directory to write a table into before publishing it."""
     parent = os.path.dirname(final.rstrip("/"))
-    return os.path.join(parent, "_staging", f"{os.path.basename(final.rstrip('/'))}-{uuid.uuid4().hex[:12]}")
+    return os.path.join(parent, STAGING, f"{os.path.basename(final.rstrip('/'))}-{uuid.uuid4().hex[:12]}")
 
 
 def publish_dir(staging: str, final: str) -> None:
@@ -217,6 +218,8 @@ def write_text_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
     except BaseException:  # e.g. disk full: leave no partial temp file beside the intact old one
         with contextlib.suppress(OSError):
