@@ -131,18 +131,47 @@ def test_rerun_is_idempotent(spark, sample_dir, tmp_path):
     assert not (tmp_path / "out" / "_staging").exists()
 
 
-def test_crashed_publish_never_looks_complete(tmp_path):
-    """A table is visible under its final name only once complete (staging + rename)."""
+def test_crashed_publish_never_looks_complete(tmp_path, monkeypatch):
+    """A table is visible under its final name only once complete (staging + rename):
+    the old table stays readable while the new one is written, a publish replaces it whole,
+    and a crash during the publish never leaves the new table's parts under the final name."""
+    from canestra.layout import STAGING
     from canestra.storage import files as storage
 
+    def table(path: str) -> dict[str, str]:
+        return {p.name: p.read_text() for p in Path(path).iterdir()} if os.path.isdir(path) else {}
+
     final = str(tmp_path / "table")
+    os.makedirs(final)
+    Path(final, "part-old.parquet").write_text("old")
+    Path(final, "_SUCCESS").write_text("")
     staging = storage.staging_dir(final)
+    assert os.path.basename(os.path.dirname(staging)) == STAGING and not staging.startswith(final + os.sep)
     os.makedirs(staging)
-    Path(staging, "part-0.parquet").write_text("half")
-    assert not os.path.exists(final)  # a crash here leaves only _staging/
+    Path(staging, "part-new.parquet").write_text("half")
+    assert table(final) == {"part-old.parquet": "old", "_SUCCESS": ""}  # writing the new one leaves the old intact
+    Path(staging, "part-new.parquet").write_text("new")
     Path(staging, "_SUCCESS").write_text("")
+
+    real_replace, calls = os.replace, []
+
+    def crash_on_publish(src, dst):
+        calls.append((src, dst))
+        if os.fspath(src) == staging:
+            raise OSError("simulated crash while publishing")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_publish)
+    with pytest.raises(OSError, match="simulated crash"):
+        storage.publish_dir(staging, final)
+    assert (staging, final) in calls  # the fault really hit the publishing rename
+    assert table(final) == {"part-old.parquet": "old", "_SUCCESS": ""}  # the old table is back, untouched
+    assert table(staging) == {"part-new.parquet": "new", "_SUCCESS": ""}  # the complete copy survives
+
+    monkeypatch.setattr(os, "replace", real_replace)
     storage.publish_dir(staging, final)
-    assert os.path.exists(os.path.join(final, "_SUCCESS"))
+    assert table(final) == {"part-new.parquet": "new", "_SUCCESS": ""}  # replaced whole, no old part left
+    assert not os.path.exists(staging) and not os.path.exists(os.path.dirname(staging))
 
 
 def test_readme_job_with_default_settings_classifies_the_bundled_sample(spark, sample_dir, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from canestra.errors import InputError
@@ -68,7 +68,6 @@ class Settings:
     allow_non_eu_region: bool = False
     sse_kms_key_id: str | None = None
     s3_max_attempts: int = 3  # per S3 request, retries of throttling/5xx included (botocore standard mode)
-    extra_spark_conf: dict[str, str] = field(default_factory=dict)
 
     _ENV_PREFIX = "CANESTRA_"
 
@@ -78,7 +77,7 @@ class Settings:
         s = cls()
         for f in fields(cls):
             env = os.environ.get(cls._ENV_PREFIX + f.name.upper())
-            if env is not None and f.name != "extra_spark_conf":
+            if env is not None:
                 s._set(f.name, env)
         for key, value in overrides.items():
             if value is not None:

@@ -588,7 +588,7 @@ def deploy(params: DeployParams, *, session, endpoint_url: str | None = None, wh
 
 
 def add_cli_arguments(p) -> None:
-    """Flags of ``canestra deploy aws`` (the parser itself lives in cli.py)."""
+    """Flags of ``canestra deploy aws`` (the parser itself lives in cli/commands.py)."""
     p.add_argument("--region", required=True, help="AWS region, EU/EEA only unless --allow-non-eu-region (e.g. eu-west-3)")
     p.add_argument("--bucket", required=True, help="data bucket name to create (access logs go to <bucket>-logs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and cost estimate; no AWS call, no credentials needed")

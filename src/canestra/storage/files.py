@@ -197,7 +197,12 @@ def publish_dir(staging: str, final: str) -> None:
     if os.path.exists(final):
         trash = staging + ".old"
         os.replace(final, trash)
-    os.replace(staging, final)
+    try:
+        os.replace(staging, final)
+    except BaseException:
+        if trash:  # put the old table back rather than leave no table at all
+            os.replace(trash, final)
+        raise
     if trash:
         shutil.rmtree(trash, ignore_errors=True)
     parent = os.path.dirname(staging)

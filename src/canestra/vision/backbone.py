@@ -68,14 +68,6 @@ def cache_not_writable(exc: OSError) -> EnvironmentProblem:
                               "CANESTRA_CACHE_DIR to a writable folder")
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fold_bn(w: np.ndarray, sd: dict[str, np.ndarray], bn: str) -> tuple[np.ndarray, np.ndarray]:
     scale = sd[f"{bn}.weight"] / np.sqrt(sd[f"{bn}.running_var"] + BN_EPS)
     w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32)
@@ -334,7 +326,12 @@ def int8_model_path() -> str:
 
 
 def model_sha256(path: str) -> str:
-    return _file_sha256(path)
+    """SHA-256 of a weights or ONNX file: the feature store names embeddings by it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 _sessions: dict[tuple[str, int], object] = {}
