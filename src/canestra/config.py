@@ -67,7 +67,7 @@ class Settings:
     allow_http_endpoint: bool = False
     allow_non_eu_region: bool = False
     sse_kms_key_id: str | None = None
-    s3_max_attempts: int = 3  # per S3 request, retries of throttling/5xx included (botocore standard mode)
+    s3_max_attempts: int = 4  # tries per S3 request, the first included (throttling/5xx retried, standard mode)
 
     _ENV_PREFIX = "CANESTRA_"
 

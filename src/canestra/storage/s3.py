@@ -92,7 +92,7 @@ class S3Options:
     # (key id, secret, session token) found in the driver's environment, so executors started
     # before they were set can use them too (as Spark does for s3a). Never shown by repr.
     credentials: tuple[str, str, str | None] | None = field(default=None, repr=False)
-    max_attempts: int = 3  # per request, the first included (botocore standard mode; its default too)
+    max_attempts: int = 4  # per request, the first included (botocore total_max_attempts)
 
     @classmethod
     def from_settings(cls, cfg: Any) -> "S3Options":
@@ -150,7 +150,7 @@ def client(opts: S3Options):
             # backoff; attempts come from Settings (CANESTRA_S3_MAX_ATTEMPTS), few by default so a
             # dead endpoint's error stays quick.
             c = session.client("s3", endpoint_url=opts.endpoint_url, config=Config(
-                retries={"max_attempts": opts.max_attempts, "mode": "standard"},
+                retries={"total_max_attempts": opts.max_attempts, "mode": "standard"},
                 connect_timeout=10, read_timeout=60, max_pool_connections=16))
             _CLIENTS[opts] = c
     return c
