@@ -50,9 +50,8 @@ def log(msg: str) -> None:
 
 def write_nonfruit(folder: Path) -> int:
     """The non-fruit views as PNG files (lossless: the product decodes the same pixels)."""
-    from PIL import Image
-
     from outside_studio import nonfruit_images
+    from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     images = nonfruit_images()
@@ -111,11 +110,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     benchlib.setup_env()
-    from canestra.pipeline.ingest import CATALOG
-    from canestra.config import Settings
-    from canestra.sparkctx import get_spark
     from canestra.answer.taxonomy import load_taxonomy
+    from canestra.config import Settings
+    from canestra.pipeline.ingest import CATALOG
     from canestra.pipeline.train import train
+    from canestra.sparkctx import get_spark
 
     work = Path(args.work) / "abstention"
     cfg = Settings.load()

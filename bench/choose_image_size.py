@@ -32,8 +32,8 @@ CANDIDATES = ["100", "160", "224", "100+224"]
 
 
 def load_images(root: Path):
-    from canestra.vision.images import decode_rgb
     from canestra.storage.files import list_images
+    from canestra.vision.images import decode_rgb
 
     files = [f for f in list_images(str(root)) if f.label]
     images = [decode_rgb(Path(f.path).read_bytes()) for f in files]
@@ -110,8 +110,8 @@ def main() -> None:
     benchlib.setup_env()
 
     from canestra.config import Settings
-    from canestra.sparkctx import get_spark
     from canestra.pipeline.split import assign_splits
+    from canestra.sparkctx import get_spark
 
     cfg = Settings.load()
     files, images = load_images(Path(args.images))

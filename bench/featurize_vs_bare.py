@@ -72,11 +72,11 @@ def main() -> None:
     args = ap.parse_args()
     benchlib.setup_env()
 
-    from canestra.vision import backbone
-    from canestra.pipeline.ingest import ingest
     from canestra.config import Settings
-    from canestra.sparkctx import get_spark
+    from canestra.pipeline.ingest import ingest
     from canestra.pipeline.train import featurize_table, make_featurizer
+    from canestra.sparkctx import get_spark
+    from canestra.vision import backbone
 
     cfg = Settings.load(image_sizes=args.image_size, batch_size=args.batch_size, threads=args.threads)
     sizes = tuple(cfg.image_sizes)

@@ -378,7 +378,7 @@ class Studio:
     y: np.ndarray
 
     @classmethod
-    def load(cls, root: str) -> "Studio":
+    def load(cls, root: str) -> Studio:
         items = list_labelled(root)
         if not items:
             raise SystemExit(f"no <Class>/<image> files under {root}: pass --studio")
@@ -478,7 +478,7 @@ def run_levers(args, cache: FeatureCache, studio: Studio, levers: list[Lever]) -
             continue
         log(f"{lv.name}: fitting")
 
-        def held_out_top1(test, key):
+        def held_out_top1(test, key, X=X, lv=lv):  # bound now: the loop moves on
             probe = fit_probe(X[~test], y[~test], n_classes, lv.pca_k, lv.reg, args.max_iter, directions, key)
             return probe, top1(probe, X[test], y[test])
 
@@ -538,10 +538,16 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
     """The answer rule as ``canestra.pipeline.train.train`` builds it, from training and held-out rows."""
     import pandas as pd
 
-    from canestra.pipeline import evaluation
-    from canestra.answer.rule import (PROFILE_MIN_MASS, PROFILE_QUANTILE, AnswerRule, decide, imagenet_class_set,
-                                 imagenet_probabilities)
+    from canestra.answer.rule import (
+        PROFILE_MIN_MASS,
+        PROFILE_QUANTILE,
+        AnswerRule,
+        decide,
+        imagenet_class_set,
+        imagenet_probabilities,
+    )
     from canestra.answer.taxonomy import is_family_label
+    from canestra.pipeline import evaluation
 
     offset = imagenet_offset(sizes)
     families = taxonomy.families_of(labels)
@@ -581,8 +587,8 @@ def cv_folds(families: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def run_real(args, cache: FeatureCache, studio: Studio) -> dict:
-    from canestra.config import Settings
     from canestra.answer.taxonomy import family_label, load_taxonomy
+    from canestra.config import Settings
 
     cfg = Settings()  # canestra's defaults, not the environment's
     sizes, pca_k, reg, q = tuple(cfg.image_sizes), cfg.pca_k, cfg.reg_param, cfg.unknown_quantile

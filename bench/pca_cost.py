@@ -28,8 +28,8 @@ def main() -> None:
     from pyspark.ml.feature import StringIndexer
 
     from canestra.config import Settings
-    from canestra.sparkctx import get_spark
     from canestra.pipeline.train import make_classifier
+    from canestra.sparkctx import get_spark
 
     metrics = json.load(open(os.path.join(args.out, "metrics.json")))
     cfg = Settings.load(reg_param=metrics["model"]["reg_param"], max_iter=args.max_iter or metrics["model"]["max_iter"])

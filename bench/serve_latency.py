@@ -36,9 +36,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 import benchlib
+import numpy as np
 
 TARGET_OVERHEAD_MS = 3.0
 TARGET_THROUGHPUT_RATIO = 0.80
@@ -59,9 +58,9 @@ def _bare_worker(model_dir: str, image: str, core: int | None, iterations: int, 
                  start: mp.Event, out: mp.Queue) -> None:
     _pin(core)
     benchlib.setup_env()
+    from canestra.serve.predictor import load_model_spec
     from canestra.vision import backbone
     from canestra.vision.images import decode_rgb
-    from canestra.serve.predictor import load_model_spec
 
     spec = load_model_spec(model_dir)
     path = spec.onnx_path or backbone.default_model_path()
@@ -262,9 +261,9 @@ def pct(values, q: float) -> float:
 
 def quick_model() -> str:
     """A small model trained on the bundled sample, cached between runs; its model/ folder."""
-    from canestra.vision import backbone
     from canestra.errors import InputError
     from canestra.serve.predictor import load_model_spec
+    from canestra.vision import backbone
 
     out = backbone.cache_dir() / "bench-serve-model"
     model = out / "model"
@@ -373,7 +372,7 @@ def main() -> None:
         finally:
             server.stop()
 
-        def med(key: str) -> float:
+        def med(key: str, rounds=rounds) -> float:
             return round(float(np.median([r[key] for r in rounds])), 3)
 
         res = {

@@ -63,8 +63,8 @@ def main() -> None:
     benchlib.setup_env()
     from PIL import Image
 
-    from canestra.vision import backbone
     from canestra.config import Settings
+    from canestra.vision import backbone
 
     cfg = Settings.load()
     size = args.image_size or cfg.image_sizes[0]

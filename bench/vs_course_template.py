@@ -77,8 +77,8 @@ def template_features(spark, images: str, out: str) -> None:
 
 
 def canestra_features(spark, images: str, work: Path, sizes, precision: str = "fp32") -> int:
-    from canestra.pipeline.ingest import ingest
     from canestra.config import Settings
+    from canestra.pipeline.ingest import ingest
     from canestra.pipeline.train import featurize_table, make_featurizer
 
     cfg = Settings.load(image_sizes=sizes, precision=precision)
@@ -101,7 +101,7 @@ def main() -> None:
         import tensorflow  # noqa: F401
     except ImportError:
         raise SystemExit("TensorFlow is not installed: this bench needs the bench extra in its own venv "
-                         "(python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]')")
+                         "(python3 -m venv .venv-bench && .venv-bench/bin/pip install -e '.[bench]')") from None
     from canestra.sparkctx import get_spark
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="canestra-vs-template-"))

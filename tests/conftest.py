@@ -38,8 +38,8 @@ def sample_dir() -> Path:
 def trained(spark, tmp_path_factory, sample_dir):
     """Train once on the bundled sample (10 classes x 32 images) for the tests that need a model."""
     from canestra.config import Settings
-    from canestra.progress import Progress
     from canestra.pipeline.train import train
+    from canestra.progress import Progress
 
     out = tmp_path_factory.mktemp("trained")
     cfg = Settings.load(pca_k=32, max_iter=30)

@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from canestra.privacy import audit
 from canestra.cli import commands as cli
 from canestra.errors import InputError
+from canestra.privacy import audit
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import io
 import pickle
 
 import numpy as np

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from canestra.deploy import aws as deploy_aws
 from canestra.cli import main
+from canestra.deploy import aws as deploy_aws
 from canestra.errors import InputError
 from canestra.storage.regions import EU_EEA_REGIONS, check_region
 
@@ -134,7 +134,7 @@ def test_template_encrypts_blocks_public_access_and_scopes_iam(kms):
                 assert not any(a == "*" or a.endswith(":*") for a in actions), st
                 assert "*" not in resources, st
                 for r in resources:
-                    if r.startswith("arn:aws:s3:::canestra-demo-bucket/"):
+                    if r.startswith(f"{bucket_arn}/"):
                         assert r.split("/", 1)[1].split("/")[0] in ("images", "inbox", "runs", "artifacts"), r
 
     sec = res["EmrSecurityConfiguration"]["Properties"]["SecurityConfiguration"]["EncryptionConfiguration"]
@@ -239,9 +239,8 @@ def test_parliament_is_clean_on_every_policy_document(tmp_path):
 
 @pytest.fixture
 def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
     from cluster import free_port
+    from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

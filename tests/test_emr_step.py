@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from canestra.vision import backbone
 from canestra.deploy import aws as deploy_aws
+from canestra.vision import backbone
 
 pytestmark = pytest.mark.slow
 

@@ -16,10 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from artefacts import find
 
-from canestra.privacy import audit
 from canestra.cli import commands as cli
-from canestra.privacy import erase
 from canestra.errors import OutputError
+from canestra.privacy import audit, erase
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +201,8 @@ def _error(image_id: str, label: str, prediction: str) -> dict:
 def make_gallery_run(run: Path, photos: dict[str, Path], errors: list[tuple[str, str, str]]) -> dict:
     """A run folder as `canestra train` leaves it, without Spark: catalog table, metrics.json whose
     worst_errors list ``errors`` (name, label, prediction), their 96 px thumbnails in gallery/, report.html."""
-    from canestra.vision.images import clean_image
     from canestra.pipeline.report import write_report
+    from canestra.vision.images import clean_image
 
     ids = {name: clean_image(p.read_bytes()).image_id for name, p in photos.items()}
     run.mkdir(parents=True)

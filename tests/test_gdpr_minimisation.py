@@ -20,10 +20,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from PIL.TiffImagePlugin import IFDRational
 
-from canestra.privacy import audit
 from canestra.cli import commands as cli
-from canestra.vision.images import has_metadata
+from canestra.privacy import audit
 from canestra.progress import Progress
+from canestra.vision.images import has_metadata
 
 LAT = ((45, 1), (27, 1), (3647, 100))  # 45° 27' 36.47" N: a home in Milan
 LON = ((9, 1), (11, 1), (2411, 100))

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from canestra.vision import backbone
-from canestra.errors import InputError
-from canestra.serve.predictor import OnlinePredictor, Prediction, load_model_spec, spark_matrix, spark_vector
-from canestra.progress import Progress
 from canestra.answer.taxonomy import UNKNOWN
+from canestra.errors import InputError
+from canestra.progress import Progress
+from canestra.serve.predictor import OnlinePredictor, Prediction, load_model_spec, spark_matrix, spark_vector
+from canestra.vision import backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIMAGE_PHOTOS = ("chelsea.png", "rocket.jpg", "motorcycle_left.png", "coffee.png")  # cat, rocket, motorbike, cup

@@ -13,9 +13,9 @@ import pytest
 from corpus import build_bad_corpus
 
 from canestra.pipeline.ingest import CATALOG_COLUMNS
-from canestra.vision.images import has_metadata
 from canestra.pipeline.predict import evaluate, predict
 from canestra.progress import Progress
+from canestra.vision.images import has_metadata
 
 QUIET = Progress(quiet=True)
 

@@ -26,7 +26,7 @@ def _metrics(n_classes: int = 114, seed: int = 0, k: int = 96) -> dict:
     rng = np.random.default_rng(seed)
     names = [f"Fruit {i:03d}" for i in range(n_classes - 1)] + [WEIRD]
     counts = []
-    for i, t in enumerate(names):
+    for t in names:
         n = int(rng.integers(20, 120))
         wrong = int(rng.binomial(n, 0.08))
         counts.append((t, t, n - wrong))

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from canestra.storage import s3
-from canestra.storage import files as storage
 from canestra.cli import main
 from canestra.errors import InputError
+from canestra.storage import files as storage
+from canestra.storage import s3
 
 EU_BUCKET = "canestra-eu-data"  # created in eu-west-3 (Paris)
 US_BUCKET = "canestra-us-data"  # created in us-east-1
@@ -268,8 +268,8 @@ def _catalog_ids(spark, out_dir: str, label: str | None = None) -> set[str]:
 def test_train_from_s3_reads_the_same_images(moto, buckets, spark, trained, tmp_path):
     """Executors read the bytes from S3 with the settings in the task closure (their env has none)."""
     from canestra.config import Settings
-    from canestra.progress import Progress
     from canestra.pipeline.train import train
+    from canestra.progress import Progress
 
     res = train(spark, IMAGES, str(tmp_path / "run"), Settings.load(image_sizes="100", pca_k=8, max_iter=5),
                 Progress(quiet=True))

@@ -30,7 +30,7 @@ def test_split_is_stratified_seeded_and_contiguous():
     assert a == assign_splits(labels, names, 0.2, seed=1)
     assert a != assign_splits(labels, names, 0.2, seed=2)
     for c in range(3):
-        frames = sorted(frame_number(n) for n, l, s in zip(names, labels, a) if l == f"class{c}" and s == "test")
+        frames = sorted(frame_number(n) for n, lb, s in zip(names, labels, a) if lb == f"class{c}" and s == "test")
         assert len(frames) == 24  # 2 blocks of 12 out of 120
         # two runs of consecutive frames (step 3), i.e. at most one gap
         gaps = sum(1 for x, y in zip(frames, frames[1:]) if y - x != 3)

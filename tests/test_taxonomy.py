@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from canestra.errors import InputError
 from canestra.answer.taxonomy import family_label, is_family_label, load_taxonomy
+from canestra.errors import InputError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "fruits-360-sample" / "Training"
 

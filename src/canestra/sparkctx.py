@@ -13,8 +13,8 @@ import subprocess
 import sys
 from importlib import resources
 
-from canestra.vision.backbone import cpu_flags
 from canestra.errors import EnvironmentProblem
+from canestra.vision.backbone import cpu_flags
 
 _JAVA_VERSION = re.compile(r'version "(\d+)(?:\.(\d+))?')
 

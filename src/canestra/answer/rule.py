@@ -66,7 +66,7 @@ class AnswerRule:
                            "profiles": self.profiles, "profile_thresholds": self.profile_thresholds})
 
     @classmethod
-    def from_json(cls, text: str) -> "AnswerRule":
+    def from_json(cls, text: str) -> AnswerRule:
         return cls(**json.loads(text))
 
 

@@ -21,9 +21,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from canestra.storage import files as storage
 from canestra.errors import InputError
 from canestra.layout import GALLERY, GOVERNANCE_DIRS, MANIFEST, STAGING
+from canestra.storage import files as storage
 
 KEEP = GOVERNANCE_DIRS
 DAY = 86400.0

@@ -20,12 +20,11 @@ import time
 from typing import Any
 
 from canestra import __version__
-from canestra.privacy import audit
-from canestra.privacy import erase
-from canestra.privacy import purge as retention
-from canestra.storage import files as storage
 from canestra.config import Settings
 from canestra.layout import CATALOG, FEATURES, GDPR_DIR, PREDICTIONS_CSV, STAGING
+from canestra.privacy import audit, erase
+from canestra.privacy import purge as retention
+from canestra.storage import files as storage
 
 RECORD_JSON = "record-of-processing.json"
 RECORD_MD = "record-of-processing.md"

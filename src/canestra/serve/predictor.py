@@ -33,12 +33,11 @@ from typing import Any
 import numpy as np
 
 from canestra.answer import rule as answer
-from canestra.vision import backbone
 from canestra.answer.rule import AnswerRule
 from canestra.errors import InputError
-from canestra.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
 from canestra.layout import METRICS_JSON
-
+from canestra.vision import backbone
+from canestra.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
 
 _FEATURIZER = "canestra.vision.featurizer.ImageFeaturizer"
 _PCA = "org.apache.spark.ml.feature.PCAModel"
@@ -322,7 +321,7 @@ class OnlinePredictor:
         self._coef_t = np.ascontiguousarray(spec.coefficients.T)
 
     @classmethod
-    def from_model_dir(cls, path: str, threads: int | None = None, **limits: int) -> "OnlinePredictor":
+    def from_model_dir(cls, path: str, threads: int | None = None, **limits: int) -> OnlinePredictor:
         return cls(load_model_spec(path), threads, **limits)
 
     @property

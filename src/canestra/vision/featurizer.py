@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
-
 from pyspark import keyword_only
 from pyspark.ml import Transformer
 from pyspark.ml.param import Param, Params, TypeConverters
@@ -38,7 +37,7 @@ def _embed_series_factory(sizes, batch_size: int, threads: int, model_path, prec
             pending_idx: list[int] = []
             pending_img: list = []
 
-            def flush() -> None:
+            def flush(out=out, pending_idx=pending_idx, pending_img=pending_img) -> None:  # this batch's lists
                 if pending_img:
                     feats = backbone.embed(pending_img, sizes, path, threads, fit=fit)
                     for j, i in enumerate(pending_idx):
