@@ -117,8 +117,10 @@ class Settings:
                     value = None if value.lower() in ("", "none") else float(value)
                 elif kind is bool:
                     value = value.lower() in ("1", "true", "yes", "on")
-                elif kind in (int, float):
-                    value = kind(value)
+                elif kind is int:
+                    value = int(value)
+                elif kind is float:
+                    value = float(value)
         except ValueError:
             raise InputError(f"setting {name}={value!r} is not a valid {type(default).__name__}") from None
         setattr(self, name, value)

@@ -35,7 +35,7 @@ class AnswerModel(Transformer, DefaultParamsReadable, DefaultParamsWritable):
         super().__init__()
         self._setDefault(rule="", featuresCol="features", rawPredictionCol="rawPrediction",
                          probabilityCol="probability")
-        self._set(**self._input_kwargs)
+        self._set(**self._input_kwargs)  # type: ignore[attr-defined]  # set by @keyword_only
 
     def getRule(self) -> AnswerRule:
         return AnswerRule.from_json(self.getOrDefault(self.rule))

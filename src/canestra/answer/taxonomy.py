@@ -107,7 +107,7 @@ class Taxonomy:
 
 def load_taxonomy(path: str | None = None) -> Taxonomy:
     """The shipped table, overridden/extended by ``path`` (a CSV with columns class,family)."""
-    shipped = resources.files("canestra").joinpath("conf", "taxonomy.csv").read_text(encoding="utf-8")
+    shipped = resources.files("canestra").joinpath("conf").joinpath("taxonomy.csv").read_text(encoding="utf-8")
     rows = _read_rows(shipped, "conf/taxonomy.csv (shipped)")
     if path:
         local = os.path.abspath(os.path.expanduser(path))

@@ -20,6 +20,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from typing import Any, TypeGuard
 
 from canestra.layout import GALLERY
 
@@ -110,7 +111,7 @@ def _pct(x, digits: int = 2) -> str:
     return f"{_num(x) * 100:.{digits}f}%"
 
 
-def _is_num(x) -> bool:
+def _is_num(x) -> TypeGuard[float]:
     """A finite number (bools excluded): the value is shown; anything else is "—"."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
@@ -230,10 +231,10 @@ def _confusion_svg(labels: list[str], matrix: list[list[int]]) -> str:
     # guide lines every 5 classes (darker every 10) to follow rows and columns
     step = 5 if n > 15 else 1
     for k in range(step, n, step):
-        c = "#d5dae1" if k % 10 == 0 or step == 1 else "#eceff3"
+        ink = "#d5dae1" if k % 10 == 0 or step == 1 else "#eceff3"
         p = k * cell
-        o.append(f'<line x1="{left}" x2="{left + side}" y1="{top + p}" y2="{top + p}" stroke="{c}" stroke-width="0.6"/>'
-                 f'<line x1="{left + p}" x2="{left + p}" y1="{top}" y2="{top + side}" stroke="{c}" stroke-width="0.6"/>')
+        o.append(f'<line x1="{left}" x2="{left + side}" y1="{top + p}" y2="{top + p}" stroke="{ink}" stroke-width="0.6"/>'
+                 f'<line x1="{left + p}" x2="{left + p}" y1="{top}" y2="{top + side}" stroke="{ink}" stroke-width="0.6"/>')
     for i, row in enumerate(matrix):
         total = sum(row)
         if not total:
@@ -361,9 +362,9 @@ def _variance_svg(ratios: list[float], cumulative: float | None) -> str:
 
 
 def _cards(metrics: dict) -> str:
-    counts = metrics.get("counts") if isinstance(metrics.get("counts"), dict) else {}
-    pca = metrics.get("pca") if isinstance(metrics.get("pca"), dict) else {}
-    per = metrics.get("per_class") if isinstance(metrics.get("per_class"), dict) else {}
+    counts = _dict(metrics.get("counts"))
+    pca = _dict(metrics.get("pca"))
+    per = _dict(metrics.get("per_class"))
     cards: list[tuple[str, str, str]] = []
     if "accuracy" in metrics:
         cards.append(("top-1 accuracy", _pct(metrics["accuracy"]), ""))
@@ -398,7 +399,7 @@ def _cards(metrics: dict) -> str:
         cards.append(("PCA components", f"{pca.get('k', '?')}", (f"from {dim} · " if dim is not None else "") + sub))
     if "quarantined" in counts:
         cards.append(("quarantined", f"{_int(counts['quarantined']):,}", "unreadable files skipped"))
-    timings = metrics.get("timings_s") if isinstance(metrics.get("timings_s"), dict) else {}
+    timings = _dict(metrics.get("timings_s"))
     if "total" in timings:
         cards.append(("total time", _seconds(_num(timings["total"]), compact=True), ""))
     if not cards:
@@ -467,11 +468,11 @@ def _confusions_section(metrics: dict) -> str:
     conf = [c for c in conf if isinstance(c, dict)]
     if not conf:
         return '<h2>Top confusions</h2><p class="muted">No misclassified test image.</p>' if "n" in metrics else ""
-    per = metrics.get("per_class") if isinstance(metrics.get("per_class"), dict) else {}
+    per = _dict(metrics.get("per_class"))
     body = []
     for c in conf:
         t, p, n = str(c.get("true", "?")), str(c.get("predicted", "?")), _int(c.get("count"))
-        sup = _int((per.get(t) or {}).get("support")) if isinstance(per.get(t), dict) else 0
+        sup = _int(_dict(per.get(t)).get("support"))
         share = f"{n / sup * 100:.1f}%" if sup else "—"
         body.append(f'<tr><td>{_e(t)}</td><td class="l">{_e(p)}</td><td>{n:,}</td><td>{share}</td></tr>')
     return ('<h2>Top confusions</h2><p class="muted">The largest off-diagonal cells of the confusion matrix.</p>'
@@ -523,7 +524,7 @@ def _shift_section(metrics: dict) -> str:
     held = {"n": n_held, "accuracy": metrics.get("accuracy"), "family_accuracy": family.get("accuracy"),
             "answered_family_accuracy": family.get("answered_accuracy"),
             "unknown_rate": 1 - coverage if _is_num(coverage) else None}
-    rows = [("held-out blocks", "the block-split test images", held)]
+    rows: list[tuple[str, str, Any]] = [("held-out blocks", "the block-split test images", held)]
     pert = shift.get("perturbed_held_out")
     if isinstance(pert, dict) or "perturbed_held_out" in shift:
         rows.append(("perturbed held-out", "", pert))
@@ -700,7 +701,7 @@ def _unknown_section(metrics: dict) -> str:
 
 
 def _clean_bins(raw) -> list[tuple[float, float, int, float | None, float]]:
-    bins = []
+    bins: list[tuple[float, float, int, float | None, float]] = []
     if not isinstance(raw, list):
         return bins
     for b in raw:
@@ -828,7 +829,7 @@ def render_report(metrics: dict) -> str:
     """The full HTML document for ``metrics`` (the content of metrics.json); every key is optional."""
     if not isinstance(metrics, dict):
         metrics = {}
-    counts = metrics.get("counts") if isinstance(metrics.get("counts"), dict) else {}
+    counts = _dict(metrics.get("counts"))
     kind = "training" if isinstance(metrics.get("pca"), dict) or "train" in counts else "evaluation"
     sub = [x for x in (str(metrics.get("created_at", "") or ""),
                        f"canestra {metrics['canestra_version']}" if metrics.get("canestra_version") else "") if x]

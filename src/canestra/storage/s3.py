@@ -174,7 +174,7 @@ def _error_code(exc: BaseException) -> str | None:
 
 
 def _is_unreachable(exc: BaseException) -> bool:
-    names = set()
+    names: set[str] = set()
     e: BaseException | None = exc
     while e is not None and len(names) < 10:
         names.update(c.__name__ for c in type(e).__mro__)
@@ -195,7 +195,7 @@ def plain_error(exc: BaseException, uri: str, opts: S3Options, error_cls: type[C
     if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
         return error_cls(f"no AWS credentials found for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
                          "AWS_PROFILE, or run with an instance role")
-    if code in _THROTTLE_CODES or (code or "").isdigit() and code.startswith("5"):
+    if code in _THROTTLE_CODES or (code or "").isdigit() and (code or "").startswith("5"):
         return error_cls(f"S3 at {opts.where()} kept failing for {uri} ({code}, {opts.max_attempts} attempts): "
                          "the service is throttling or unavailable; retry later, or allow more attempts with "
                          "CANESTRA_S3_MAX_ATTEMPTS")
@@ -252,8 +252,9 @@ def _response_of(exc: BaseException) -> dict | None:
     for _ in range(5):
         if e is None:
             return None
-        if isinstance(getattr(e, "response", None), dict):
-            return e.response
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return response
         e = e.__cause__ or e.__context__
     return None
 

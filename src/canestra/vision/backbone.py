@@ -387,7 +387,7 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
         return rgb
     from PIL import Image
 
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def embed(batch_rgb: list[np.ndarray], sizes: tuple[int, ...] = (100,), model_path: str | None = None,

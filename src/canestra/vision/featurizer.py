@@ -109,7 +109,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             precision="fp32",
             inputFit="crop",
         )
-        kwargs = dict(self._input_kwargs)
+        kwargs = dict(self._input_kwargs)  # type: ignore[attr-defined]  # set by @keyword_only
         if kwargs.get("imageSizes") is None:
             kwargs.pop("imageSizes", None)
         self._set(**kwargs)
