@@ -13,7 +13,7 @@ import re
 import sys
 import traceback
 
-from canestra import __version__
+from canestra import __version__, api, tracking
 from canestra.privacy import audit
 from canestra.config import Settings
 from canestra.errors import EXIT_USER_ERROR, CanestraError
@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="split seed (default 42)")
     p.add_argument("--reg-param", type=float, help="logistic regression L2 strength (default 1e-5)")
     p.add_argument("--max-iter", type=int, help="logistic regression iterations (default 50)")
+    p.add_argument("--mlflow", nargs="?", const=True, default=None, metavar="URI",
+                   help="log the run to MLflow (params, metrics, report, model): this tracking URI or folder, "
+                        "default MLFLOW_TRACKING_URI else ./mlruns; on by itself when MLFLOW_TRACKING_URI is set")
+    p.add_argument("--register-model", metavar="NAME",
+                   help="also register the model in MLflow's registry as a new version of NAME "
+                        "(serve it with --model models:/NAME/VERSION)")
     _feature_opts(p)
     _common(p)
 
@@ -105,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     _gdpr_parsers(sub)
 
     p = sub.add_parser("serve", help="HTTP API + web page classifying uploaded images (no Spark needed)")
-    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
+    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`, or a registered "
+                   "MLflow model: models:/NAME/ALIAS or models:/NAME/VERSION")
     p.add_argument("--host", help="address to bind (default 127.0.0.1; env CANESTRA_HOST)")
     p.add_argument("--port", type=int, help="port (default 8000; env CANESTRA_PORT)")
     p.add_argument("--workers", type=int, help="worker processes (default 1; env CANESTRA_WORKERS)")
@@ -113,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime threads per worker (default: cores / workers; env CANESTRA_SERVE_THREADS)")
     p.add_argument("--max-upload-mb", type=float, help="largest accepted image in MB (default 10)")
     p.add_argument("--max-batch", type=int, help="most images per /v1/predict/batch request (default 16)")
+    p.add_argument("--mlflow", metavar="URI",
+                   help="MLflow registry for --model models:/NAME/ALIAS (default MLFLOW_TRACKING_URI, else ./mlruns)")
     p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
     _audit_opt(p)
 
@@ -210,15 +219,11 @@ def spark_log_path(out: str) -> str:
 
 
 def _spark(cfg: Settings, out: str):
-    from canestra.sparkctx import get_spark
-
-    conf = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch)}
-    os.environ.setdefault("CANESTRA_DRIVER_MEMORY", cfg.driver_memory)
     # Normal runs: every Spark/JVM line goes to the log file; --debug shows everything.
     log_file = None if cfg.debug else spark_log_path(out)
     if log_file:
         _LOG_FILE[:] = [log_file]
-    return get_spark(cfg.master, conf=conf, log_file=log_file)
+    return api.spark_session(cfg, log_file=log_file)
 
 
 def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
@@ -255,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
     from canestra.storage import files as storage
 
     storage.configure_s3(s3.S3Options.from_settings(cfg))  # S3 endpoint/encryption/region settings
+    if getattr(args, "model", None):  # models:/NAME/ALIAS -> a local copy of that registered version
+        args.model = tracking.local_model_dir(args.model, getattr(args, "mlflow", None))
     if args.command in ("erase", "purge", "gdpr"):
         return _run_gdpr(args, cfg)
     if args.command == "serve":  # no Spark: the model is read as plain files
@@ -278,51 +285,32 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int:
     if args.command == "ingest":
-        from canestra.pipeline.ingest import ingest
-        from canestra.storage.files import ensure_output_dir
-
-        spark = _spark(cfg, args.out)
-        out = ensure_output_dir(args.out, spark)
-        with progress.stage("ingest") as st:
-            from canestra.answer.taxonomy import load_taxonomy
-
-            res = ingest(spark, args.images, out, test_fraction=cfg.test_fraction, seed=cfg.seed, reuse=False,
-                         taxonomy=load_taxonomy(cfg.taxonomy))
-            st.note(f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined")
-        audit.note(images=res.images, classes=res.classes, quarantined=res.quarantined,
-                   outputs=[res.catalog_path, res.quarantine_csv])
-        print(json.dumps({"catalog": res.catalog_path, "images": res.images, "quarantined": res.quarantined,
-                          "quarantine_csv": res.quarantine_csv}))
+        # The library functions (canestra.api) do the work and write the audit counts.
+        cat = api.ingest(args.images, args.out, spark=_spark(cfg, args.out), settings=cfg, progress=progress)
+        print(json.dumps({"catalog": cat.catalog_path, "images": cat.images, "quarantined": cat.quarantined,
+                          "quarantine_csv": cat.quarantine_csv}))
     elif args.command == "train":
         from canestra.pipeline.metrics import format_summary
-        from canestra.pipeline.train import train
 
-        spark = _spark(cfg, args.out)
-        res = train(spark, args.images, args.out, cfg, progress)
-        audit.note(**{k: v for k, v in res.metrics.get("counts", {}).items() if isinstance(v, int)},
-                   outputs=[os.path.join(res.out_dir, n) for n in ("model", "catalog", "features", "metrics.json",
-                                                                    "report.html", "quarantine.csv")])
-        print(format_summary(res.metrics))
-        print(f"model: {os.path.join(res.out_dir, 'model')}  report: {os.path.join(res.out_dir, 'report.html')}")
+        run = api.train(args.images, args.out, spark=_spark(cfg, args.out), settings=cfg, progress=progress,
+                        mlflow=args.mlflow, register_model=args.register_model)
+        print(format_summary(run.metrics))
+        if run.mlflow:
+            print(f"mlflow: run {run.mlflow.run_id} at {run.mlflow.tracking_uri}"
+                  + (f"; registered {args.register_model} version {run.mlflow.model_version}"
+                     if run.mlflow.model_version else ""))
+        print(f"model: {run.model_path}  report: {run.report_path}")
     elif args.command == "predict":
-        from canestra.pipeline.predict import predict
-
-        spark = _spark(cfg, args.out)
-        res = predict(spark, args.model, args.images, args.out, progress, include_paths=args.include_paths)
-        audit.note(predicted=res.predicted, quarantined=res.quarantined, details={"include_paths": args.include_paths},
-                   outputs=[res.predictions_path, os.path.join(res.out_dir, "predictions.csv"),
-                            os.path.join(res.out_dir, "quarantine.csv")])
+        res = api.predict(args.model, args.images, args.out, spark=_spark(cfg, args.out), settings=cfg,
+                          progress=progress, include_paths=args.include_paths)
         print(f"{res.predicted} predictions -> {os.path.join(res.out_dir, 'predictions.csv')}; "
               f"{res.quarantined} quarantined -> {os.path.join(res.out_dir, 'quarantine.csv')}")
     elif args.command == "evaluate":
         from canestra.pipeline.metrics import format_summary
-        from canestra.pipeline.predict import evaluate
 
-        spark = _spark(cfg, args.out)
-        metrics = evaluate(spark, args.model, args.images, args.out, progress)
-        audit.note(**{k: v for k, v in metrics.get("counts", {}).items() if isinstance(v, int)},
-                   outputs=[os.path.join(args.out, n) for n in ("predictions", "metrics.json", "report.html")])
-        print(format_summary(metrics))
+        ev = api.evaluate(args.model, args.images, args.out, spark=_spark(cfg, args.out), settings=cfg,
+                          progress=progress)
+        print(format_summary(ev.metrics))
     return 0
 
 

@@ -1,6 +1,7 @@
 """GDPR Art. 30 / accountability: one JSON Lines audit record per command.
 
-Every ``canestra`` command appends one record, success or failure, to
+Every ``canestra`` command, and every call of the Python API's ``canestra.train``,
+``predict``, ``evaluate`` and ``ingest`` (canestra.api), appends one record, success or failure, to
 ``<out>/_audit/audit.jsonl`` and to the log named by ``--audit-log`` /
 ``CANESTRA_AUDIT_LOG``. A command with no such log and no existing local ``--out``
 (it failed before creating it, has none, or writes to s3://) writes to
@@ -141,7 +142,15 @@ def audited(command: str, out: str | None = None, audit_log: str | None = None) 
     A failure is recorded by error class only: messages may quote input paths.
     Writing the record never masks the command's own result; a log that cannot be
     written is reported on stderr.
+
+    Nested calls join the running record and write nothing: the library functions
+    (canestra.api) audit themselves, and the CLI's wrapper around them (which also covers
+    failures before the library is reached) must not write the record twice.
     """
+    running = _current.get()
+    if running is not None:
+        yield running
+        return
     rec = AuditRecord(command)
     token = _current.set(rec)
     started = time.time()

@@ -1,0 +1,320 @@
+"""The Python API for notebooks and scripts: ``import canestra; run = canestra.train("fruits/", "runs/1", pca_k=32)``.
+
+Each function takes plain arguments with the CLI's defaults (keyword overrides of any
+``Settings`` field, e.g. ``pca_k=32``, ``image_sizes=100``, or a whole ``settings=``), starts a
+local SparkSession when none is given, and returns a typed result. Every call appends the same
+GDPR audit record as the matching ``canestra`` command (privacy/audit.py); the CLI calls these
+functions too, so the two never drift apart.
+
+Importing this module is cheap: Spark, ONNX Runtime and MLflow are imported when a function runs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from canestra import layout
+from canestra.config import Settings
+from canestra.privacy import audit
+
+if TYPE_CHECKING:  # the heavy types, for annotations only
+    import pandas as pd
+    from pyspark.ml import PipelineModel
+    from pyspark.sql import SparkSession
+
+    from canestra.progress import Progress
+    from canestra.tracking import TrackedRun
+
+_PREDICTIONS = "predictions"  # predict's Parquet table (pipeline.predict.PREDICTIONS; that module is heavy)
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class IngestRun:
+    """A curated catalog table (Parquet) and the files that were quarantined."""
+
+    catalog_path: str
+    images: int
+    classes: int
+    quarantined: int
+    quarantine_csv: str
+    reused: bool = False
+
+    def quarantine(self) -> pd.DataFrame:
+        """quarantine.csv as a DataFrame (path, reason): the files to fix."""
+        return _read_csv(self.quarantine_csv)
+
+    def to_spark(self, spark: SparkSession | None = None):
+        """The catalog as a Spark DataFrame (image_id, label, split, content, …)."""
+        return _spark(Settings.load(), spark).read.parquet(self.catalog_path)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A finished training: its held-out metrics and where the model and report are."""
+
+    out_dir: str
+    metrics: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    mlflow: TrackedRun | None = None  # the MLflow run, when tracking was on
+
+    @property
+    def model_path(self) -> str:
+        return os.path.join(self.out_dir, layout.MODEL)
+
+    @property
+    def report_path(self) -> str:
+        return os.path.join(self.out_dir, layout.REPORT_HTML)
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 accuracy on the held-out images."""
+        return float(self.metrics["accuracy"])
+
+    def load(self, spark: SparkSession | None = None) -> PipelineModel:
+        """The fitted Spark ``PipelineModel`` (featurizer, PCA, logistic regression, answer stage)."""
+        return load_model(self.model_path, spark=spark)
+
+    def predictor(self, threads: int | None = None):
+        """An ``OnlinePredictor`` on this model: one image at a time, no Spark."""
+        from canestra.serve.predictor import OnlinePredictor
+
+        return OnlinePredictor.from_model_dir(self.model_path, threads)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Predictions written under ``out_dir``: predictions/ (Parquet), predictions.csv, quarantine.csv."""
+
+    out_dir: str
+    predicted: int  # images scored
+    quarantined: int  # files that could not be used (quarantine.csv says why)
+    classes: list[str]  # the model's classes
+    labelled: bool = False  # the images sat in class folders: the table has a label column
+
+    @property
+    def predictions_path(self) -> str:
+        """The predictions table (Parquet): read it with Spark, or use ``to_pandas()``."""
+        return os.path.join(self.out_dir, _PREDICTIONS)
+
+    @property
+    def csv_path(self) -> str:
+        return os.path.join(self.out_dir, layout.PREDICTIONS_CSV)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per image: image_id, prediction, probability, family, family_probability,
+        top5 (JSON) and label when the images sat in class folders; read from predictions.csv."""
+        return _read_csv(self.csv_path)
+
+    def quarantine(self) -> pd.DataFrame:
+        return _read_csv(os.path.join(self.out_dir, layout.QUARANTINE_CSV))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metrics of a model on a labelled folder, with the predictions they were computed from."""
+
+    metrics: dict[str, Any]
+    predictions: Predictions
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+    @property
+    def report_path(self) -> str:
+        return os.path.join(self.predictions.out_dir, layout.REPORT_HTML)
+
+
+def _read_csv(path: str) -> pd.DataFrame:
+    import pandas as pd
+
+    from canestra.storage import files as storage
+
+    text = storage.read_text(path)
+    if text is None:
+        from canestra.errors import InputError
+
+        raise InputError(f"{path} does not exist: it is written by the call that returned this result")
+    return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
+
+
+# ---------------------------------------------------------------------------- plumbing
+
+
+def _settings(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
+    """Keyword overrides on top of ``settings`` (else env vars and defaults), validated like CLI flags."""
+    if settings is not None and not overrides:
+        cfg = settings
+    else:
+        base = {} if settings is None else {f.name: getattr(settings, f.name) for f in fields(settings)}
+        cfg = Settings.load(**{**base, **overrides})
+    from canestra.storage import files as storage
+    from canestra.storage import s3
+
+    storage.configure_s3(s3.S3Options.from_settings(cfg))  # S3 endpoint/encryption/region, as the CLI does
+    return cfg
+
+
+def _audit_log(settings: Settings | None, overrides: dict[str, Any]) -> str | None:
+    # Known before the settings are validated: a call with bad arguments is audited too, as in the CLI.
+    return overrides.get("audit_log") or (settings.audit_log if settings is not None else None)
+
+
+def spark_session(cfg: Settings, log_file: str | None = None) -> SparkSession:
+    """canestra's SparkSession for ``cfg`` (reused when one is running); JVM output to ``log_file`` if given."""
+    from canestra.sparkctx import get_spark
+
+    os.environ.setdefault("CANESTRA_DRIVER_MEMORY", cfg.driver_memory)
+    return get_spark(cfg.master, conf={"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch)},
+                     log_file=log_file)
+
+
+def _spark(cfg: Settings, spark: SparkSession | None) -> SparkSession:
+    return spark if spark is not None else spark_session(cfg)
+
+
+def _progress(progress: Progress | None, quiet: bool) -> Progress:
+    from canestra.progress import Progress
+
+    return progress or Progress(quiet=quiet)
+
+
+def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str], labelled: bool,
+           cnn: bool = True) -> SparkSession:
+    """The session to run on, after the cheap checks: bad image paths fail before a JVM starts
+    (the CLI runs the same checks before it starts its own session)."""
+    if spark is None:
+        from canestra.answer.taxonomy import load_taxonomy
+        from canestra.pipeline.ingest import list_roots
+
+        list_roots(images, require_labels=labelled, taxonomy=load_taxonomy(cfg.taxonomy) if labelled else None)
+    if cnn:
+        # The CNN graph is built once here, so that local Spark workers find it instead of racing to build it.
+        from canestra.vision import backbone
+
+        backbone.model_path(cfg.precision)
+    return _spark(cfg, spark)
+
+
+def _model_dir(model: str, registry: str | bool | None = None) -> str:
+    """A model folder, or ``models:/NAME/ALIAS|VERSION`` fetched from the MLflow registry."""
+    from canestra.pipeline.predict import check_model_dir
+    from canestra.tracking import local_model_dir
+
+    return check_model_dir(local_model_dir(str(model), registry))
+
+
+def _ints(counts: dict) -> dict[str, Any]:
+    return {k: v for k, v in (counts or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+# ---------------------------------------------------------------------------- the API
+
+
+def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = None,
+           settings: Settings | None = None, reuse: bool = False, quiet: bool = False,
+           progress: Progress | None = None, **overrides: Any) -> IngestRun:
+    """Scan ``<root>/<Class>/<image>`` folders into ``out/catalog`` (Parquet, metadata stripped) and
+    ``out/quarantine.csv``; ``test_fraction``, ``seed`` and ``taxonomy`` are among the overrides."""
+    with audit.audited("ingest", out=out, audit_log=_audit_log(settings, overrides)):
+        cfg = _settings(settings, overrides)
+        from canestra.answer.taxonomy import load_taxonomy
+        from canestra.pipeline.ingest import ingest as _ingest
+        from canestra.storage.files import ensure_output_dir
+
+        spark = _ready(cfg, spark, images, True, cnn=False)
+        with _progress(progress, quiet).stage("ingest") as st:
+            res = _ingest(spark, images, ensure_output_dir(out, spark), test_fraction=cfg.test_fraction,
+                          seed=cfg.seed, reuse=reuse, taxonomy=load_taxonomy(cfg.taxonomy))
+            st.note(f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined")
+        audit.note(images=res.images, classes=res.classes, quarantined=res.quarantined,
+                   outputs=[res.catalog_path, res.quarantine_csv])
+        return IngestRun(res.catalog_path, res.images, res.classes, res.quarantined, res.quarantine_csv, res.reused)
+
+
+def train(images: str | list[str], out: str, *, spark: SparkSession | None = None,
+          settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
+          mlflow: str | bool | None = None, register_model: str | None = None, **overrides: Any) -> TrainRun:
+    """Ingest, featurize, fit PCA + logistic regression, calibrate "unknown", evaluate and save.
+
+    ``mlflow``: True (MLFLOW_TRACKING_URI, else ./mlruns), a tracking URI or folder, False (off);
+    None logs only when MLFLOW_TRACKING_URI is set. ``register_model="NAME"`` also registers the
+    model in MLflow's registry. Overrides: any Settings field, e.g. ``pca_k=32, image_sizes=100``.
+    """
+    with audit.audited("train", out=out, audit_log=_audit_log(settings, overrides)):
+        cfg = _settings(settings, overrides)
+        from canestra import tracking
+        from canestra.pipeline.train import train as _train
+
+        spark = _ready(cfg, spark, images, True)
+        with tracking.tracked_run(True if register_model and mlflow is None else mlflow) as tracked:
+            res = _train(spark, images, out, cfg, _progress(progress, quiet))
+            logged = tracked.log_training(res.out_dir, res.metrics, cfg, register_model) if tracked else None
+        audit.note(**_ints(res.metrics.get("counts", {})),
+                   outputs=[os.path.join(res.out_dir, n) for n in (layout.MODEL, layout.CATALOG, layout.FEATURES,
+                                                                    layout.METRICS_JSON, layout.REPORT_HTML,
+                                                                    layout.QUARANTINE_CSV)],
+                   details={"mlflow_run_id": logged.run_id} if logged else None)
+        return TrainRun(res.out_dir, res.metrics, dict(res.timings), logged)
+
+
+def predict(model: str, images: str, out: str, *, spark: SparkSession | None = None,
+            settings: Settings | None = None, include_paths: bool = False, quiet: bool = False,
+            progress: Progress | None = None, **overrides: Any) -> Predictions:
+    """Classify every image under ``images`` with a saved model (a ``model/`` folder or
+    ``models:/NAME/ALIAS``); writes ``out/predictions.csv`` and returns a handle to it
+    (``.to_pandas()``). ``include_paths`` adds the source path column (GDPR Art. 25: off by default)."""
+    with audit.audited("predict", out=out, audit_log=_audit_log(settings, overrides)):
+        cfg = _settings(settings, overrides)
+        from canestra.pipeline.predict import predict as _predict
+
+        model_dir = _model_dir(model)
+        res = _predict(_ready(cfg, spark, images, False), model_dir, images, out, _progress(progress, quiet),
+                       include_paths=include_paths)
+        csv_path = os.path.join(res.out_dir, layout.PREDICTIONS_CSV)
+        audit.note(predicted=res.predicted, quarantined=res.quarantined, details={"include_paths": include_paths},
+                   outputs=[res.predictions_path, csv_path, os.path.join(res.out_dir, layout.QUARANTINE_CSV)])
+        return Predictions(res.out_dir, res.predicted, res.quarantined, list(res.classes), res.labelled)
+
+
+def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark: SparkSession | None = None,
+             settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
+             **overrides: Any) -> Evaluation:
+    """Metrics of a saved model on labelled images (``<root>/<Class>/<image>``); writes
+    predictions, metrics.json and report.html under ``out``."""
+    with audit.audited("evaluate", out=out, audit_log=_audit_log(settings, overrides)):
+        cfg = _settings(settings, overrides)
+        from canestra.answer.taxonomy import UNKNOWN
+        from canestra.pipeline.predict import evaluate as _evaluate
+
+        model_dir = _model_dir(model)
+        metrics = _evaluate(_ready(cfg, spark, images, True), model_dir, images, out, _progress(progress, quiet))
+        audit.note(**_ints(metrics.get("counts", {})),
+                   outputs=[os.path.join(out, n) for n in (_PREDICTIONS, layout.METRICS_JSON, layout.REPORT_HTML)])
+        from canestra.storage.files import is_remote, local_path
+
+        out_dir = out if is_remote(out) else local_path(out)
+        counts = metrics.get("counts", {})
+        # The model's classes lead the confusion matrix's labels; "unknown" follows when it was answered.
+        classes = [c for c in metrics["confusion_matrix"]["labels"] if c != UNKNOWN]
+        preds = Predictions(out_dir, int(counts.get("images", 0)), int(counts.get("quarantined", 0)), classes, True)
+        return Evaluation(metrics, preds)
+
+
+def load_model(path: str, *, spark: SparkSession | None = None,
+               registry: str | bool | None = None) -> PipelineModel:
+    """A saved canestra model as a Spark ``PipelineModel`` (``model/`` folder, s3:// or ``models:/NAME/ALIAS``).
+
+    ``registry``: the MLflow registry for ``models:/`` (default MLFLOW_TRACKING_URI, else ./mlruns).
+    """
+    from canestra.pipeline.predict import load_model as _load
+
+    model_dir = _model_dir(path, registry)
+    _spark(Settings.load(), spark)  # PipelineModel.load needs a running session
+    return _load(model_dir)
