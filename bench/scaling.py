@@ -81,6 +81,27 @@ def run_train(images: str, out: str, extra: list[str]) -> dict:
             "timings_s": metrics.get("timings_s", {}), "accuracy": metrics.get("accuracy")}
 
 
+def growth(one: dict, big: dict) -> dict:
+    """Time ratio and peak-RSS growth of the big run over the 1x run (shared with scale_10x.py)."""
+    return {
+        "time_ratio": round(big["wall_s"] / one["wall_s"], 2),
+        "driver_rss_growth_pct": round(100 * (big["driver_peak_rss_mb"] / one["driver_peak_rss_mb"] - 1), 1),
+        "jvm_rss_growth_pct": round(100 * (big["jvm_peak_rss_mb"] / max(one["jvm_peak_rss_mb"], 1) - 1), 1),
+    }
+
+
+def growth_line(result: dict, factor: int) -> str:
+    return (f"time ratio {factor}x/1x = {result['time_ratio']} (target {result['targets']['time_ratio']}); "
+            f"driver RSS growth {result['driver_rss_growth_pct']} % (target <= 10 %); "
+            f"JVM RSS growth {result['jvm_rss_growth_pct']} %")
+
+
+def runs_table(runs: dict) -> str:
+    return benchlib.table([[f"{k}x", v["images"], v["wall_s"], v["driver_peak_rss_mb"], v["jvm_peak_rss_mb"]]
+                           for k, v in runs.items()],
+                          ["size", "images", "wall s", "driver peak RSS MB", "JVM peak RSS MB"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", default=benchlib.default_images())
@@ -108,17 +129,12 @@ def main() -> None:
         "base_images": one["images"],
         "factor": args.factor,
         "runs": {f"{k}x": v for k, v in runs.items()},
-        "time_ratio": round(big["wall_s"] / one["wall_s"], 2),
-        "driver_rss_growth_pct": round(100 * (big["driver_peak_rss_mb"] / one["driver_peak_rss_mb"] - 1), 1),
-        "jvm_rss_growth_pct": round(100 * (big["jvm_peak_rss_mb"] / max(one["jvm_peak_rss_mb"], 1) - 1), 1),
+        **growth(one, big),
         "targets": {"time_ratio": "<= 4.2", "driver_rss_growth_pct": "<= 10"},
     }
     print()
-    print(benchlib.table([[f"{k}x", v["images"], v["wall_s"], v["driver_peak_rss_mb"], v["jvm_peak_rss_mb"]]
-                          for k, v in runs.items()],
-                         ["size", "images", "wall s", "driver peak RSS MB", "JVM peak RSS MB"]))
-    print(f"\ntime ratio {args.factor}x/1x = {result['time_ratio']} (target <= 4.2); driver RSS growth "
-          f"{result['driver_rss_growth_pct']} % (target <= 10 %); JVM RSS growth {result['jvm_rss_growth_pct']} %")
+    print(runs_table(runs))
+    print("\n" + growth_line(result, args.factor))
     benchlib.record("scaling", result, args.json)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

@@ -74,3 +74,38 @@ def test_serve_latency(trained, tmp_path):
     for w in r["workers"].values():
         assert w["p50_ms"] > 0 and w["bare_p50_ms"] > 0 and w["throughput_rps"] > 0
         assert w["p95_ms"] >= w["p50_ms"]
+
+
+def test_scale_10x(sample_dir, tmp_path):
+    """The 10x bench at 2x on 2 classes: distinct generated copies, both trains, a reusable image set."""
+    from canestra.vision.images import decode_rgb, pixel_id
+
+    data = tmp_path / "data"
+    gen_args = ["--images", str(sample_dir), "--classes", "2", "--per-class", "12", "--scale", "2", "--data", str(data)]
+    r = run_bench("scale_10x.py", *gen_args, "--train-args=--no-shift-eval --image-size 100 --max-iter 10",
+                  tmp_path=tmp_path)
+    one, two = r["runs"]["1x"], r["runs"]["2x"]
+    assert (one["images"], two["images"]) == (24, 48) and r["base_images"] == 24
+    assert r["generation"]["images"] == r["generation"]["distinct_ids"] == 48 and not r["generation"]["reused"]
+    assert {"ingest", "featurize", "fit"} <= set(two["timings_s"]) and one["driver_peak_rss_mb"] > 0
+    assert two["jvm_peak_rss_mb"] > 0 and r["time_ratio"] == pytest.approx(two["wall_s"] / one["wall_s"], abs=0.01)
+
+    # What a user would check on disk: 48 files, 48 different pixel ids, none equal to a source image.
+    copies = sorted((data / "x2").rglob("*.jpg"))
+    ids = {p: pixel_id(decode_rgb(p.read_bytes())) for p in copies}
+    sources = {pixel_id(decode_rgb(p.read_bytes())) for c in ("Apple Granny Smith", "Banana")
+               for p in (sample_dir / c).iterdir()}
+    assert len(copies) == 48 and len(set(ids.values())) == 48 and not set(ids.values()) & sources
+    assert len(list((data / "x1").rglob("*.jpg"))) == 24
+
+    # A complete set is reused; one missing copy makes it regenerate, to the same pixels (seeded).
+    victim = copies[5]
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "scale_10x.py"), *gen_args, "--generate-only"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0 and "(reused)" in again.stdout, again.stderr[-2000:]
+    victim.unlink()
+    assert not victim.exists()
+    regen = subprocess.run([sys.executable, str(ROOT / "bench" / "scale_10x.py"), *gen_args, "--generate-only"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert regen.returncode == 0 and "generated in" in regen.stdout, regen.stderr[-2000:]
+    assert pixel_id(decode_rgb(victim.read_bytes())) == ids[victim]

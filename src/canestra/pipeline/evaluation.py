@@ -214,15 +214,18 @@ def imagenet_class_means(df, offset: int) -> tuple[list[str], np.ndarray]:
         yield pd.DataFrame({"label": list(acc), "n": [v[0] for v in acc.values()],
                             "s": [v[1].tolist() for v in acc.values()]})
 
-    parts = (df.select("label", vector_to_array(col("features"), "float32").alias("f"))
-             .mapInPandas(sums, "label string, n long, s array<double>").collect())
-    totals: dict[str, list] = {}
-    for r in parts:
-        t = totals.setdefault(r["label"], [0, 0.0])
-        t[0] += r["n"]
-        t[1] = t[1] + np.asarray(r["s"])
+    def merge(pdf: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame({"label": [pdf["label"].iloc[0]], "n": [int(pdf["n"].sum())],
+                             "s": [np.stack(pdf["s"].to_numpy()).sum(axis=0).tolist()]})
+
+    schema = "label string, n long, s array<double>"
+    # The partial sums (one row per label and partition) are merged on the executors: the driver
+    # gets one row per label, not partitions x labels x 1000 numbers (80 MB at 10x the sample).
+    rows = (df.select("label", vector_to_array(col("features"), "float32").alias("f"))
+            .mapInPandas(sums, schema).groupBy("label").applyInPandas(merge, schema).collect())
+    totals = {r["label"]: np.asarray(r["s"]) / max(1, r["n"]) for r in rows}
     labels = sorted(totals)
-    return labels, np.stack([totals[lb][1] / max(1, totals[lb][0]) for lb in labels])
+    return labels, np.stack([totals[lb] for lb in labels])
 
 
 def write_gallery(spark, catalog_path: str, out_dir: str, errors: list[dict], size: int = 96) -> None:
