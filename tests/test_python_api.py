@@ -110,3 +110,14 @@ def test_library_ingest_writes_the_cli_audit_record_once(spark, tmp_path, sample
         assert rec["counts"] == {"images": 12, "classes": 3, "quarantined": 1}
         assert rec["outputs"] == [str(out / "catalog"), str(out / "quarantine.csv")]
     assert not (tmp_path / "state").exists()  # nothing fell back to the per-user log
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_typing_marker_and_package_data(canestra_wheel):
+    import zipfile
+
+    names = set(zipfile.ZipFile(canestra_wheel).namelist())
+    assert {"canestra/py.typed", "canestra/api.py", "canestra/tracking.py", "canestra/conf/taxonomy.csv",
+            "canestra/conf/log4j2.properties", "canestra/serve/static/index.html", "canestra/serve/static/app.js",
+            "canestra/serve/static/app.css"} <= names
+    assert sum(n.startswith("canestra/calibration/") and n.endswith(".jpg") for n in names) >= 40
