@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,48 @@ def test_two_concurrent_predicts_one_wins_tables_not_interleaved(tmp_path, sampl
     table = pq.read_table(out / "predictions")
     assert sorted(table.column("image_id").to_pylist()) == sorted(r["image_id"] for r in rows)
     assert not (out / LOCK_NAME).exists()
+
+
+def test_empty_lock_of_a_writer_killed_mid_creation(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    lock.write_text("")  # created, never filled
+    with pytest.raises(OutputError):  # fresh: its writer may be filling it right now
+        with out_lock(str(out), "predict"):
+            pass
+    old = time.time() - 60
+    os.utime(lock, (old, old))
+    notes: list[str] = []
+    with out_lock(str(out), "predict", note=notes.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert len(notes) == 1
+
+
+def test_s3_lock_is_a_conditional_put(tmp_path, monkeypatch):
+    from moto import mock_aws
+
+    from canestra.storage import files as storage, s3
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    with mock_aws():
+        import boto3
+
+        boto3.client("s3", region_name="eu-west-3").create_bucket(
+            Bucket="canestra-lock", CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
+        storage.configure_s3(s3.S3Options(credentials=("test", "test", None)))
+        s3._CLIENTS.clear()
+        try:
+            with out_lock("s3://canestra-lock/run", "train") as uri:
+                assert uri == f"s3://canestra-lock/run/{LOCK_NAME}"
+                with pytest.raises(OutputError, match=f"pid {os.getpid()}"):
+                    with out_lock("s3://canestra-lock/run", "predict"):
+                        pytest.fail("two holders of one s3:// lock")
+            with out_lock("s3://canestra-lock/run", "predict"):  # released: the object is gone
+                pass
+        finally:
+            storage.configure_s3(None)
+            s3._CLIENTS.clear()

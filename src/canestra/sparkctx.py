@@ -67,6 +67,8 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
     the JVM is started with its stdout/stderr redirected there. Users see canestra's own
     lines; a failure names the file.
     """
+    # Library use (notebooks, scripts): CANESTRA_SPARK_LOG=FILE sends the JVM's output there too.
+    log_file = log_file or os.environ.get("CANESTRA_SPARK_LOG") or None
     java_version()
     # Spark's Python workers must use this interpreter (the venv), not whatever
     # `python3` is first on PATH; on one machine, keep Spark on loopback.
@@ -113,3 +115,49 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+# Native-library notices the JVM prints on every start, that a user can act on: kept in the
+# Spark log, and said once per machine as one plain line. (pattern, key, line; {0} = the match)
+_NOTICES = [
+    (re.compile(r"netlib-blas: JNI_OnLoad: dlopen\(([^)]+)\) failed"), "no-native-blas",
+     "no native BLAS library ({0}) was found, so Spark ML fits use its slower Java code; "
+     "install one for faster training (e.g. `apt-get install libopenblas0`). Said once; details in the Spark log"),
+]
+
+
+def log_size(log_file: str | None) -> int:
+    """Where this run's part of an (appended) Spark log starts."""
+    try:
+        return os.path.getsize(log_file) if log_file else 0
+    except OSError:
+        return 0
+
+
+def once_notices(log_file: str | None, start: int = 0) -> list[str]:
+    """Plain lines for the known notices in ``log_file`` after ``start`` not yet said on this machine."""
+    if not log_file:
+        return []
+    try:
+        with open(log_file, "rb") as fh:
+            fh.seek(start)
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    from canestra.vision.backbone import cache_dir
+
+    lines = []
+    for pattern, key, line in _NOTICES:
+        found = pattern.search(text)
+        if not found:
+            continue
+        try:
+            marker = cache_dir() / "notices" / key
+            if marker.exists():
+                continue
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except Exception:  # no writable cache: say it on each run rather than never
+            pass
+        lines.append(line.format(found.group(1)))
+    return lines

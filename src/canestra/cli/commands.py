@@ -7,6 +7,7 @@ code 2; the full Python/Java trace only with ``--debug``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -204,7 +205,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(**{k: getattr(args, k, None) for k in keys})
 
 
-_LOG_FILE: list[str] = []  # where this command's Spark/JVM output went (named in error messages)
+_LOG_FILE: list = []  # [log file, offset of this run's lines]: where this command's Spark/JVM output went
 
 
 def spark_log_path(out: str) -> str:
@@ -222,7 +223,9 @@ def _spark(cfg: Settings, out: str):
     # Normal runs: every Spark/JVM line goes to the log file; --debug shows everything.
     log_file = None if cfg.debug else spark_log_path(out)
     if log_file:
-        _LOG_FILE[:] = [log_file]
+        from canestra.sparkctx import log_size
+
+        _LOG_FILE[:] = [log_file, log_size(log_file)]  # the file, and where this run's lines start
     return api.spark_session(cfg, log_file=log_file)
 
 
@@ -280,7 +283,13 @@ def run(args: argparse.Namespace) -> int:
 
     # One run per --out at a time: a second one stops here naming the holder (docs/reliability.md).
     with out_lock(args.out, args.command):
-        return _run_job(args, cfg, progress)
+        code = _run_job(args, cfg, progress)
+    if _LOG_FILE:  # JVM notices a user can act on: one plain line, once per machine
+        from canestra.sparkctx import once_notices
+
+        for line in once_notices(*_LOG_FILE):
+            print(f"canestra: note: {line}", file=sys.stderr)
+    return code
 
 
 def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int:
@@ -317,6 +326,18 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
 _WORKER_ERROR = re.compile(r"canestra\.errors\.(?:EnvironmentProblem|InputError|OutputError): (.+)")
 
 
+def _errno_in_chain(exc: BaseException) -> int | None:
+    """The errno of the first OSError in ``exc``'s cause/context chain."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _plain_spark_error(exc: BaseException) -> str | None:
     """A one-line reading of common Spark/Java/Python-worker failures, or None."""
     text = str(exc)
@@ -332,7 +353,9 @@ def _plain_spark_error(exc: BaseException) -> str | None:
                 "(CANESTRA_CACHE_DIR, default ~/.cache/canestra) and run again")
     if "Permission denied" in text or "AccessDeniedException" in text:
         return "permission denied while Spark wrote or read a file: check the --out folder's permissions"
-    if "No space left on device" in text:
+    if "No space left on device" in text or "Disk quota exceeded" in text or _errno_in_chain(exc) in (
+            errno.ENOSPC, errno.EDQUOT):
+        # Python (OSError 28), the JVM (java.io.IOException) and Spark's worker traces all say it so.
         return "no space left on device: free disk space or choose another --out"
     if "Could not parse Master URL" in text or "Invalid master URL" in text:
         return "invalid --master URL: use local[*] or spark://HOST:PORT"

@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from typing import Iterator
 
 from canestra.errors import OutputError
@@ -36,6 +37,7 @@ from canestra.storage import s3
 
 LOCK_NAME = ".canestra.lock"
 STAGING = "_staging"
+_UNREADABLE_GRACE_S = 10.0
 
 
 def _proc_start(pid: int) -> str | None:
@@ -81,7 +83,14 @@ def _read(path: str) -> dict | None:
         return {}  # half-written by a run killed while creating it: no holder to name
 
 
-def _is_stale(holder: dict) -> bool:
+def _is_stale(holder: dict, path: str) -> bool:
+    if not holder:
+        # Unreadable: its writer died between creating and filling it (microseconds apart),
+        # unless that is happening right now.
+        try:
+            return time.time() - os.stat(path).st_mtime > _UNREADABLE_GRACE_S
+        except FileNotFoundError:
+            return True
     if holder.get("host") != socket.gethostname():
         return False  # cannot see another machine's processes
     try:
@@ -107,7 +116,7 @@ def _acquire_local(out_dir: str, holder: dict, note) -> str:
             other = _read(path)
             if other is None:
                 continue  # released meanwhile: try again
-            if not _is_stale(other):
+            if not _is_stale(other, path):
                 raise _busy(out_dir, other) from None
             # Rename, not unlink: of two runs taking over the same stale lock only one wins.
             aside = f"{path}.stale-{os.getpid()}"
@@ -125,9 +134,15 @@ def _acquire_local(out_dir: str, holder: dict, note) -> str:
         except OSError as exc:
             raise OutputError(f"cannot create the lock file {path} ({exc.strerror or exc}): check --out") from exc
         try:
-            os.write(fd, body)
-        finally:
-            os.close(fd)
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # e.g. a full disk: no empty lock may outlive this run
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise OutputError(f"cannot write the lock file {path} ({exc.strerror or exc}): "
+                              "free disk space or choose another --out") from exc
         if stale:
             _clear_staging(out_dir)
         return path
