@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED
+from procs import children, gone
 
 pytestmark = pytest.mark.slow
 
@@ -51,27 +51,6 @@ def _executors(work_dir: Path) -> list[int]:
     return pids
 
 
-def _python_workers(pid: int) -> int:
-    """How many Python worker processes an executor has started (it has begun running the UDF)."""
-    n = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                n += 1
-    return n
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 def _predictions(path: Path) -> dict[str, tuple[str, float]]:
     with open(path, newline="") as fh:
         return {r["image_id"]: (r["prediction"], float(r["probability"])) for r in csv.DictReader(fh)}
@@ -100,7 +79,7 @@ def test_executor_killed_mid_predict_gives_same_predictions(tmp_path, tmp_path_f
         deadline = time.time() + 600
         while time.time() < deadline and job.poll() is None and victim is None:
             if any("▸ predict" in ln for ln in lines):
-                busy = [p for p in _executors(logs / "work") if _python_workers(p) > 0]
+                busy = [p for p in _executors(logs / "work") if children(p)]
                 if busy:
                     victim = busy[0]
             time.sleep(0.2)
@@ -108,9 +87,9 @@ def test_executor_killed_mid_predict_gives_same_predictions(tmp_path, tmp_path_f
         assert not any("✓ predict" in ln for ln in lines), "the job ended before the kill"
         os.kill(victim, signal.SIGKILL)
         deadline = time.time() + 30
-        while time.time() < deadline and not _gone(victim):
+        while time.time() < deadline and not gone(victim):
             time.sleep(0.1)
-        assert _gone(victim)  # the executor really died mid-job
+        assert gone(victim)  # the executor really died mid-job
         assert job.wait(timeout=900) == 0, "".join(lines)[-3000:]
         assert victim not in _executors(logs / "work")
     clean_preds = _predictions(tmp_path / "clean" / "predictions.csv")

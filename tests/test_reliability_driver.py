@@ -14,39 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import descendants, gone
 
 from canestra.storage.lock import LOCK_NAME
 
 pytestmark = pytest.mark.slow
 
 ARGS = ["--image-size", "100", "--pca-k", "16", "--max-iter", "20", "--no-shift-eval", "--master", "local[2]"]
-
-
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` (the JVM and Spark's Python workers), read from /proc."""
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has finished
-    except OSError:
-        return True
 
 
 def _table_ids(folder: Path) -> list[str]:
@@ -70,15 +44,15 @@ def test_train_driver_killed_during_featurize_then_rerun_completes(tmp_path, sam
         time.sleep(0.2)
     assert victim.poll() is None, "".join(lines)[-3000:]
     assert not any("✓ featurize" in ln for ln in lines), "featurize ended before the kill"
-    family = _children(victim.pid)
+    family = descendants(victim.pid)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    assert victim.returncode == -signal.SIGKILL and _gone(victim.pid)
+    assert victim.returncode == -signal.SIGKILL and gone(victim.pid)
     deadline = time.time() + 120  # its JVM notices the closed gateway and exits
-    while time.time() < deadline and not all(_gone(p) for p in family):
+    while time.time() < deadline and not all(gone(p) for p in family):
         time.sleep(0.5)
     for p in family:  # never leave our own processes behind, whatever happened
-        if not _gone(p):
+        if not gone(p):
             os.kill(p, signal.SIGKILL)
     # What the kill left: its lock (naming the dead pid), no published features or model.
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == victim.pid

@@ -149,7 +149,8 @@ def test_empty_lock_of_a_writer_killed_mid_creation(tmp_path):
 def test_s3_lock_is_a_conditional_put(tmp_path, monkeypatch):
     from moto import mock_aws
 
-    from canestra.storage import files as storage, s3
+    from canestra.storage import files as storage
+    from canestra.storage import s3
 
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         monkeypatch.delenv(name)
