@@ -156,10 +156,11 @@ def free_port() -> int:
 class Server:
     """``canestra serve`` in a child process, ready once every worker has loaded the model."""
 
-    def __init__(self, model_dir: str, workers: int, core: int | None):
+    def __init__(self, model_dir: str, workers: int, core: int | None, extra: tuple[str, ...] = ()):
         self.port = free_port()
+        # --rate-limit 0: the load comes from one address, and the per-client limit is not what is measured.
         cmd = [sys.executable, "-m", "canestra.cli", "serve", "--model", model_dir, "--port", str(self.port),
-               "--workers", str(workers), "--threads", "1"]
+               "--workers", str(workers), "--threads", "1", "--rate-limit", "0", *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=(lambda: _pin(core)) if core is not None else None,
                                      env={**os.environ, "PYTHONPATH": str(benchlib.ROOT / "src")})

@@ -6,11 +6,9 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 from corpus import build_bad_corpus, decompression_bomb_png
 from PIL import Image
+from servers import ServeProcess
 
 from canestra.config import Settings
 from canestra.serve.predictor import OnlinePredictor
@@ -38,7 +37,7 @@ def model_dir(trained) -> str:
 def app(model_dir):
     from canestra.serve.app import create_app
 
-    return create_app(model_dir, Settings.load(serve_threads=1, max_batch=8))
+    return create_app(model_dir, Settings.load(serve_threads=1, max_batch=8, rate_limit=0))
 
 
 @pytest.fixture(scope="module")
@@ -225,48 +224,20 @@ def test_uploads_are_neither_stored_nor_logged(client, sample_dir, caplog, tmp_p
     assert secret_name not in logged and image_id not in logged and "mario" not in logged.lower()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_two_workers(model: str, env: dict, timeout: float):
-    """`canestra serve --workers 2` on a free loopback port; (process, base URL) once /readyz answers."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "canestra.cli", "serve", "--model", model, "--port", str(port),
-                             "--workers", "2", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while True:
-        try:
-            if httpx.get(base + "/readyz", timeout=2, trust_env=False).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() >= deadline:
-            proc.kill()
-            out, _ = proc.communicate(timeout=60)
-            raise AssertionError(f"server did not come up: {out[-2000:]}")
-        time.sleep(0.5)
-
-
 @pytest.mark.slow  # ~10 s idle, minutes on a loaded 2-core machine (two model loads + uvicorn start)
 def test_cli_serve_with_two_workers(model_dir, sample_dir, tmp_path):
     """The real command: uvicorn with 2 worker processes (app factory + env), then a clean stop."""
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
-    proc, base = _start_two_workers(model_dir, env, 120)
+    server = ServeProcess(model_dir, env=env, workers=2, timeout=120)
     try:
-        with httpx.Client(base_url=base, trust_env=False, timeout=60) as http:
+        with httpx.Client(base_url=server.base, trust_env=False, timeout=60) as http:
             for path in images_of(sample_dir, "Strawberry", 4):
                 r = http.post("/v1/predict", files={"file": (path.name, path.read_bytes())})
                 assert r.status_code == 200 and r.json()["prediction"] == "Strawberry"
                 assert r.json()["family"] == "Strawberry"
             assert http.get("/").text.startswith("<!doctype html>")
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=60)
+        out = server.stop()
     assert "2 worker(s)" in out
     starts = [json.loads(line) for line in out.splitlines() if line.startswith('{"counts"')]
     assert len({s["pid"] for s in starts}) == 2, out  # two worker processes served
@@ -298,13 +269,12 @@ def test_serve_two_workers_build_the_int8_graph_into_an_empty_cache(model_dir, s
         for crc in meta.parent.glob(".*.crc"):
             crc.unlink()
     env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state"), "CANESTRA_CACHE_DIR": str(tmp_path / "cache")}
-    proc, base = _start_two_workers(str(model), env, 300)
+    server = ServeProcess(str(model), env=env, workers=2, timeout=300)
     try:
-        with httpx.Client(base_url=base, trust_env=False, timeout=60) as http:
+        with httpx.Client(base_url=server.base, trust_env=False, timeout=60) as http:
             for path in images_of(sample_dir, "Strawberry", 4):
                 assert http.post("/v1/predict", files={"file": (path.name, path.read_bytes())}).status_code == 200
     finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=60)
+        out = server.stop()
     assert "Traceback" not in out and "WARNING:root" not in out, out[-3000:]
     assert any(p.name.endswith(".onnx") and "int8" in p.name for p in (tmp_path / "cache").iterdir())

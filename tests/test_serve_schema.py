@@ -25,7 +25,7 @@ OPERATIONS = ["POST /v1/predict", "POST /v1/predict/batch", "GET /v1/model", "GE
 def serve_schema(trained):
     from canestra.serve.app import create_app
 
-    app = create_app(os.path.join(trained.out_dir, "model"), Settings.load(serve_threads=1, max_batch=4))
+    app = create_app(os.path.join(trained.out_dir, "model"), Settings.load(serve_threads=1, max_batch=4, rate_limit=0))
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 

@@ -61,6 +61,15 @@ class Settings:
     serve_threads: int | None = None
     max_upload_mb: float = 10.0
     max_batch: int = 16
+    # Serving security (docs/serving.md): bearer keys file, opt-out of the non-loopback key
+    # requirement, per-client rate limit (requests/s and burst, per worker; 0 = off), seconds a
+    # request body may take to arrive (slow clients), seconds SIGTERM waits for in-flight requests.
+    api_keys_file: str | None = None
+    allow_no_auth: bool = False
+    rate_limit: float = 20.0
+    rate_burst: int = 40
+    body_timeout: float = 30.0
+    drain_timeout: float = 30.0
     # S3 (docs/storage.md): endpoint (else AWS_ENDPOINT_URL_S3 / the AWS default), plain-http
     # opt-in for local emulators, GDPR Art. 44 region opt-out, SSE-KMS key (default SSE-S3).
     s3_endpoint_url: str | None = None

@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime threads per worker (default: cores / workers; env CANESTRA_SERVE_THREADS)")
     p.add_argument("--max-upload-mb", type=float, help="largest accepted image in MB (default 10)")
     p.add_argument("--max-batch", type=int, help="most images per /v1/predict/batch request (default 16)")
+    p.add_argument("--api-keys-file", metavar="FILE",
+                   help="require `Authorization: Bearer <key>` on /v1/*; one key per line (env CANESTRA_API_KEYS_FILE)")
+    p.add_argument("--allow-no-auth", action="store_true", default=None,
+                   help="serve a non-loopback --host without API keys (anyone who can reach it may use it)")
+    p.add_argument("--rate-limit", type=float,
+                   help="requests/s per client address and worker on /v1/* (default 20; 0 = no limit)")
+    p.add_argument("--rate-burst", type=int, help="requests a client may send at once above --rate-limit (default 40)")
+    p.add_argument("--body-timeout", type=float,
+                   help="seconds a request body may take to arrive before 408 (default 30; slow clients)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="seconds SIGTERM waits for in-flight requests before stopping (default 30)")
     p.add_argument("--mlflow", metavar="URI",
                    help="MLflow registry for --model models:/NAME/ALIAS (default MLFLOW_TRACKING_URI, else ./mlruns)")
     p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
@@ -200,6 +211,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     keys = ["master", "image_sizes", "batch_size", "threads", "arrow_batch", "precision", "pca_k", "pca_variance",
             "test_fraction", "seed", "reg_param", "max_iter", "debug", "retention_days", "audit_log",
             "host", "port", "workers", "serve_threads", "max_upload_mb", "max_batch",
+            "api_keys_file", "allow_no_auth", "rate_limit", "rate_burst", "body_timeout", "drain_timeout",
             "s3_endpoint_url", "allow_http_endpoint", "allow_non_eu_region", "sse_kms_key_id",
             "taxonomy", "unknown_quantile", "shift_eval"]
     return Settings.load(**{k: getattr(args, k, None) for k in keys})

@@ -17,8 +17,10 @@ import collections
 import json
 import logging
 import os
+import signal
 import threading
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,18 +28,20 @@ from canestra.config import Settings
 from canestra.errors import EnvironmentProblem, InputError
 from canestra.vision.images import BadImage
 from canestra.serve.predictor import ModelSpec, OnlinePredictor, Prediction, default_threads, load_model_spec
+from canestra.serve.security import RateLimiter, is_loopback, key_matches, load_api_keys
 
 try:
     import anyio
-    from fastapi import FastAPI, Request
+    from fastapi import APIRouter, Depends, FastAPI, Request, Security
     from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from fastapi.staticfiles import StaticFiles
     from pydantic import BaseModel, Field
 except ImportError as exc:  # pragma: no cover - install problem
     raise EnvironmentProblem("`canestra serve` needs the serve extra: run `pip install 'canestra[serve]'`") from exc
 
 STATIC_DIR = Path(__file__).parent / "static"
-ENV_CONFIG = "CANESTRA_SERVE_CONFIG"  # JSON {model_dir, threads, max_upload_mb, max_batch} for worker processes
+ENV_CONFIG = "CANESTRA_SERVE_CONFIG"  # JSON of the serve settings for worker processes (a keys file's path, no keys)
 AUDIT_LOGGER = "canestra.serve.audit"
 AUDIT_INTERVAL_S = 60.0
 BATCH_BODY_FACTOR = 4  # a batch request may carry at most 4 x the per-image limit in total
@@ -152,10 +156,11 @@ def _request_body(many: bool) -> dict:
 class Problem(Exception):
     """A client error answered as ``{"detail": message}`` with ``status``."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+        self.headers = headers
 
 
 def bad_image_status(err: BadImage) -> int:
@@ -173,16 +178,26 @@ def _bad_image_detail(err: BadImage, limit_mb: float) -> str:
     return err.reason
 
 
-async def read_body(request: Request, limit: int, too_large: str) -> bytes:
-    """The whole request body in memory, refusing (413, ``too_large``) more than ``limit`` bytes early."""
+async def read_body(request: Request, limit: int, too_large: str, timeout: float) -> bytes:
+    """The whole request body in memory, refusing (413, ``too_large``) more than ``limit`` bytes early.
+
+    A body that has not fully arrived ``timeout`` seconds after the headers gets 408 and the
+    connection is closed: a slow or stalled client holds no more than its socket (the wait is
+    asynchronous, the worker keeps serving others) and only for that long.
+    """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Problem(413, too_large)
     buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise Problem(413, too_large)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise Problem(413, too_large)
+    except TimeoutError:
+        raise Problem(408, f"request body not received within {timeout:g} s: the upload was too slow or stalled",
+                      {"Connection": "close"}) from None
     return bytes(buf)
 
 
@@ -250,8 +265,9 @@ def _answer(p: Prediction) -> dict:
             "family_probability": min(p.family_probability, 1.0), "top5": p.top5, "image_id": p.image_id}
 
 
-def _json(payload: dict, status: int = 200) -> Response:
-    return Response(json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json")
+def _json(payload: dict, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 # ---------------------------------------------------------------------------- the app
@@ -279,101 +295,172 @@ def _audit_line(event: str, spec: ModelSpec, counts: dict[str, int]) -> str:
                        "pid": os.getpid(), "model_version": spec.model_version, "counts": counts}, sort_keys=True)
 
 
-def create_app(model_dir: str | None = None, settings: Settings | None = None, *,
-               predictor: OnlinePredictor | None = None) -> FastAPI:
-    """The FastAPI app serving one model; loads it now (raises InputError if ``model_dir`` is not one)."""
-    cfg = settings or Settings.load()
-    if predictor is None:
-        if model_dir is None:
-            raise InputError("no model: pass --model DIR/model")
-        max_bytes = int(cfg.max_upload_mb * 1_000_000)
-        predictor = OnlinePredictor(load_model_spec(model_dir), cfg.serve_threads or default_threads(cfg.workers),
-                                    max_bytes=max_bytes)
-        predictor.warm_up()
-    spec = predictor.spec
-    max_bytes = predictor.max_bytes
-    limit_mb = max_bytes / 1e6
-    counts = _Counts()
-    state = {"ready": True}  # False while the worker shuts down: /readyz then says 503
-    limiter: list[anyio.CapacityLimiter] = []  # created inside the event loop
+class _Service:
+    """What the routes of one worker share: the model, its request counters, the limits."""
 
-    def compute_limiter() -> anyio.CapacityLimiter:
+    def __init__(self, predictor: OnlinePredictor, cfg: Settings):
+        self.predictor = predictor
+        self.cfg = cfg
+        self.spec: ModelSpec = predictor.spec
+        self.max_bytes = predictor.max_bytes
+        self.limit_mb = self.max_bytes / 1e6
+        self.counts = _Counts()
+        self.ready = True  # False while the worker shuts down: /readyz then says 503
+        self._limiter: anyio.CapacityLimiter | None = None  # created inside the event loop
+
+    def compute_limiter(self) -> anyio.CapacityLimiter:
         # One inference at a time per worker: its ORT session already uses `threads` cores.
-        if not limiter:
-            limiter.append(anyio.CapacityLimiter(1))
-        return limiter[0]
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)
+        return self._limiter
 
-    async def audit_every(interval: float) -> None:
-        last: dict[str, int] = {}
-        while True:
-            await asyncio.sleep(interval)
-            now = counts.snapshot()
-            if now != last:
-                log.info(_audit_line("serve.requests", spec, now))
-                last = now
+    async def body(self, request: Request, limit: int, too_large: str) -> bytes:
+        return await read_body(request, limit, too_large, self.cfg.body_timeout)
 
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        state["ready"] = True
-        log.info(_audit_line("serve.start", spec, counts.snapshot()))
-        task = asyncio.create_task(audit_every(AUDIT_INTERVAL_S))
+    def score_one(self, data: bytes) -> dict:
         try:
-            yield
-        finally:
-            state["ready"] = False
-            task.cancel()
-            log.info(_audit_line("serve.stop", spec, counts.snapshot()))
-
-    app = FastAPI(
-        title="canestra",
-        version=spec.model_version,
-        summary="Fruit-image classification: EfficientNet-Lite0 features, PCA, logistic regression; answers a "
-                "variety and its family, or `unknown` for images unlike any training class.",
-        description="Uploaded images are processed in memory and never stored or logged; "
-                    "the service keeps request counts only.",
-        lifespan=lifespan,
-        docs_url=None,  # served below from local assets: no CDN
-        redoc_url=None,
-    )
-    app.state.predictor = predictor
-    app.state.counts = counts
-
-    @app.exception_handler(Problem)
-    async def _problem(_request: Request, exc: Problem) -> Response:
-        counts.add(requests=1, **{f"rejected_{exc.status}": 1})
-        return _json({"detail": exc.detail}, exc.status)
-
-    def score_one(data: bytes) -> dict:
-        try:
-            rgb = predictor.decode(data)
+            rgb = self.predictor.decode(data)
         except BadImage as err:
-            raise Problem(bad_image_status(err), _bad_image_detail(err, limit_mb)) from None
+            raise Problem(bad_image_status(err), _bad_image_detail(err, self.limit_mb)) from None
         except MemoryError:
             raise Problem(413, "image too large to decode in memory") from None
-        return _answer(predictor.predict_rgb([rgb])[0])
+        return _answer(self.predictor.predict_rgb([rgb])[0])
 
-    def score_many(blobs: list[bytes]) -> list[dict]:
+    def score_many(self, blobs: list[bytes]) -> list[dict]:
         items: list[dict] = [{} for _ in blobs]
         good, rgbs = [], []
         for i, data in enumerate(blobs):
             try:
-                rgbs.append(predictor.decode(data))
+                rgbs.append(self.predictor.decode(data))
                 good.append(i)
             except BadImage as err:
-                items[i] = {"index": i, "status": bad_image_status(err), "error": _bad_image_detail(err, limit_mb)}
+                items[i] = {"index": i, "status": bad_image_status(err), "error": _bad_image_detail(err, self.limit_mb)}
             except MemoryError:
                 items[i] = {"index": i, "status": 413, "error": "image too large to decode in memory"}
-        for i, p in zip(good, predictor.predict_rgb(rgbs)):
+        for i, p in zip(good, self.predictor.predict_rgb(rgbs)):
             items[i] = {"index": i, "status": 200, **_answer(p)}
         return items
 
-    @app.post("/v1/predict", response_model=PredictionOut, responses=_ERRORS, openapi_extra=_request_body(False),
-              summary="Classify one image (multipart field `file`, or the raw image as the body)")
+
+def create_app(model_dir: str | None = None, settings: Settings | None = None, *,
+               predictor: OnlinePredictor | None = None) -> FastAPI:
+    """The FastAPI app serving one model; loads it now (raises InputError if ``model_dir`` is not one)."""
+    cfg = settings or Settings.load()
+    svc = _Service(predictor or _load_predictor(model_dir, cfg), cfg)
+    app = _new_app(svc)
+    guarded = APIRouter(dependencies=_guards(cfg), responses=_guard_responses(cfg))
+    _add_prediction_routes(guarded, svc)
+    _add_model_route(guarded, svc)
+    app.include_router(guarded)
+    _add_health_routes(app, svc)
+    _add_page(app)
+    _add_docs(app)
+    return app
+
+
+def _load_predictor(model_dir: str | None, cfg: Settings) -> OnlinePredictor:
+    if model_dir is None:
+        raise InputError("no model: pass --model DIR/model")
+    predictor = OnlinePredictor(load_model_spec(model_dir), cfg.serve_threads or default_threads(cfg.workers),
+                                max_bytes=int(cfg.max_upload_mb * 1_000_000))
+    predictor.warm_up()
+    return predictor
+
+
+def _lifespan(svc: _Service):
+    async def audit_every(interval: float) -> None:
+        last: dict[str, int] = {}
+        while True:
+            await asyncio.sleep(interval)
+            now = svc.counts.snapshot()
+            if now != last:
+                log.info(_audit_line("serve.requests", svc.spec, now))
+                last = now
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        svc.ready = True
+        log.info(_audit_line("serve.start", svc.spec, svc.counts.snapshot()))
+        task = asyncio.create_task(audit_every(AUDIT_INTERVAL_S))
+        try:
+            yield
+        finally:
+            svc.ready = False
+            task.cancel()
+            log.info(_audit_line("serve.stop", svc.spec, svc.counts.snapshot()))
+
+    return lifespan
+
+
+def _new_app(svc: _Service) -> FastAPI:
+    app = FastAPI(
+        title="canestra",
+        version=svc.spec.model_version,
+        summary="Fruit-image classification: EfficientNet-Lite0 features, PCA, logistic regression; answers a "
+                "variety and its family, or `unknown` for images unlike any training class.",
+        description="Uploaded images are processed in memory and never stored or logged; "
+                    "the service keeps request counts only.",
+        lifespan=_lifespan(svc),
+        docs_url=None,  # served by _add_docs from local assets: no CDN
+        redoc_url=None,
+    )
+    app.state.predictor = svc.predictor
+    app.state.counts = svc.counts
+
+    @app.exception_handler(Problem)
+    async def _problem(_request: Request, exc: Problem) -> Response:
+        svc.counts.add(requests=1, **{f"rejected_{exc.status}": 1})
+        return _json({"detail": exc.detail}, exc.status, exc.headers)
+
+    return app
+
+
+def _guards(cfg: Settings) -> list:
+    """Dependencies of every /v1 route: the rate limit first (it also slows key guessing), then the key."""
+    guards = []
+    if cfg.rate_limit > 0:
+        limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst)
+
+        async def rate_limit(request: Request) -> None:
+            wait = limiter.retry_after(request.client.host if request.client else "")
+            if wait:
+                raise Problem(429, f"too many requests: at most {cfg.rate_limit:g} per second from one client; "
+                                   f"retry after {wait} s", {"Retry-After": str(wait)})
+
+        guards.append(Depends(rate_limit))
+    if cfg.api_keys_file:
+        digests = load_api_keys(cfg.api_keys_file)
+        scheme = HTTPBearer(auto_error=False, description="one of the keys in the server's --api-keys-file")
+
+        async def require_key(creds: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
+            if creds is None:
+                raise Problem(401, "this service needs an API key: send the header Authorization: Bearer <key>",
+                              {"WWW-Authenticate": "Bearer"})
+            if not key_matches(creds.credentials, digests):
+                raise Problem(401, "API key not accepted", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+        guards.append(Depends(require_key))
+    return guards
+
+
+def _guard_responses(cfg: Settings) -> dict:
+    out: dict[int | str, dict] = {}
+    if cfg.rate_limit > 0:
+        out[429] = {"model": ErrorOut, "description": "too many requests from this client: wait `Retry-After` seconds"}
+    if cfg.api_keys_file:
+        out[401] = {"model": ErrorOut, "description": "missing or wrong API key (`Authorization: Bearer <key>`)"}
+    return out
+
+
+def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
+    cfg, spec = svc.cfg, svc.spec
+    max_bytes, limit_mb = svc.max_bytes, svc.limit_mb
+
+    @router.post("/v1/predict", response_model=PredictionOut, responses=_ERRORS, openapi_extra=_request_body(False),
+                 summary="Classify one image (multipart field `file`, or the raw image as the body)")
     async def predict(request: Request) -> Response:
         t0 = time.perf_counter()
-        body = await read_body(request, max_bytes + _MULTIPART_SLACK, f"image too large: the limit is {limit_mb:g} MB")
+        body = await svc.body(request, max_bytes + _MULTIPART_SLACK, f"image too large: the limit is {limit_mb:g} MB")
         ctype = request.headers.get("content-type", "")
         if ctype.lower().startswith("multipart/form-data"):
             files = parse_multipart(body, ctype, max_bytes, max_files=1 << 10)
@@ -391,19 +478,19 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
             raise Problem(422, "empty request: send an image as the body or as a form field named file")
         # Inline, not in a thread: one inference at a time per worker anyway, and the thread
         # hop (GIL hand-over, wake-up) measured 0.7 ms of the p50 (docs/serving.md).
-        out = score_one(data)
-        counts.add(requests=1, images=1)
+        out = svc.score_one(data)
+        svc.counts.add(requests=1, images=1)
         out["model_version"] = spec.model_version
         out["timing_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return _json(out)
 
-    @app.post("/v1/predict/batch", response_model=BatchOut, responses={413: _ERRORS[413], 422: _ERRORS[422]},
-              openapi_extra=_request_body(True),
-              summary=f"Classify several images (repeated multipart field `file`, at most {cfg.max_batch})")
+    @router.post("/v1/predict/batch", response_model=BatchOut, responses={413: _ERRORS[413], 422: _ERRORS[422]},
+                 openapi_extra=_request_body(True),
+                 summary=f"Classify several images (repeated multipart field `file`, at most {cfg.max_batch})")
     async def predict_batch(request: Request) -> Response:
         t0 = time.perf_counter()
-        body = await read_body(request, BATCH_BODY_FACTOR * max_bytes + _MULTIPART_SLACK,
-                               f"request too large: a batch may carry {BATCH_BODY_FACTOR * limit_mb:g} MB in total")
+        body = await svc.body(request, BATCH_BODY_FACTOR * max_bytes + _MULTIPART_SLACK,
+                              f"request too large: a batch may carry {BATCH_BODY_FACTOR * limit_mb:g} MB in total")
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
             raise Problem(422, "send the images as multipart/form-data, one form field named file per image")
@@ -411,26 +498,36 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
         del body
         if not files:
             raise Problem(422, "no form field named file: send each image as file=@photo.jpg")
-        items = await anyio.to_thread.run_sync(score_many, files, limiter=compute_limiter())
+        items = await anyio.to_thread.run_sync(svc.score_many, files, limiter=svc.compute_limiter())
         ok = sum(1 for it in items if it["status"] == 200)
-        counts.add(requests=1, batch_requests=1, images=ok, images_rejected=len(items) - ok)
+        svc.counts.add(requests=1, batch_requests=1, images=ok, images_rejected=len(items) - ok)
         return _json({"results": items, "model_version": spec.model_version,
                       "timing_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-    @app.get("/v1/model", response_model=ModelOut, summary="The model served: classes, families, training metrics, version")
+
+def _add_model_route(router: APIRouter, svc: _Service) -> None:
+    @router.get("/v1/model", response_model=ModelOut,
+                summary="The model served: classes, families, training metrics, version")
     async def model_info() -> Response:
-        return _json({**predictor.info(), "requests": counts.snapshot()})
+        return _json({**svc.predictor.info(), "requests": svc.counts.snapshot()})
+
+
+def _add_health_routes(app: FastAPI, svc: _Service) -> None:
+    """Open without a key and never rate limited: load balancers and orchestrators probe them."""
 
     @app.get("/healthz", response_model=HealthOut, summary="Liveness")
     async def healthz() -> Response:
-        return _json({"status": "ok", "requests": counts.snapshot()})
+        return _json({"status": "ok", "requests": svc.counts.snapshot()})
 
     @app.get("/readyz", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "not ready"}},
              summary="Readiness: the model is loaded and the worker is not shutting down")
     async def readyz() -> Response:
-        ready = state["ready"]
-        return _json({"status": "ready" if ready else "stopping", "requests": counts.snapshot()}, 200 if ready else 503)
+        ready = svc.ready
+        return _json({"status": "ready" if ready else "stopping", "requests": svc.counts.snapshot()},
+                     200 if ready else 503)
 
+
+def _add_page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         # Everything the page needs comes from this app: no CDN, no inline script.
@@ -440,8 +537,6 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
             "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    _add_docs(app)
-    return app
 
 
 def _add_docs(app: FastAPI) -> None:
@@ -495,6 +590,24 @@ def check_serve_settings(cfg: Settings) -> None:
         raise InputError("--workers and --threads must be positive numbers")
     if cfg.max_upload_mb <= 0 or cfg.max_batch < 1:
         raise InputError("--max-upload-mb and --max-batch must be positive numbers")
+    if cfg.rate_limit < 0 or cfg.rate_burst < 1:
+        raise InputError("--rate-limit must be 0 (no limit) or more, and --rate-burst a positive number")
+    if cfg.body_timeout <= 0 or cfg.drain_timeout < 0:
+        raise InputError("--body-timeout must be a positive number of seconds, --drain-timeout 0 or more")
+
+
+def check_auth(cfg: Settings) -> int:
+    """How many API keys the service will accept (0: none required); refuses an open non-loopback bind."""
+    if cfg.api_keys_file:
+        return len(load_api_keys(cfg.api_keys_file))  # InputError: missing, unreadable or empty file
+    if not is_loopback(cfg.host) and not cfg.allow_no_auth:
+        raise InputError(f"--host {cfg.host} can be reached from other machines and no API keys are set: pass "
+                         "--api-keys-file FILE (one key per line), or --allow-no-auth to serve anyone who can reach it")
+    return 0
+
+
+def _exit_quietly_on_sigterm(_sig: int, _frame: Any) -> None:
+    """uvicorn drains, then re-raises SIGTERM with the handler it found: this one makes it exit 0."""
 
 
 def run_serve(model_dir: str, cfg: Settings) -> int:
@@ -502,6 +615,7 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     import uvicorn
 
     check_serve_settings(cfg)
+    n_keys = check_auth(cfg)
     spec = load_model_spec(model_dir)  # InputError -> `canestra: error: ...`, exit 2, before uvicorn starts
     if not spec.onnx_path:
         from canestra.vision import backbone
@@ -510,14 +624,22 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     threads = cfg.serve_threads or default_threads(cfg.workers)
     os.environ[ENV_CONFIG] = json.dumps({"model_dir": spec.model_dir, "serve_threads": threads,
                                          "max_upload_mb": cfg.max_upload_mb, "max_batch": cfg.max_batch,
-                                         "workers": cfg.workers})
+                                         "workers": cfg.workers, "rate_limit": cfg.rate_limit,
+                                         "rate_burst": cfg.rate_burst, "body_timeout": cfg.body_timeout,
+                                         # the path only: each worker reads the keys itself
+                                         "api_keys_file": os.path.abspath(cfg.api_keys_file) if n_keys else None})
     from canestra.privacy import audit
 
-    audit.note(details={"model_version": spec.model_version, "workers": cfg.workers, "threads": threads})
+    audit.note(details={"model_version": spec.model_version, "workers": cfg.workers, "threads": threads,
+                        "api_keys": n_keys, "rate_limit": cfg.rate_limit})
+    auth = f"API key required ({n_keys} key(s))" if n_keys else "no API key required"
     print(f"canestra serve: model {spec.model_version} ({len(spec.labels)} classes, {len(spec.families)} families) "
-          f"on http://{cfg.host}:{cfg.port}/ with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s)", flush=True)
+          f"on http://{cfg.host}:{cfg.port}/ with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s), {auth}",
+          flush=True)
+    signal.signal(signal.SIGTERM, _exit_quietly_on_sigterm)
     uvicorn.run("canestra.serve.app:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
-                access_log=False, log_config=log_config(), server_header=False, timeout_graceful_shutdown=10,
+                access_log=False, log_config=log_config(), server_header=False,
+                timeout_graceful_shutdown=cfg.drain_timeout,
                 # A worker answers the supervisor's health pings only once Python and uvicorn are
                 # imported; uvicorn's 5 s default kills slow starters on a busy machine, in a loop.
                 timeout_worker_healthcheck=60)

@@ -1,13 +1,40 @@
 // canestra web page: pick or drop an image, POST it to /v1/predict, show family and variety
 // ("Apple — Apple Red 2 (93.0 %)") or "Unknown", and draw the top-5 as bars.
 // The preview is a local blob: URL; the image only leaves the browser in the request.
+// A service started with --api-keys-file answers 401 without a key: the page then shows a key
+// field; the key is kept in sessionStorage (this tab only, gone when it closes) and sent as a Bearer token.
 "use strict";
 
 (function () {
   const $ = (id) => document.getElementById(id);
   const drop = $("drop"), input = $("file"), preview = $("preview");
   const result = $("result"), errorBox = $("error");
-  let previewUrl = null;
+  const keyForm = $("key-form"), keyInput = $("api-key");
+  const KEY = "canestra-api-key";
+  let previewUrl = null, lastFile = null, needsKey = false;
+
+  const storedKey = () => sessionStorage.getItem(KEY) || "";
+  const authHeaders = () => (storedKey() ? { Authorization: "Bearer " + storedKey() } : {});
+
+  function askForKey() {
+    keyForm.hidden = false;
+    keyInput.value = storedKey();
+  }
+
+  // Plain words for the refusals that are about access, not about the image.
+  function accessProblem(resp) {
+    if (resp.status === 401) {
+      needsKey = true;
+      askForKey();
+      return storedKey() ? "The API key was not accepted: check it and enter it again above."
+        : "This service needs an API key: enter it above.";
+    }
+    if (resp.status === 429) {
+      const wait = resp.headers.get("Retry-After") || "a few";
+      return "Too many requests from this device: wait " + wait + " s and try again.";
+    }
+    return null;
+  }
 
   function showError(message) {
     result.hidden = true;
@@ -62,6 +89,7 @@
 
   async function classify(file) {
     if (!file) return;
+    lastFile = file;
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(file);
     preview.src = previewUrl;
@@ -70,11 +98,12 @@
     const form = new FormData();
     form.append("file", file);
     try {
-      const resp = await fetch("/v1/predict", { method: "POST", body: form });
+      const resp = await fetch("/v1/predict", { method: "POST", body: form, headers: authHeaders() });
       const data = await resp.json().catch(() => ({}));
       if (!resp.ok) {
-        showError(data.detail || ("the service answered " + resp.status));
+        showError(accessProblem(resp) || data.detail || ("the service answered " + resp.status));
       } else {
+        needsKey = false;
         render(data);
       }
     } catch (e) {
@@ -99,10 +128,30 @@
   window.addEventListener("dragover", (e) => e.preventDefault());
   window.addEventListener("drop", (e) => e.preventDefault());
 
-  fetch("/v1/model").then((r) => r.ok ? r.json() : null).then((m) => {
-    if (!m) return;
-    const families = (m.families || []).length;
-    $("model-info").textContent = m.classes.length + " classes" + (families ? " in " + families + " families" : "")
-      + " · model " + m.model_version;
-  }).catch(() => {});
+  function loadModelInfo() {
+    fetch("/v1/model", { headers: authHeaders() }).then((r) => {
+      if (r.status === 401) {
+        needsKey = true;
+        askForKey();
+      }
+      return r.ok ? r.json() : null;
+    }).then((m) => {
+      if (!m) return;
+      const families = (m.families || []).length;
+      $("model-info").textContent = m.classes.length + " classes" + (families ? " in " + families + " families" : "")
+        + " · model " + m.model_version;
+    }).catch(() => {});
+  }
+
+  keyForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = keyInput.value.trim();
+    if (key) sessionStorage.setItem(KEY, key); else sessionStorage.removeItem(KEY);
+    errorBox.hidden = true;
+    loadModelInfo();
+    if (needsKey && lastFile) classify(lastFile);  // the image refused for want of a key: send it again
+  });
+
+  if (storedKey()) askForKey();
+  loadModelInfo();
 })();
