@@ -33,6 +33,9 @@ def isolated(tmp_path, monkeypatch):
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "canestra"))
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
+    # The tests read the store with MLflow's own client, which (MLflow >= 3.7) opens a file store only
+    # with this opt-out; canestra sets it for itself.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
 
 
 def _run_folder(tmp_path: Path) -> Path:

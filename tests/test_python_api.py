@@ -72,6 +72,11 @@ def test_bad_keyword_overrides_fail_plainly_and_are_audited(tmp_path, sample_dir
     assert rec["command"] == "train" and rec["status"] == "error" and rec["error"] == "InputError"
 
 
+def test_register_model_without_tracking_is_refused(tmp_path, sample_dir):
+    with pytest.raises(canestra.InputError, match="register_model needs MLflow"):
+        canestra.train(str(sample_dir), str(tmp_path / "out"), register_model="fruits", mlflow=False)
+
+
 def test_library_failure_before_spark_is_audited(tmp_path):
     missing = tmp_path / "Mario Rossi" / "photos"
     log = tmp_path / "central.jsonl"

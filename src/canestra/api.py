@@ -252,6 +252,10 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
         from canestra import tracking
         from canestra.pipeline.train import train as _train
 
+        if register_model and mlflow is False:
+            from canestra.errors import InputError
+
+            raise InputError("register_model needs MLflow tracking: drop mlflow=False, or register_model")
         spark = _ready(cfg, spark, images, True)
         with tracking.tracked_run(True if register_model and mlflow is None else mlflow) as tracked:
             res = _train(spark, images, out, cfg, _progress(progress, quiet))
