@@ -129,6 +129,13 @@ def generate(files, scale: int, root: Path, seed: int, workers: int) -> dict:
             "seconds": round(time.perf_counter() - t0, 1), "workers": workers}
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def count_files(root: Path) -> int:
     return sum(len([n for n in names if not n.endswith(".tmp")]) for _, _, names in os.walk(root))
 
@@ -137,17 +144,20 @@ def prepare(files, scale: int, data: Path, seed: int, workers: int, params: dict
     """The 10x folder (generated unless its manifest says complete) and the 1x folder of links to copy 0."""
     big = data / f"x{scale}"
     manifest_path = data / MANIFEST
+    one = data / "x1"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-    if manifest and manifest.get("params") == params and count_files(big) == manifest["generation"]["images"]:
+    if manifest and manifest["params"] == params and manifest.get("generation") \
+            and count_files(big) == manifest["generation"]["images"]:
         gen = dict(manifest["generation"], reused=True)
     else:
-        manifest_path.unlink(missing_ok=True)  # incomplete until rewritten below
+        if manifest and manifest["params"] != params:  # another set in this folder: start afresh
+            for old in data.glob("x*"):
+                shutil.rmtree(old, ignore_errors=True)
+        # Params first, generation facts when complete: an interrupted run resumes with the same params.
+        _write_json(manifest_path, {"params": params})
         gen = generate(files, scale, big, seed, workers)
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"params": params, "generation": gen}, indent=2))
-        os.replace(tmp, manifest_path)
+        _write_json(manifest_path, {"params": params, "generation": gen})
         gen = dict(gen, reused=False)
-    one = data / "x1"
     for f in files:
         link = one / f.label / copy_name(os.path.basename(f.path), 0)
         if not link.exists():

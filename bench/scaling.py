@@ -59,7 +59,10 @@ def run_train(images: str, out: str, extra: list[str]) -> dict:
     """``canestra train`` in a child process; poll the driver's and its JVM's peak RSS."""
     cmd = [sys.executable, "-m", "canestra.cli", "train", "--images", images, "--out", out, "--quiet", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Output to a file, not a pipe: nobody reads a pipe while polling, and a full one (64 kB) would
+    # block the child for good (long runs warn more).
+    sink = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True)
     driver_kb = jvm_kb = 0
     while proc.poll() is None:
         driver_kb = max(driver_kb, _hwm_kb(proc.pid) or 0)
@@ -71,7 +74,10 @@ def run_train(images: str, out: str, extra: list[str]) -> dict:
             if exe.endswith("java"):
                 jvm_kb = max(jvm_kb, _hwm_kb(child) or 0)
         time.sleep(0.25)
-    out_text, err_text = proc.communicate()
+    proc.wait()
+    sink.seek(0)
+    err_text = sink.read()
+    sink.close()
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"canestra train failed ({proc.returncode}):\n{err_text[-2000:]}")
