@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from canestra import __version__
+from canestra.config import Settings
 from canestra.errors import EnvironmentProblem, InputError, OutputError
 from canestra.storage.regions import check_region
 from canestra.storage.s3 import check_endpoint  # the same TLS rule as s3:// data paths
@@ -589,32 +590,46 @@ def deploy(params: DeployParams, *, session, endpoint_url: str | None = None, wh
 
 def add_cli_arguments(p) -> None:
     """Flags of ``canestra deploy aws`` (the parser itself lives in cli/commands.py)."""
-    p.add_argument("--region", required=True, help="AWS region, EU/EEA only unless --allow-non-eu-region (e.g. eu-west-3)")
-    p.add_argument("--bucket", required=True, help="data bucket name to create (access logs go to <bucket>-logs)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and cost estimate; no AWS call, no credentials needed")
-    p.add_argument("--allow-non-eu-region", action="store_true",
+    g = p.add_argument_group("where (GDPR Art. 44: EU/EEA regions)")
+    g.add_argument("--region", required=True, metavar="REGION",
+                   help="AWS region, EU/EEA only unless --allow-non-eu-region (e.g. eu-west-3)")
+    g.add_argument("--bucket", required=True, metavar="NAME",
+                   help="data bucket name to create (access logs go to <bucket>-logs)")
+    g.add_argument("--allow-non-eu-region", action="store_true", default=None,
                    help="allow a region outside the EU/EEA (GDPR Art. 44: only with a transfer safeguard)")
-    p.add_argument("--storage-only", action="store_true", help="bucket, roles and security configuration, no EMR cluster")
-    p.add_argument("--stack-name", default="canestra", help="CloudFormation stack name (default canestra)")
-    p.add_argument("--kms-key-id", default="", help="KMS key id for SSE-KMS (default: SSE-S3)")
-    p.add_argument("--subnet-id", default="", help="subnet for the cluster, tagged for-use-with-amazon-emr-managed-policies=true")
-    p.add_argument("--release-label", default="emr-7.5.0", help="EMR 7.x release (default emr-7.5.0, Spark 3.5)")
-    p.add_argument("--master-type", default="m5.xlarge", help="primary node instance type (default m5.xlarge)")
-    p.add_argument("--core-type", default="m5.xlarge", help="core node instance type (default m5.xlarge)")
-    p.add_argument("--core-count", type=int, default=2, help="core nodes (default 2)")
-    p.add_argument("--idle-timeout", type=int, default=3600, help="seconds idle before the cluster terminates (default 3600)")
-    p.add_argument("--raw-retention-days", type=int, default=365, help="days before images/ and inbox/ objects expire")
-    p.add_argument("--output-retention-days", type=int, default=180, help="days before runs/ objects expire")
-    p.add_argument("--log-retention-days", type=int, default=90, help="days before access and EMR logs expire")
-    p.add_argument("--train-arg", action="append", default=None, metavar="ARG",
+    g = p.add_argument_group("what")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan and cost estimate; no AWS call, no credentials needed")
+    g.add_argument("--storage-only", action="store_true", help="bucket, roles and security configuration, no EMR cluster")
+    g.add_argument("--stack-name", default="canestra", metavar="NAME", help="CloudFormation stack name (default canestra)")
+    g.add_argument("--kms-key-id", default="", metavar="KEY_ID", help="KMS key id for SSE-KMS (default: SSE-S3)")
+    g.add_argument("--subnet-id", default="", metavar="SUBNET",
+                   help="subnet for the cluster, tagged for-use-with-amazon-emr-managed-policies=true")
+    g = p.add_argument_group("EMR cluster")
+    g.add_argument("--release-label", default="emr-7.5.0", metavar="LABEL",
+                   help="EMR 7.x release (default emr-7.5.0, Spark 3.5)")
+    g.add_argument("--master-type", default="m5.xlarge", metavar="TYPE", help="primary node instance type (default m5.xlarge)")
+    g.add_argument("--core-type", default="m5.xlarge", metavar="TYPE", help="core node instance type (default m5.xlarge)")
+    g.add_argument("--core-count", type=int, default=2, metavar="N", help="core nodes (default 2)")
+    g.add_argument("--idle-timeout", type=int, default=3600, metavar="SECONDS",
+                   help="seconds idle before the cluster terminates (default 3600)")
+    g.add_argument("--train-arg", action="append", default=None, metavar="ARG",
                    help="extra `canestra train` argument for the EMR step, repeatable (e.g. --train-arg=--pca-k --train-arg=128)")
-    p.add_argument("--hours", type=float, default=1.0, help="expected job hours, for the cost estimate (default 1)")
-    p.add_argument("--wheel", help="canestra wheel to install on the cluster (default: build one with pip wheel)")
-    p.add_argument("--tls-certs-zip", help="zip of privateKey.pem/certificateChain.pem[/trustedCertificates.pem] for "
-                                           "EMR in-transit TLS (default: a generated self-signed certificate)")
-    p.add_argument("--profile", help="AWS profile (default: the standard credential chain)")
-    p.add_argument("--endpoint-url", help="AWS endpoint override, e.g. a local emulator")
-    p.add_argument("--allow-http-endpoint", action="store_true",
+    g.add_argument("--wheel", metavar="FILE", help="canestra wheel to install on the cluster (default: build one with pip wheel)")
+    g.add_argument("--tls-certs-zip", metavar="FILE",
+                   help="zip of privateKey.pem/certificateChain.pem[/trustedCertificates.pem] for "
+                        "EMR in-transit TLS (default: a generated self-signed certificate)")
+    g = p.add_argument_group("retention (days before objects expire)")
+    g.add_argument("--raw-retention-days", type=int, default=365, metavar="DAYS", help="images/ and inbox/ (default 365)")
+    g.add_argument("--output-retention-days", type=int, default=180, metavar="DAYS", help="runs/ (default 180)")
+    g.add_argument("--log-retention-days", type=int, default=90, metavar="DAYS", help="access and EMR logs (default 90)")
+    g = p.add_argument_group("cost estimate")
+    g.add_argument("--hours", type=float, default=1.0, metavar="HOURS",
+                   help="expected job hours, for the cost estimate (default 1)")
+    g = p.add_argument_group("AWS access")
+    g.add_argument("--profile", metavar="NAME", help="AWS profile (default: the standard credential chain)")
+    g.add_argument("--endpoint-url", metavar="URL", help="AWS endpoint override, e.g. a local emulator")
+    g.add_argument("--allow-http-endpoint", action="store_true", default=None,
                    help="local development only: accept a plain-http --endpoint-url on 127.0.0.1")
     p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
 
@@ -633,6 +648,9 @@ def params_from_cli(args) -> DeployParams:
 
 def run_cli(args) -> int:
     """``canestra deploy aws``: validate, print the plan; unless --dry-run, deploy."""
+    # The two GDPR opt-ins follow the usual precedence (flag > CANESTRA_* env > off), as for s3:// paths.
+    cfg = Settings.load(allow_non_eu_region=args.allow_non_eu_region, allow_http_endpoint=args.allow_http_endpoint)
+    args.allow_non_eu_region, args.allow_http_endpoint = cfg.allow_non_eu_region, cfg.allow_http_endpoint
     params = params_from_cli(args)
     params.validate()
     check_endpoint(args.endpoint_url, args.allow_http_endpoint, flag="--endpoint-url")
