@@ -100,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
     p.add_argument("--images", required=True, help="folder of images (class sub-folders optional)")
     p.add_argument("--out", required=True, help="output folder (predictions/, predictions.csv, quarantine.csv)")
-    p.add_argument("--include-paths", action="store_true",
-                   help="add the source file path to predictions (default: pseudonymous image_id only, GDPR Art. 25)")
+    _include_paths_opt(p)
     _common(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on a labelled image folder")
@@ -109,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="root folder of <Class>/<image> files")
     p.add_argument("--out", default="canestra-evaluation", help="output folder (default ./canestra-evaluation)")
     _common(p)
+    _watch_parser(sub)
     _gdpr_parsers(sub)
 
     p = sub.add_parser("serve", help="HTTP API + web page classifying uploaded images (no Spark needed)")
@@ -143,6 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cli_arguments(cloud.add_parser("aws", help="CloudFormation stack: encrypted S3 bucket, IAM roles, EMR 7 cluster"))
     return parser
+
+
+def _include_paths_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--include-paths", action="store_true",
+                   help="add the source file path to predictions (default: pseudonymous image_id only, GDPR Art. 25)")
+
+
+def _watch_parser(sub) -> None:
+    p = sub.add_parser("watch", help="predict images as they land in a folder or S3 prefix (Spark Structured Streaming)")
+    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
+    p.add_argument("--images", required=True, help="folder (or s3://bucket/prefix) to watch; may start empty")
+    p.add_argument("--out", required=True, help="local output folder (predictions/, quarantine.csv, _checkpoints/)")
+    _include_paths_opt(p)
+    p.add_argument("--trigger", default="10s", help="how often to look for new images (default 10s; e.g. 2s, 1m)")
+    p.add_argument("--once", action="store_true",
+                   help="predict what is there now (and not yet predicted), then stop: for cron and EMR steps")
+    _common(p)
 
 
 def _gdpr_parsers(sub) -> None:
@@ -251,13 +268,19 @@ def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
         from canestra.answer.taxonomy import load_taxonomy
 
         list_roots(args.images, require_labels=True, taxonomy=load_taxonomy(getattr(args, "taxonomy", None)))
-    if args.command in ("predict", "evaluate"):
+    if args.command in ("predict", "evaluate", "watch"):
         from canestra.pipeline.predict import check_model_dir
 
         check_model_dir(args.model)
+    if args.command in ("predict", "evaluate"):
         list_for_ingest(args.images, require_labels=args.command == "evaluate")
+    if args.command == "watch":  # an empty folder is fine: images may land later
+        from canestra.pipeline.watch import check_images_root, parse_trigger
+
+        check_images_root(args.images)
+        parse_trigger(args.trigger)
     ensure_output_dir(args.out)
-    if args.command in ("train", "predict", "evaluate"):
+    if args.command in ("train", "predict", "evaluate", "watch"):
         # Build (or find) the CNN graph once here: a cache problem is one plain line before Spark
         # starts, and local workers then find the file instead of racing to build it.
         from canestra.vision import backbone
@@ -332,6 +355,10 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
         ev = api.evaluate(args.model, args.images, args.out, spark=_spark(cfg, args.out), settings=cfg,
                           progress=progress)
         print(format_summary(ev.metrics))
+    elif args.command == "watch":
+        from canestra.pipeline.watch import run_watch_cli
+
+        run_watch_cli(args, cfg, _spark, progress)
     return 0
 
 
