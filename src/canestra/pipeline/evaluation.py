@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,9 +42,9 @@ def thresholds(rows: pd.DataFrame, q: float) -> tuple[float | None, float | None
         if len(part):
             te.append(quantile_threshold(part["energy"].to_numpy(), q))
             tf.append(quantile_threshold(part["fruitness"].to_numpy(), q))
-    te = [t for t in te if t is not None]
-    tf = [t for t in tf if t is not None]
-    return (min(te) if te else None), (min(tf) if tf else None)
+    te_found = [t for t in te if t is not None]
+    tf_found = [t for t in tf if t is not None]
+    return (min(te_found) if te_found else None), (min(tf_found) if tf_found else None)
 
 
 def _unknown(rows: pd.DataFrame, te: float | None, tf: float | None) -> np.ndarray:
@@ -103,7 +104,7 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
     variety = ~rows["label"].map(is_family_label).to_numpy()
     conf = rows["predicted_probability"].to_numpy()[variety]
     ok = ~wrong[variety]
-    bins = []
+    bins: list[dict[str, Any]] = []
     ece = 0.0
     for i in range(10):
         lo, hi = i / 10, (i + 1) / 10
@@ -167,9 +168,10 @@ def perturb_jpeg(data: bytes, seed: int) -> bytes:
     w, h = im.size
     scale, angle = rng.uniform(0.8, 1.15), rng.uniform(-20, 20)
     dx, dy = rng.uniform(-0.08, 0.08, 2) * (w, h)
-    im = im.rotate(angle, resample=Image.BILINEAR, fillcolor=(255, 255, 255), translate=(float(dx), float(dy)))
+    im = im.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(255, 255, 255),
+                   translate=(float(dx), float(dy)))  # type: ignore[arg-type]  # Pillow takes sub-pixel offsets
     nw, nh = max(8, int(w * scale)), max(8, int(h * scale))
-    im2 = im.resize((nw, nh), Image.BILINEAR)
+    im2 = im.resize((nw, nh), Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (w, h), (255, 255, 255))
     if nw <= w:
         canvas.paste(im2, ((w - nw) // 2, (h - nh) // 2))
