@@ -159,7 +159,7 @@ class _Matcher:
         self.prefixes = tuple(p.rstrip("/") + "/" for p in self.paths if p.endswith("/") or os.path.isdir(p))
 
     def path_matches(self, value: str | None) -> bool:
-        return bool(value) and (value in self.paths or value.startswith(self.prefixes))
+        return value is not None and value != "" and (value in self.paths or value.startswith(self.prefixes))
 
     def count(self, table) -> int:
         """How many rows of ``table`` belong to erased images."""
@@ -522,11 +522,11 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
             res.files_deleted.append(os.path.relpath(os.path.join(dirpath, STAGING), root))
             dirnames.remove(STAGING)
     for model in find_models(root):
-        n = _update_model(model, ids)
-        if n is None:
+        trained_on = _update_model(model, ids)
+        if trained_on is None:
             res.unknown_models.append(model)
-        elif n:
-            res.retrain.append((model, n))
+        elif trained_on:
+            res.retrain.append((model, trained_on))
 
     if delete_source:
         res.sources_deleted = _delete_sources({normalise_source(s) for s in sources} | named_srcs)
