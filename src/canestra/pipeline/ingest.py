@@ -260,7 +260,7 @@ def ingest(
         storage.publish_dir(staging, final)  # keep the empty table for inspection
         write_quarantine_csv(qpath, bad)
         raise InputError(
-            f"none of the {len(files)} files under {storage.display(images_uri)} is a usable image: see {qpath}"
+            f"none of the {len(files)} files under {', '.join(storage.display(r) for r in as_roots(images_uri))} is a usable image: see {qpath}"
         )
     classes = len([c for c in per_class if c is not None])
     info = {
