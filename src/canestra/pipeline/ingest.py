@@ -47,7 +47,7 @@ def _clean_partition(max_pixels: int, s3_options=None):
     # s3_options travels in the closure: executors must not depend on the driver's env.
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from canestra.storage import files as st
-        from canestra.vision.images import BadImage, clean_image
+        from canestra.vision.images import DEFAULT_MAX_BYTES, BadImage, clean_image
 
         for pdf in batches:
             rows = []
@@ -64,20 +64,24 @@ def _clean_partition(max_pixels: int, s3_options=None):
                     "content": None,
                     "error": None,
                 }
-                ext = os.path.splitext(rec.source_path)[1].lower()
+                # The name never decides: the bytes say whether (and which) image it is.
+                data = None
                 try:
-                    if ext not in st.IMAGE_EXTENSIONS:
-                        raise BadImage(f"unsupported file type {ext or '(none)'}: expected one of "
-                                       + ", ".join(sorted(st.IMAGE_EXTENSIONS)))
+                    if isinstance(rec.listing_error, str):
+                        raise BadImage(rec.listing_error)
+                    if st.is_remote(rec.source_path) and rec.size > DEFAULT_MAX_BYTES:  # S3: listed size, no GET
+                        raise BadImage(f"file too large: {rec.size} bytes exceeds the {DEFAULT_MAX_BYTES}-byte limit")
                     try:
-                        data = st.read_bytes(rec.source_path, s3_options)
+                        data = st.read_bytes(rec.source_path, s3_options, max_bytes=DEFAULT_MAX_BYTES)
                     except OSError as exc:
-                        raise BadImage(f"unreadable file: {exc.strerror or exc}") from exc
+                        raise BadImage(st.unreadable_reason(exc, rec.source_path)) from exc
                     img = clean_image(data, max_pixels=max_pixels)
                     row.update(image_id=img.image_id, width=img.width, height=img.height,
                                format=img.format, content=img.content)
                 except BadImage as exc:
                     row["error"] = str(exc)
+                    if data is not None and rec.size >= 0 and len(data) != rec.size:
+                        row["error"] += " (the file changed after it was listed: was it still being written?)"
                 except Exception as exc:  # never lose the run to one odd file
                     row["error"] = f"unexpected error: {type(exc).__name__}: {exc}"
                 rows.append(row)
@@ -114,10 +118,13 @@ def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], fra
             "label": [f.label for f in files],
             "split": splits,
             "frame": pd.array(frames, dtype="Int32"),
+            "size": pd.array([f.size for f in files], dtype="Int64"),
+            "listing_error": pd.array([f.error for f in files], dtype="string"),
         }
     )
     n_parts = balanced_partitions(spark, len(files))
-    df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int")
+    df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int, "
+                                                "size long, listing_error string")
     return df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels, s3_options or storage.s3_options_for(files)),
                                                 schema=_SCHEMA)
 
@@ -126,6 +133,8 @@ def listing_fingerprint(files: list[storage.ListedFile], **params) -> str:
     h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     for f in files:
         h.update(f"{f.path}\0{f.label}\0{f.size}\0{f.mtime}\n".encode())
+        if f.error:  # only then, so fingerprints of clean listings stay as they were
+            h.update(f"{f.error}\n".encode())
     return h.hexdigest()
 
 
@@ -181,7 +190,7 @@ def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None)
 
 
 def _check_labelled(files: list[storage.ListedFile], root: str) -> None:
-    labelled = [f for f in files if f.label is not None]
+    labelled = [f for f in files if f.label is not None and f.error is None]
     if not labelled:
         raise InputError(
             f"no class folders under {root}: training needs one sub-folder per class, e.g. {root}/Banana/0_100.jpg"
@@ -255,7 +264,8 @@ def ingest(
     finally:
         cleaned.unpersist()
     n_ok = int(sum(per_class.values()))
-    bad += [(f.path, "not in a class folder: training images must sit in <root>/<Class>/") for f in files_unlabelled]
+    bad += [(f.path, f.error or "not in a class folder: training images must sit in <root>/<Class>/")
+            for f in files_unlabelled]
     if n_ok == 0:
         storage.publish_dir(staging, final)  # keep the empty table for inspection
         write_quarantine_csv(qpath, bad)

@@ -249,9 +249,20 @@ def _image_files(source: str) -> list[str]:
     found = []
     if os.path.isdir(source):
         for dirpath, _, filenames in os.walk(source):
-            found += [os.path.join(dirpath, f) for f in filenames
-                      if os.path.splitext(f)[1].lower() in storage.IMAGE_EXTENSIONS]
+            # Any name: ingest judges images by content (a .jfif, .heic or extension-less photo counts).
+            found += [os.path.join(dirpath, f) for f in filenames if not storage.is_junk(f)]
     return found
+
+
+def _looks_like_image(path: str) -> bool:
+    """Image magic bytes at the start of the file (cheap: outputs also hold large Parquet files)."""
+    from canestra.vision.images import sniff_format
+
+    try:
+        with open(path, "rb") as fh:
+            return sniff_format(fh.read(64)) is not None
+    except OSError:
+        return False
 
 
 def _pixel_id(path: str) -> str | None:
@@ -369,7 +380,7 @@ def rewrite_csv(path: str, matcher: _Matcher) -> int:
 def _named_after(name: str, ids: set[str]) -> bool:
     """An image file named after an erased id: a gallery thumbnail ``<image_id>.jpg``."""
     stem, ext = os.path.splitext(name)
-    return ext.lower() in storage.IMAGE_EXTENSIONS and stem.lower() in ids
+    return ext.lower() in (".jpg", ".jpeg", ".png") and stem.lower() in ids
 
 
 def _erased_entry(entry, ids: set[str]) -> bool:
@@ -513,7 +524,7 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
                 if n:
                     res.rows_removed[os.path.relpath(path, root)] = n
             elif _named_after(name, ids) or (
-                    os.path.splitext(name)[1].lower() in storage.IMAGE_EXTENSIONS and _pixel_id(path) in ids):
+                    _looks_like_image(path) and _pixel_id(path) in ids):
                 os.remove(path)  # a thumbnail (gallery/<id>.jpg) or a copy of an erased image inside the outputs
                 res.files_deleted.append(os.path.relpath(path, root))
     for dirpath, dirnames, _ in os.walk(root):

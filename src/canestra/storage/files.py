@@ -10,8 +10,10 @@ place, so a crashed run never leaves a half-written table under its final name
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -21,7 +23,15 @@ from canestra.storage import s3
 from canestra.errors import InputError, OutputError
 from canestra.layout import STAGING
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"}
+# OS leftovers that are never images and must not flood quarantine.csv (besides dot-files
+# such as .DS_Store and AppleDouble ._x): compared in lower case, files and folders alike.
+JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin",
+                        "system volume information", "icon\r"})
+
+
+def is_junk(name: str) -> bool:
+    """Hidden dot-files/folders and OS junk: skipped by listings (names never decide what an image is)."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,28 @@ class ListedFile:
     label: str | None  # class folder name; None for files directly under the root
     size: int
     mtime: float
+    error: str | None = None  # set when the entry could not be listed: it goes to quarantine unread
+
+
+class ReadRefused(OSError):
+    """A file not read on purpose (not a regular file, too large); ``str()`` is the plain reason."""
+
+
+def unreadable_reason(exc: OSError, path: str | None = None, what: str = "file") -> str:
+    """The plain quarantine reason for an OSError met while listing or reading ``path``."""
+    if isinstance(exc, ReadRefused):
+        return str(exc)
+    code = exc.errno
+    link = bool(path) and not is_remote(path) and os.path.islink(local_path(path))
+    if code == errno.ELOOP:
+        return "unreadable: symbolic link loop (the link points back to itself)"
+    if link and code in (errno.ENOENT, errno.ENOTDIR):
+        return "unreadable: broken symbolic link (its target does not exist)"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"unreadable: permission denied (the user running canestra may not read this {what})"
+    if isinstance(exc, FileNotFoundError) or code == errno.ENOENT:
+        return f"unreadable: the {what} vanished after listing (deleted or moved while the job ran)"
+    return f"unreadable {what}: {exc.strerror or exc}"
 
 
 _s3_options: s3.S3Options | None = None
@@ -80,8 +112,11 @@ def local_path(uri: str) -> str:
 def list_images(uri: str, s3_opts: s3.S3Options | None = None) -> list[ListedFile]:
     """List ``<root>/<Class>/<file>`` (label = folder) and ``<root>/<file>`` (no label).
 
-    Hidden files are skipped; every other regular file or link is listed, so that
-    non-images are reported in quarantine rather than silently ignored.
+    Every regular file is listed whatever its name (the reader decides by content), except
+    hidden dot-files and OS junk (``is_junk``). An entry that cannot be listed (link loop,
+    broken link, unreadable folder, pipe or device) is listed with ``error`` set, so it is
+    quarantined with its reason while the job goes on. Links to folders are followed, except
+    one leading back to a folder above it.
     """
     if s3.is_s3(uri):
         return _list_s3(uri, s3_opts or s3_options())
@@ -94,48 +129,86 @@ def list_images(uri: str, s3_opts: s3.S3Options | None = None) -> list[ListedFil
     if not os.access(root, os.R_OK | os.X_OK):
         raise InputError(f"images folder {root} is not readable: check its permissions")
     out: list[ListedFile] = []
-
-    def add(entry: os.DirEntry, label: str | None) -> None:
-        try:
-            st = entry.stat()
-            size, mtime = st.st_size, st.st_mtime
-        except OSError:  # dangling link or vanished file: list it, reading will quarantine it
-            size, mtime = -1, 0.0
-        out.append(ListedFile(os.path.abspath(entry.path), label, size, mtime))
-
-    with os.scandir(root) as top:
-        for entry in sorted(top, key=lambda e: e.name):
-            if entry.name.startswith("."):
-                continue
-            if entry.is_dir():
-                # Class folders may nest sub-folders (e.g. per-session captures): label = top folder.
-                for dirpath, dirnames, filenames in os.walk(entry.path):
-                    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                    with os.scandir(dirpath) as files:
-                        for f in sorted(files, key=lambda e: e.name):
-                            if not f.name.startswith(".") and not f.is_dir():
-                                add(f, entry.name)
-            else:
-                add(entry, None)
+    _walk(root, None, frozenset({_dir_key(root)}), out)
     return out
+
+
+def _dir_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _walk(folder: str, label: str | None, above: frozenset, out: list[ListedFile]) -> None:
+    """Depth first, in name order: at the root files and class folders mixed, below files then sub-folders."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e for e in it if not is_junk(e.name)), key=lambda e: e.name)
+    except OSError as exc:
+        out.append(ListedFile(folder, label, -1, 0.0, unreadable_reason(exc, folder, "folder")))
+        return
+    later: list[tuple[str, str | None, frozenset]] = []
+    for entry in entries:
+        path = os.path.abspath(entry.path)
+        try:
+            st = os.stat(path)  # follows links: ELOOP, ENOENT (broken link), EACCES land here
+        except OSError as exc:
+            out.append(ListedFile(path, label, -1, 0.0, unreadable_reason(exc, path)))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            key = (st.st_dev, st.st_ino)
+            sub_label = entry.name if label is None else label  # nested folders keep the class folder
+            if key in above:
+                out.append(ListedFile(path, sub_label, -1, 0.0,
+                                      "unreadable: folder link loop (it links back to a folder above it)"))
+            elif label is None:
+                _walk(path, sub_label, above | {key}, out)
+            else:
+                later.append((path, sub_label, above | {key}))
+        elif stat.S_ISREG(st.st_mode):
+            out.append(ListedFile(path, label, st.st_size, st.st_mtime))
+        else:
+            out.append(ListedFile(path, label, -1, st.st_mtime, f"not a regular file ({_kind(st.st_mode)})"))
+    for path, sub_label, keys in later:
+        _walk(path, sub_label, keys, out)
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return name
+    return "a special file"
 
 
 def _list_s3(uri: str, opts: s3.S3Options) -> list[ListedFile]:
     out = []
     for obj_uri, rel, size, mtime in s3.list_objects(uri, opts):
         parts = rel.split("/")
-        if any(p.startswith(".") for p in parts):
+        if any(is_junk(p) for p in parts):
             continue
         out.append(ListedFile(obj_uri, parts[0] if len(parts) > 1 else None, size, mtime))
     return sorted(out, key=lambda f: (f.label is not None, f.label or "", f.path))
 
 
-def read_bytes(path: str, s3_opts: s3.S3Options | None = None) -> bytes:
-    """An image's bytes. Runs on the executors: pass the driver's ``s3_opts`` along for S3."""
+def read_bytes(path: str, s3_opts: s3.S3Options | None = None, max_bytes: int | None = None) -> bytes:
+    """An image's bytes. Runs on the executors: pass the driver's ``s3_opts`` along for S3.
+
+    A local path that is no longer a regular file (a pipe would block forever) or holds more
+    than ``max_bytes`` raises ReadRefused without being read.
+    """
     if s3.is_s3(path):
         return s3.read_bytes(path, s3_opts or s3_options())
-    with open(local_path(path) if path.startswith("file://") else path, "rb") as fh:
-        return fh.read()
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore it.
+    fd = os.open(local_path(path) if path.startswith("file://") else path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReadRefused(f"not a regular file ({_kind(st.st_mode)})")
+        too_large = max_bytes is not None and st.st_size > max_bytes
+        data = b"" if too_large else fh.read(-1 if max_bytes is None else max_bytes + 1)
+        if too_large or (max_bytes is not None and len(data) > max_bytes):
+            raise ReadRefused(f"file too large: {max(st.st_size, len(data))} bytes exceeds the {max_bytes}-byte limit")
+        return data
 
 
 def check_spark_filesystem(spark, uri: str) -> None:

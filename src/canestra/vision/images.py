@@ -1,7 +1,8 @@
 """Decode, validate and de-identify image bytes: the only place that parses images.
 
 Pure functions, thread-safe, used by Spark workers (ingest, featurizer) and the HTTP
-server alike. No global state is touched: Pillow's ``MAX_IMAGE_PIXELS`` and the
+server alike. No global state is touched (except that pillow-heif's opener is registered
+with Pillow, once, on the first HEIC seen): Pillow's ``MAX_IMAGE_PIXELS`` and the
 ``warnings`` filters are left alone (``warnings.catch_warnings`` is process-global
 and not thread-safe before Python 3.14). Instead sizes are read from the file header
 by a small sniffer and rejected *before* Pillow is asked to open or decode anything.
@@ -17,22 +18,30 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError, features
 
 DEFAULT_MAX_PIXELS = 40_000_000  # per frame; larger = decompression bomb
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
-# Formats Pillow may try: the same set storage.IMAGE_EXTENSIONS lists. Restricting the
-# plugins also keeps exotic, rarely-fuzzed decoders (EPS, ICO, PSD, ...) off untrusted input.
-_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+# Formats Pillow may try, whatever the file is called: the format is read from the bytes.
+# Restricting the plugins keeps exotic, rarely-fuzzed decoders (EPS, ICO, PSD, ...) off
+# untrusted input. AVIF is Pillow's own (>= 11.2 built with libavif); HEIF is pillow-heif's.
+_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP") + (("AVIF",) if features.check("avif") else ())
+
+# ISO-BMFF brands (ftyp box, major or compatible). AVIF files usually list mif1 too, so
+# AVIF is checked first.
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+_heif_lock = threading.Lock()
+_heif_registered = False
 
 # Signatures recognised only to give a better reason than "not an image".
 _UNSUPPORTED = (
-    (b"ftypheic", 4, "HEIC"), (b"ftypheix", 4, "HEIC"), (b"ftypmif1", 4, "HEIF"), (b"ftypavif", 4, "AVIF"),
     (b"8BPS", 0, "PSD"), (b"\x00\x00\x01\x00", 0, "ICO"), (b"\xff\x0a", 0, "JPEG XL"),
     (b"\x00\x00\x00\x0cJXL ", 0, "JPEG XL"), (b"%PDF", 0, "PDF"),
 )
@@ -267,16 +276,22 @@ def _open(data: bytes, max_pixels: int, max_bytes: int) -> Image.Image:
     sniffed = _sniff_size(data)
     if sniffed is not None:
         _check_size(sniffed[1], sniffed[2], limit)  # before Pillow allocates anything
+    kind = sniff_format(data)
+    formats = _FORMATS
+    if kind == "AVIF" and "AVIF" not in _FORMATS:
+        raise BadImage("unsupported image format AVIF: this Pillow has no AVIF support (Pillow >= 11.2 "
+                       "has it), or convert it to JPEG")
+    if kind == "HEIF":
+        formats = _FORMATS + (_heif_format(),)
     try:
-        img = Image.open(io.BytesIO(data), formats=_FORMATS)  # parses the header only
+        img = Image.open(io.BytesIO(data), formats=formats)  # parses the header only
         _check_size(*img.size, limit)  # authoritative size (formats the sniffer doesn't know)
         # n_frames walks the frame headers (GIF blocks, TIFF IFDs), so it can fail too.
         frames = getattr(img, "n_frames", 1)
     except BadImage:
         raise
     except UnidentifiedImageError:
-        if sniffed is not None or _sniff_kind(data):
-            kind = sniffed[0] if sniffed else _sniff_kind(data)
+        if kind:
             raise BadImage(f"truncated or corrupt {kind} data (header unreadable)") from None
         for magic, offset, name in _UNSUPPORTED:
             if data[offset : offset + len(magic)] == magic:
@@ -287,21 +302,49 @@ def _open(data: bytes, max_pixels: int, max_bytes: int) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:  # SyntaxError, OSError, struct.error, ... from a plugin
-        raise BadImage(f"truncated or corrupt image data: {_short(exc)}") from None
-    # MPO (phone JPEG + depth map / preview frames) is one picture: frame 0 is used.
-    if frames > 1 and img.format != "MPO":
+        raise BadImage(f"truncated or corrupt {kind or 'image'} data: {_short(exc)}") from None
+    # MPO (phone JPEG + depth map / preview frames) is one picture: frame 0 is used. A HEIF
+    # holding several images (bursts, edits) opens on its primary image, the photo shown.
+    if frames > 1 and img.format not in ("MPO", "HEIF"):
         raise BadImage(f"animated image with {frames} frames: export a single frame")
     return img
 
 
-def _sniff_kind(data: bytes) -> str | None:
+def sniff_format(data: bytes) -> str | None:
+    """The image format the leading bytes (magic numbers) announce, or None: never the file name.
+
+    JPEG, PNG, GIF, BMP, TIFF, WEBP, AVIF or HEIF (HEIC included). A few dozen bytes suffice.
+    """
+    data = _as_bytes(data[:64])
     for magic, kind in ((b"\xff\xd8", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
                         (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF")):
         if data.startswith(magic):
             return kind
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:8] == b"ftyp":
+        box = min(len(data), max(16, int.from_bytes(data[:4], "big")))
+        brands = {data[8:12]} | {data[i : i + 4] for i in range(16, box - 3, 4)}
+        if brands & _AVIF_BRANDS:
+            return "AVIF"
+        if brands & _HEIF_BRANDS:
+            return "HEIF"
     return None
+
+
+def _heif_format() -> str:
+    """Pillow's format name for HEIF, registering pillow-heif's opener on first use (any thread)."""
+    global _heif_registered
+    with _heif_lock:
+        if not _heif_registered:
+            try:
+                import pillow_heif
+            except ImportError:
+                raise BadImage("HEIC/HEIF image, but pillow-heif is not installed: pip install pillow-heif, "
+                               "or convert it to JPEG") from None
+            pillow_heif.register_heif_opener()
+            _heif_registered = True
+    return "HEIF"
 
 
 def _orientation(img: Image.Image) -> int:
@@ -370,7 +413,8 @@ def _decode(data: bytes, max_pixels: int, max_bytes: int) -> tuple[str, str, boo
     except Image.DecompressionBombError as exc:  # GIF frames / TIFF tiles checked at load
         raise BadImage(f"decompression bomb: {_short(exc)}") from None
     except Exception as exc:  # OSError (truncated), SyntaxError, ValueError, ...
-        raise BadImage(f"truncated or corrupt image data: {_short(exc)}") from None
+        kind = "JPEG" if img.format == "MPO" else img.format or "image"
+        raise BadImage(f"truncated or corrupt {kind} data: {_short(exc)}") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise BadImage(f"unsupported pixel layout {rgb.shape} {rgb.dtype} (mode {mode})")
     rotated = orientation != 1
