@@ -52,7 +52,7 @@ def unreadable_reason(exc: OSError, path: str | None = None, what: str = "file")
     if isinstance(exc, ReadRefused):
         return str(exc)
     code = exc.errno
-    link = bool(path) and not is_remote(path) and os.path.islink(local_path(path))
+    link = path is not None and path != "" and not is_remote(path) and os.path.islink(local_path(path))
     if code == errno.ELOOP:
         return "unreadable: symbolic link loop (the link points back to itself)"
     if link and code in (errno.ENOENT, errno.ENOTDIR):
@@ -168,8 +168,8 @@ def _walk(folder: str, label: str | None, above: frozenset, out: list[ListedFile
             out.append(ListedFile(path, label, st.st_size, st.st_mtime))
         else:
             out.append(ListedFile(path, label, -1, st.st_mtime, f"not a regular file ({_kind(st.st_mode)})"))
-    for path, sub_label, keys in later:
-        _walk(path, sub_label, keys, out)
+    for sub_path, sub_folder_label, keys in later:
+        _walk(sub_path, sub_folder_label, keys, out)
 
 
 def _kind(mode: int) -> str:
