@@ -76,6 +76,17 @@ def test_serve_latency(trained, tmp_path):
         assert w["p95_ms"] >= w["p50_ms"]
 
 
+def test_serve_load(trained, tmp_path):
+    r = run_bench("serve_load.py", "--model", os.path.join(trained.out_dir, "model"), "--quick", "--workers", "1",
+                  tmp_path=tmp_path)
+    assert r["quick"] and r["requests"] == 300 and r["clients"] == 8
+    assert r["kinds"] == {"photo": 264, "garbage": 30, "oversize": 6}
+    assert sum(r["statuses"].values()) == 300 and r["statuses"]["413"] == 6
+    assert r["errors_5xx"] == 0 and r["dropped_connections"] == 0 and not r["unexpected"]
+    assert r["rps"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0
+    assert set(r["rss"]) == {"start", "middle", "end"} and all(v["total_mb"] > 50 for v in r["rss"].values())
+
+
 def test_scale_10x(sample_dir, tmp_path):
     """The 10x bench at 2x on 2 classes: distinct generated copies, both trains, a reusable image set."""
     from canestra.vision.images import decode_rgb, pixel_id

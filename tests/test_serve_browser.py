@@ -19,14 +19,16 @@ from canestra.config import Settings
 CHROMIUM = os.environ.get("CANESTRA_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="module")
-def base_url(trained):
-    """The app under a real uvicorn server on 127.0.0.1 (a free port), in a thread."""
+KEY = "browser-key-7f3a9c"
+
+
+def serve_in_thread(trained, **settings):
+    """The app under a real uvicorn server on 127.0.0.1 (a free port), in a thread; yields its URL."""
     import uvicorn
 
     from canestra.serve.app import create_app
 
-    app = create_app(os.path.join(trained.out_dir, "model"), Settings.load(serve_threads=1))
+    app = create_app(os.path.join(trained.out_dir, "model"), Settings.load(serve_threads=1, **settings))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, access_log=False, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -38,6 +40,18 @@ def base_url(trained):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def base_url(trained):
+    yield from serve_in_thread(trained, rate_limit=0)
+
+
+@pytest.fixture(scope="module")
+def keyed_url(trained, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# browser test\n{KEY}\n")
+    yield from serve_in_thread(trained, api_keys_file=str(keys), rate_limit=0)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +81,7 @@ def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_
     page.goto(base_url + "/")
     # Locator assertions, not wait_for_function: the page's CSP forbids eval, as it should.
     expect(page.locator("#model-info")).to_contain_text("10 classes in 10 families")
+    expect(page.locator("#key-form")).to_be_hidden()  # no keys on this server: no key field
 
     # 1. pick a file with the file input
     banana = sorted((sample_dir / "Banana").glob("*.jpg"))[5]
@@ -144,3 +159,51 @@ def test_page_classifies_a_picked_and_a_dropped_image(browser, base_url, sample_
     print(f"screenshot: {shot2}")
     record_property("screenshot_error", str(shot2))
     context.close()
+
+
+def test_page_asks_for_the_api_key_and_keeps_it_for_the_tab(browser, keyed_url, sample_dir, tmp_path):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    sent_auth: list[str | None] = []
+    page.on("request", lambda req: sent_auth.append(req.headers.get("authorization"))
+            if "/v1/" in req.url else None)
+    page.goto(keyed_url + "/")
+    expect(page.locator("#key-form")).to_be_visible()  # /v1/model answered 401
+    expect(page.locator("#model-info")).to_have_text("")
+    banana = sorted((sample_dir / "Banana").glob("*.jpg"))[4]
+    page.set_input_files("#file", str(banana))
+    expect(page.locator("#error")).to_have_text("This service needs an API key: enter it above.")
+    expect(page.locator("#result")).to_be_hidden()
+
+    page.fill("#api-key", "not-the-key")
+    page.click("#key-save")
+    expect(page.locator("#error")).to_have_text("The API key was not accepted: check it and enter it again above.")
+
+    page.fill("#api-key", KEY)
+    page.click("#key-save")  # the refused photo is sent again, with the key
+    expect(page.locator("#prediction")).to_have_text("Banana", timeout=30_000)
+    expect(page.locator("#error")).to_be_hidden()
+    expect(page.locator("#model-info")).to_contain_text("10 classes in 10 families")
+    assert f"Bearer {KEY}" in sent_auth and None in sent_auth
+    assert page.evaluate("sessionStorage.getItem('canestra-api-key')") == KEY
+    assert page.evaluate("localStorage.length") == 0  # not kept beyond the tab
+    shot = tmp_path / "serve-page-phone-key.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"\nscreenshot: {shot}")
+
+    page.reload()  # same tab: the key is still there and used at once
+    expect(page.locator("#model-info")).to_contain_text("10 classes", timeout=30_000)
+    expect(page.locator("#api-key")).to_have_value(KEY)
+    kiwi = sorted((sample_dir / "Kiwi").glob("*.jpg"))[1]
+    page.set_input_files("#file", str(kiwi))
+    expect(page.locator("#prediction")).to_have_text("Kiwi", timeout=30_000)
+    context.close()
+
+    other = browser.new_context()  # another tab/session has no key
+    page2 = other.new_page()
+    page2.goto(keyed_url + "/")
+    expect(page2.locator("#key-form")).to_be_visible()
+    expect(page2.locator("#api-key")).to_have_value("")
+    other.close()
