@@ -164,15 +164,197 @@ def _scored_rows(stages, df) -> "pd.DataFrame":
     return PipelineModel(stages=stages).transform(df).select(*SCORED_COLUMNS).toPandas()
 
 
-def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Progress | None = None) -> TrainResult:
-    """Ingest one or several roots, featurize, fit PCA + logistic regression, calibrate the
-    "unknown" rule on held-out images, evaluate (also under shift) and save one PipelineModel."""
-    from pyspark.ml import PipelineModel
+@dataclass
+class _Fitted:
+    """What the fit step hands to evaluation and saving."""
+    feats: object  # cached features table (all rows with a vector)
+    train_idx: object  # cached training rows with label_index
+    test_df: object
+    n_train: int
+    pca: object
+    clf: object
+    labels: list[str]
+    imagenet_classes: list
+    profiles: dict
+    profile_thr: dict
+
+    def release(self) -> None:
+        self.feats.unpersist()
+        self.train_idx.unpersist()
+
+
+def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st):
+    res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy)
+    fam_roots = [r for r in res.roots if r["level"] == "family"]
+    st.note(
+        f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined"
+        + (" (catalog reused)" if res.reused else "")
+        + "".join(f"; {storage.display(r['uri'])}: family-level ({r['folders']} families)" for r in fam_roots)
+    )
+    return res
+
+
+def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, st):
+    """Embed the catalog's images the feature store lacks, then write the features table
+    (image_id, label, split, features) from the catalog's labels and the store's vectors."""
+    from canestra.pipeline.features import update_store
+
+    catalog = spark.read.parquet(catalog_path)
+    store_df, update = update_store(spark, catalog, out_dir, featurizer)
+    final = os.path.join(out_dir, FEATURES)
+    staging = storage.staging_dir(final)
+    (catalog.select("image_id", "label", "split").join(store_df, "image_id", "inner")
+     .write.mode("overwrite").parquet(staging))
+    storage.publish_dir(staging, final)
+    st.note(f"{update.note()}; {featurizer.featureDim()}-d EfficientNet-Lite0 embeddings at "
+            f"{'+'.join(map(str, cfg.image_sizes))} px")
+    return update
+
+
+def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, taxonomy, st) -> _Fitted:
     from pyspark.ml.feature import StringIndexer
 
-    from canestra.pipeline import evaluation
     from canestra.answer.rule import PROFILE_MIN_MASS, PROFILE_QUANTILE, imagenet_class_set
+    from canestra.pipeline import evaluation
+
+    feats = spark.read.parquet(os.path.join(out_dir, FEATURES)).where("features IS NOT NULL").cache()
+    train_df = feats.where("split = 'train'")
+    indexer = StringIndexer(inputCol="label", outputCol="label_index", stringOrderType="alphabetAsc").fit(train_df)
+    train_idx = indexer.transform(train_df).cache()
+    n_train = train_idx.count()
+    if n_train == 0:
+        raise InputError("no training images left after the split: add images or lower --test-fraction")
+    pca = fit_pca(train_idx, cfg, featurizer.featureDim(), n_train)
+    # Cut the lineage before the iterative fit: otherwise every L-BFGS iteration ships
+    # the PCA matrix inside its task binary (measured 1.7 s -> 0.3 s per iteration).
+    projected = pca.transform(train_idx).select("pca", "label_index").localCheckpoint(eager=True)
+    clf = make_classifier(cfg, "pca").fit(projected)
+    labels = list(indexer.labels)
+    rule0 = _answer_rule(labels, taxonomy, cfg)
+    mean_labels, means = evaluation.imagenet_class_means(train_df, rule0.imagenet_offset)
+    profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(mean_labels)
+                if is_family_label(lb)}
+    fitted = _Fitted(feats, train_idx, feats.where("split = 'test'"), n_train, pca, clf, labels,
+                     imagenet_class_set(means), profiles,
+                     evaluation.profile_thresholds(train_df, rule0.imagenet_offset, profiles, PROFILE_QUANTILE))
+    capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
+        cfg.pca_k, featurizer.featureDim()) else ""
+    st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
+    return fitted
+
+
+def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeaturizer, fit: _Fitted,
+                   cfg: Settings, taxonomy, st):
+    """Score the held-out rows, calibrate the unknown rule on them; (model, rule, scored rows, metrics)."""
+    from pyspark.ml import PipelineModel
+
     from canestra.answer.stage import AnswerModel
+    from canestra.pipeline import evaluation
+
+    # Held-out rows scored from the cached features (the same stages minus the CNN), without
+    # the unknown rule: its thresholds are calibrated on these very scores.
+    # The family-level profile check (fitted on training photos) stays on: held-out photos it
+    # refuses come back as "unknown" and count as such below.
+    labels = fit.labels
+    plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, None, None, fit.profiles,
+                                          fit.profile_thr).to_json())
+    rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df)
+    te, tf = evaluation.thresholds(rows, cfg.unknown_quantile)
+    rule = _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr)
+    model = PipelineModel(stages=[featurizer, fit.pca, fit.clf, AnswerModel(rule=rule.to_json())])
+    variety_rows = rows[~rows["label"].map(is_family_label)]
+    counts = [(t, p, int(n)) for (t, p), n in
+              variety_rows.groupby(["label", "predicted_label"]).size().items()]
+    metrics = classification_metrics(counts, classes=[lb for lb in labels if not is_family_label(lb)])
+    metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf))
+    fam_held = metrics.pop("family_roots_held_out", None)
+    shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
+                                 "family_accuracy": (metrics.get("family") or {}).get("accuracy")},
+             "family_roots_held_out": fam_held}
+    if cfg.shift_eval:
+        catalog_test = spark.read.parquet(catalog_path).where("split = 'test'").select(
+            "image_id", "label", "content")
+        shifted = evaluation.perturbed(catalog_test)
+        srows = _scored_rows([featurizer, fit.pca, fit.clf, plain], shifted)
+        shift["perturbed_held_out"] = evaluation.shift_report(srows, taxonomy, te, tf)
+    metrics["shift"] = shift
+    evaluation.write_gallery(spark, catalog_path, out_dir, metrics.get("worst_errors") or [])
+    unk = metrics.get("unknown") or {}
+    st.note(f"top-1 accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} held-out images"
+            + (f"; perturbed {shift['perturbed_held_out']['accuracy'] * 100:.2f}%"
+               if shift.get("perturbed_held_out", {}).get("accuracy") is not None else "")
+            + (f"; family-labelled photos {fam_held['family_accuracy'] * 100:.1f}%" if fam_held else "")
+            + (f"; unknown refuses {(1 - unk['coverage']) * 100:.2f}% of held-out" if unk else ""))
+    return model, rule, rows, metrics
+
+
+def _save_model(out_dir: str, model, train_idx) -> str:
+    model_path = os.path.join(out_dir, MODEL)
+    staging = storage.staging_dir(model_path)
+    model.write().overwrite().save(staging)
+    from canestra.pipeline.model_dir import write_model_info
+
+    write_model_info(staging, model.stages)  # version + format: a later canestra can refuse it plainly
+    # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.
+    from canestra.privacy.erase import write_training_ids
+
+    write_training_ids(staging, (r.image_id for r in train_idx.select("image_id").toLocalIterator()))
+    storage.publish_dir(staging, model_path)
+    return model_path
+
+
+def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, rule, n_held_out: int,
+                 n_test: int, update, timings: dict) -> dict:
+    """The run's description in metrics.json besides the held-out scores."""
+    ev = [float(v) for v in fit.pca.explainedVariance.toArray()]
+    return {
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "canestra_version": __version__,
+        "n_train": fit.n_train,
+        "pca": {
+            "k": fit.pca.getK(),
+            "input_dim": featurizer.featureDim(),
+            "explained_variance": sum(ev),
+            "explained_variance_ratio": ev,
+        },
+        "counts": {
+            "images": res.images,
+            "train": fit.n_train,
+            "test": n_test,
+            "held_out": n_held_out,
+            "quarantined": res.quarantined,
+            "classes": len(fit.labels),
+            "families": len(set(rule.families)),
+        },
+        # Images the CNN embedded in this run vs. embeddings reused from OUT/feature_store/<key>.
+        "feature_store": {"key": os.path.basename(update.store), "featurized": update.featurized,
+                          "reused": update.reused},
+        # GDPR Art. 25: no source paths in shared outputs, so roots are listed by order only.
+        "roots": [{"level": r["level"], "files": r["files"], "folders": r["folders"]} for r in res.roots],
+        "split": {
+            "method": METHOD,
+            "test_fraction": cfg.test_fraction,
+            "seed": cfg.seed,
+            "blocks_per_class": DEFAULT_BLOCKS,
+        },
+        "model": {
+            "backbone": backbone.MODEL_NAME + " (ImageNet, ONNX Runtime)",
+            "image_sizes": list(cfg.image_sizes),
+            "precision": cfg.precision,
+            "input_fit": "crop",
+            "classifier": "multinomial logistic regression (Spark ML)",
+            "reg_param": cfg.reg_param,
+            "max_iter": cfg.max_iter,
+            "taxonomy": cfg.taxonomy or "shipped Fruits-360 table",
+        },
+        "timings_s": timings,
+    }
+
+
+def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Progress | None = None) -> TrainResult:
+    """Ingest one or several roots, featurize (only images the feature store lacks), fit PCA +
+    logistic regression, calibrate the "unknown" rule on held-out images, evaluate (also under
+    shift) and save one PipelineModel."""
     from canestra.answer.taxonomy import load_taxonomy
 
     progress = progress or Progress()
@@ -182,143 +364,29 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
     t_start = time.perf_counter()
 
     with progress.stage("ingest") as st:
-        res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy)
-        fam_roots = [r for r in res.roots if r["level"] == "family"]
-        st.note(
-            f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined"
-            + (" (catalog reused)" if res.reused else "")
-            + "".join(f"; {storage.display(r['uri'])}: family-level ({r['folders']} families)" for r in fam_roots)
-        )
+        res = _ingest_step(spark, images, out_dir, cfg, taxonomy, st)
     timings["ingest"] = st.seconds
 
     featurizer = make_featurizer(cfg)
-    features_path = os.path.join(out_dir, FEATURES)
     with progress.stage("featurize") as st:
-        featurize_table(spark, res.catalog_path, features_path, featurizer)
-        st.note(f"{featurizer.featureDim()}-d EfficientNet-Lite0 embeddings at {'+'.join(map(str, cfg.image_sizes))} px")
+        update = _featurize_step(spark, res.catalog_path, out_dir, featurizer, cfg, st)
     timings["featurize"] = st.seconds
 
     with progress.stage("fit") as st:
-        feats = spark.read.parquet(features_path).where("features IS NOT NULL").cache()
-        train_df = feats.where("split = 'train'")
-        test_df = feats.where("split = 'test'")
-        indexer = StringIndexer(inputCol="label", outputCol="label_index", stringOrderType="alphabetAsc").fit(train_df)
-        train_idx = indexer.transform(train_df).cache()
-        n_train = train_idx.count()
-        if n_train == 0:
-            raise InputError("no training images left after the split: add images or lower --test-fraction")
-        pca = fit_pca(train_idx, cfg, featurizer.featureDim(), n_train)
-        # Cut the lineage before the iterative fit: otherwise every L-BFGS iteration ships
-        # the PCA matrix inside its task binary (measured 1.7 s -> 0.3 s per iteration).
-        projected = pca.transform(train_idx).select("pca", "label_index").localCheckpoint(eager=True)
-        clf = make_classifier(cfg, "pca").fit(projected)
-        labels = list(indexer.labels)
-        rule0 = _answer_rule(labels, taxonomy, cfg)
-        mean_labels, means = evaluation.imagenet_class_means(train_df, rule0.imagenet_offset)
-        imagenet_classes = imagenet_class_set(means)
-        profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(mean_labels)
-                    if is_family_label(lb)}
-        profile_thr = evaluation.profile_thresholds(train_df, rule0.imagenet_offset, profiles, PROFILE_QUANTILE)
-        capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
-            cfg.pca_k, featurizer.featureDim()) else ""
-        st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
+        fit = _fit_step(spark, out_dir, featurizer, cfg, taxonomy, st)
     timings["fit"] = st.seconds
 
     with progress.stage("evaluate") as st:
-        # Held-out rows scored from the cached features (the same stages minus the CNN), without
-        # the unknown rule: its thresholds are calibrated on these very scores.
-        # The family-level profile check (fitted on training photos) stays on: held-out photos it
-        # refuses come back as "unknown" and count as such below.
-        plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, imagenet_classes, None, None, profiles,
-                                              profile_thr).to_json())
-        rows = _scored_rows([pca, clf, plain], test_df)
-        te, tf = evaluation.thresholds(rows, cfg.unknown_quantile)
-        rule = _answer_rule(labels, taxonomy, cfg, imagenet_classes, te, tf, profiles, profile_thr)
-        answer = AnswerModel(rule=rule.to_json())
-        model = PipelineModel(stages=[featurizer, pca, clf, answer])
-        variety_rows = rows[~rows["label"].map(is_family_label)]
-        counts = [(t, p, int(n)) for (t, p), n in
-                  variety_rows.groupby(["label", "predicted_label"]).size().items()]
-        metrics = classification_metrics(counts, classes=[lb for lb in labels if not is_family_label(lb)])
-        metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf))
-        fam_held = metrics.pop("family_roots_held_out", None)
-        shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
-                                     "family_accuracy": (metrics.get("family") or {}).get("accuracy")},
-                 "family_roots_held_out": fam_held}
-        if cfg.shift_eval:
-            catalog_test = spark.read.parquet(res.catalog_path).where("split = 'test'").select(
-                "image_id", "label", "content")
-            shifted = evaluation.perturbed(catalog_test)
-            srows = _scored_rows([featurizer, pca, clf, plain], shifted)
-            shift["perturbed_held_out"] = evaluation.shift_report(srows, taxonomy, te, tf)
-        metrics["shift"] = shift
-        evaluation.write_gallery(spark, res.catalog_path, out_dir, metrics.get("worst_errors") or [])
-        unk = metrics.get("unknown") or {}
-        st.note(f"top-1 accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} held-out images"
-                + (f"; perturbed {shift['perturbed_held_out']['accuracy'] * 100:.2f}%"
-                   if shift.get("perturbed_held_out", {}).get("accuracy") is not None else "")
-                + (f"; family-labelled photos {fam_held['family_accuracy'] * 100:.1f}%" if fam_held else "")
-                + (f"; unknown refuses {(1 - unk['coverage']) * 100:.2f}% of held-out" if unk else ""))
+        model, rule, rows, metrics = _evaluate_step(spark, res.catalog_path, out_dir, featurizer, fit, cfg,
+                                                    taxonomy, st)
     timings["evaluate"] = st.seconds
 
     with progress.stage("save") as st:
-        model_path = os.path.join(out_dir, MODEL)
-        staging = storage.staging_dir(model_path)
-        model.write().overwrite().save(staging)
-        from canestra.pipeline.model_dir import write_model_info
-
-        write_model_info(staging, model.stages)  # version + format: a later canestra can refuse it plainly
-        # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.
-        from canestra.privacy.erase import write_training_ids
-
-        write_training_ids(staging, (r.image_id for r in train_idx.select("image_id").toLocalIterator()))
-        storage.publish_dir(staging, model_path)
-        n_test = metrics["n"]  # every held-out row was scored: no extra pass over the table
-        feats.unpersist()
-        train_idx.unpersist()
-        ev = [float(v) for v in pca.explainedVariance.toArray()]
+        _save_model(out_dir, model, fit.train_idx)
+        fit.release()
         timings["total"] = time.perf_counter() - t_start
-        metrics.update(
-            {
-                "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "canestra_version": __version__,
-                "n_train": n_train,
-                "pca": {
-                    "k": pca.getK(),
-                    "input_dim": featurizer.featureDim(),
-                    "explained_variance": sum(ev),
-                    "explained_variance_ratio": ev,
-                },
-                "counts": {
-                    "images": res.images,
-                    "train": n_train,
-                    "test": n_test,
-                    "held_out": len(rows),
-                    "quarantined": res.quarantined,
-                    "classes": len(labels),
-                    "families": len(set(rule.families)),
-                },
-                # GDPR Art. 25: no source paths in shared outputs, so roots are listed by order only.
-                "roots": [{"level": r["level"], "files": r["files"], "folders": r["folders"]} for r in res.roots],
-                "split": {
-                    "method": METHOD,
-                    "test_fraction": cfg.test_fraction,
-                    "seed": cfg.seed,
-                    "blocks_per_class": DEFAULT_BLOCKS,
-                },
-                "model": {
-                    "backbone": backbone.MODEL_NAME + " (ImageNet, ONNX Runtime)",
-                    "image_sizes": list(cfg.image_sizes),
-                    "precision": cfg.precision,
-                    "input_fit": "crop",
-                    "classifier": "multinomial logistic regression (Spark ML)",
-                    "reg_param": cfg.reg_param,
-                    "max_iter": cfg.max_iter,
-                    "taxonomy": cfg.taxonomy or "shipped Fruits-360 table",
-                },
-                "timings_s": timings,
-            }
-        )
+        # every held-out row was scored: no extra pass over the table for n_test
+        metrics.update(_run_metrics(res, cfg, featurizer, fit, rule, len(rows), metrics["n"], update, timings))
         storage.write_text_atomic(os.path.join(out_dir, METRICS_JSON), json.dumps(metrics, indent=2, allow_nan=False))
         write_report(metrics, os.path.join(out_dir, REPORT_HTML))
     timings["save"] = st.seconds

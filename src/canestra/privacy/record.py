@@ -53,14 +53,26 @@ def _iso(ts: float) -> str:
 def _tables(root: str) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
+    from canestra.pipeline.features import store_of
+
     out = []
+    stores: dict[str, dict[str, Any]] = {}
     for table in erase.find_tables(root):
         parts = erase._parquet_parts(table)
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
         cols = pq.ParquetFile(parts[0]).schema_arrow.names if parts else []
-        out.append({"table": os.path.relpath(table, root), "rows": rows, "columns": cols,
-                    "categories": [f"{c}: {COLUMN_CATEGORIES.get(c, 'other')}" for c in cols],
-                    "holds_source_paths": any(c in erase.PATH_COLUMNS for c in cols)})
+        store = store_of(table)
+        if store in stores:  # the feature store is one table, appended to in parts (one per run)
+            stores[store]["rows"] += rows
+            stores[store]["parts"] += 1
+            continue
+        entry = {"table": os.path.relpath(store or table, root), "rows": rows, "columns": cols,
+                 "categories": [f"{c}: {COLUMN_CATEGORIES.get(c, 'other')}" for c in cols],
+                 "holds_source_paths": any(c in erase.PATH_COLUMNS for c in cols)}
+        if store:
+            stores[store] = entry
+            entry["parts"] = 1
+        out.append(entry)
     return out
 
 
