@@ -124,6 +124,16 @@ def test_without_mlflow_installed_the_error_says_what_to_install(monkeypatch):
     assert tracking.local_model_dir("/some/model") == "/some/model"  # plain folders never need mlflow
 
 
+def test_train_without_mlflow_installed_fails_before_any_work(tmp_path, sample_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    out = tmp_path / "out"
+    assert main(["train", "--images", str(sample_dir), "--out", str(out), "--mlflow", str(tmp_path / "mlruns")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("canestra: error: MLflow tracking was asked for (--mlflow, mlflow=... or MLFLOW_TRACKING_URI) but "
+                   "mlflow is not installed: pip install 'canestra[mlflow]'")
+    assert not (out / "catalog").exists() and not (out / "_logs" / "spark.log").exists()  # no Spark, no ingest
+
+
 @pytest.mark.slow
 def test_train_logs_to_mlflow_and_serve_runs_the_registered_model(tmp_path, sample_dir):
     """MLFLOW_TRACKING_URI alone turns tracking on for `canestra train`; the registered version is

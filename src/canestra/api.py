@@ -256,8 +256,10 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             from canestra.errors import InputError
 
             raise InputError("register_model needs MLflow tracking: drop mlflow=False, or register_model")
+        track = tracking.train_option(mlflow, register_model)
+        tracking.require(track)  # a missing mlflow fails here, before Spark starts
         spark = _ready(cfg, spark, images, True)
-        with tracking.tracked_run(True if register_model and mlflow is None else mlflow) as tracked:
+        with tracking.tracked_run(track) as tracked:
             res = _train(spark, images, out, cfg, _progress(progress, quiet))
             logged = tracked.log_training(res.out_dir, res.metrics, cfg, register_model) if tracked else None
         audit.note(**_ints(res.metrics.get("counts", {})),

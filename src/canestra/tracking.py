@@ -65,6 +65,20 @@ def resolve_uri(option: str | bool | None = None) -> str | None:
     return None if uri is None else _store_uri(uri)
 
 
+def train_option(mlflow: str | bool | None, register_model: str | None) -> str | bool | None:
+    """Registering a model implies tracking (MLFLOW_TRACKING_URI, else ./mlruns) unless asked otherwise."""
+    return True if register_model and mlflow is None else mlflow
+
+
+def require(option: str | bool | None) -> str | None:
+    """The tracking URI for ``option``, after checking that mlflow is installed: callers check
+    before the expensive work starts, not after it."""
+    uri = resolve_uri(option)
+    if uri is not None:
+        _mlflow()
+    return uri
+
+
 def _store_uri(uri: str) -> str:
     """A plain folder becomes an absolute file: URI. MLflow 3 refuses file stores unless
     MLFLOW_ALLOW_FILE_STORE is set; a local folder is what canestra documents, so it is allowed."""

@@ -336,6 +336,7 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
     elif args.command == "train":
         from canestra.pipeline.metrics import format_summary
 
+        tracking.require(tracking.train_option(args.mlflow, args.register_model))  # before Spark starts
         run = api.train(args.images, args.out, spark=_spark(cfg, args.out), settings=cfg, progress=progress,
                         mlflow=args.mlflow, register_model=args.register_model)
         print(format_summary(run.metrics))
