@@ -26,14 +26,14 @@ from typing import Annotated, Any
 
 from canestra.config import Settings
 from canestra.errors import EnvironmentProblem, InputError
-from canestra.vision.images import BadImage
 from canestra.serve.predictor import ModelSpec, OnlinePredictor, Prediction, default_threads, load_model_spec
 from canestra.serve.security import RateLimiter, is_loopback, key_matches, load_api_keys
+from canestra.vision.images import BadImage
 
 try:
     import anyio
     from fastapi import APIRouter, Depends, FastAPI, Request, Security
-    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from fastapi.staticfiles import StaticFiles
     from pydantic import BaseModel, Field
@@ -133,7 +133,7 @@ class ErrorOut(BaseModel):
     detail: str
 
 
-_ERRORS = {413: {"model": ErrorOut, "description": "upload too large"},
+_ERRORS: dict[int | str, dict[str, Any]] = {413: {"model": ErrorOut, "description": "upload too large"},
            415: {"model": ErrorOut, "description": "not an image, or an unsupported format"},
            422: {"model": ErrorOut, "description": "corrupt, truncated, animated image or decompression bomb"}}
 
@@ -143,7 +143,7 @@ _RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp",
 
 def _request_body(many: bool) -> dict:
     file_schema = {"type": "array", "items": _BINARY, "minItems": 1} if many else _BINARY
-    content = {"multipart/form-data": {"schema": {"type": "object", "properties": {"file": file_schema},
+    content: dict[str, Any] = {"multipart/form-data": {"schema": {"type": "object", "properties": {"file": file_schema},
                                                   "required": ["file"]}}}
     if not many:
         content.update({t: {"schema": _BINARY} for t in _RAW_TYPES})
@@ -549,8 +549,9 @@ def _add_docs(app: FastAPI) -> None:
         swagger_ui_path = None
     if swagger_ui_path:
         app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
-        urls = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js", "swagger_css_url": "/docs-assets/swagger-ui.css",
-                "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
+        urls: dict[str, Any] = {"swagger_js_url": "/docs-assets/swagger-ui-bundle.js",
+                                "swagger_css_url": "/docs-assets/swagger-ui.css",
+                                "swagger_favicon_url": "/docs-assets/favicon-32x32.png"}
     else:
         urls = {}
 
@@ -627,7 +628,8 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
                                          "workers": cfg.workers, "rate_limit": cfg.rate_limit,
                                          "rate_burst": cfg.rate_burst, "body_timeout": cfg.body_timeout,
                                          # the path only: each worker reads the keys itself
-                                         "api_keys_file": os.path.abspath(cfg.api_keys_file) if n_keys else None})
+                                         "api_keys_file": os.path.abspath(cfg.api_keys_file)
+                                         if n_keys and cfg.api_keys_file else None})
     from canestra.privacy import audit
 
     audit.note(details={"model_version": spec.model_version, "workers": cfg.workers, "threads": threads,
@@ -639,7 +641,7 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     signal.signal(signal.SIGTERM, _exit_quietly_on_sigterm)
     uvicorn.run("canestra.serve.app:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
                 access_log=False, log_config=log_config(), server_header=False,
-                timeout_graceful_shutdown=cfg.drain_timeout,
+                timeout_graceful_shutdown=cfg.drain_timeout,  # type: ignore[arg-type]  # float seconds work
                 # A worker answers the supervisor's health pings only once Python and uvicorn are
                 # imported; uvicorn's 5 s default kills slow starters on a busy machine, in a loop.
                 timeout_worker_healthcheck=60)
