@@ -11,22 +11,26 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from canestra import __version__
-from canestra.vision import backbone
-from canestra.storage import files as storage
-from canestra.pipeline.ingest import balanced_partitions, ingest, read_manifest
+from canestra.answer.taxonomy import is_family_label
 from canestra.config import Settings
 from canestra.errors import InputError
-from canestra.vision.featurizer import ImageFeaturizer
-from canestra.pipeline.metrics import classification_metrics
-from canestra.progress import Progress
-from canestra.pipeline.report import write_report
-from canestra.pipeline.split import METHOD, DEFAULT_BLOCKS
-from canestra.answer.taxonomy import is_family_label
 from canestra.layout import FEATURES, METRICS_JSON, MODEL, REPORT_HTML
+from canestra.pipeline.ingest import balanced_partitions, ingest, read_manifest
+from canestra.pipeline.metrics import classification_metrics
+from canestra.pipeline.report import write_report
+from canestra.pipeline.split import DEFAULT_BLOCKS, METHOD
+from canestra.progress import Progress
+from canestra.storage import files as storage
+from canestra.vision import backbone
+from canestra.vision.featurizer import ImageFeaturizer
+
+if TYPE_CHECKING:  # pandas loads with Spark, not at import
+    import pandas as pd
 
 PREDICTION_COL = "predicted_label"  # written by the AnswerModel stage
 
@@ -89,7 +93,7 @@ def _pca_model(spark, pc: np.ndarray, explained: np.ndarray, k: int):
 
 def _choose_k(ratio: np.ndarray, cfg: Settings, max_k: int) -> int:
     if cfg.pca_variance is None:
-        return min(cfg.pca_k, max_k)
+        return min(cfg.pca_k or max_k, max_k)
     return int(min(max_k, np.searchsorted(np.cumsum(ratio), cfg.pca_variance) + 1))
 
 
@@ -121,7 +125,7 @@ def fit_pca(train_df, cfg: Settings, input_dim: int, n_train: int):
         probe = PCA(k=min(max_k, 512), inputCol="features", outputCol="pca").fit(train_df)
         k = _choose_k(probe.explainedVariance.toArray(), cfg, min(max_k, 512))
     else:
-        k = min(cfg.pca_k, max_k)
+        k = min(cfg.pca_k or max_k, max_k)
     return PCA(k=k, inputCol="features", outputCol="pca").fit(train_df)
 
 
@@ -156,7 +160,7 @@ def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=()
                       profile_thresholds=dict(profile_thresholds or {}))
 
 
-def _scored_rows(stages, df) -> "pd.DataFrame":
+def _scored_rows(stages, df) -> pd.DataFrame:
     from pyspark.ml import PipelineModel
 
     from canestra.pipeline.evaluation import SCORED_COLUMNS
@@ -167,12 +171,12 @@ def _scored_rows(stages, df) -> "pd.DataFrame":
 @dataclass
 class _Fitted:
     """What the fit step hands to evaluation and saving."""
-    feats: object  # cached features table (all rows with a vector)
-    train_idx: object  # cached training rows with label_index
-    test_df: object
+    feats: Any  # cached features table (all rows with a vector)
+    train_idx: Any  # cached training rows with label_index
+    test_df: Any
     n_train: int
-    pca: object
-    clf: object
+    pca: Any  # PCAModel
+    clf: Any  # LogisticRegressionModel
     labels: list[str]
     imagenet_classes: list
     profiles: dict
@@ -238,7 +242,7 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
                      imagenet_class_set(means), profiles,
                      evaluation.profile_thresholds(train_df, rule0.imagenet_offset, profiles, PROFILE_QUANTILE))
     capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
-        cfg.pca_k, featurizer.featureDim()) else ""
+        cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
     st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
     return fitted
 
