@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from cnn_probe import cnn_rows  # noqa: F401  (fixture)
 from PIL import Image
 
 from canestra.config import Settings
@@ -18,7 +19,6 @@ from canestra.pipeline import features
 from canestra.pipeline.train import make_featurizer, train
 from canestra.progress import Progress
 from canestra.vision.images import clean_image
-from cnn_probe import cnn_rows  # noqa: F401  (fixture)
 
 # The trained fixture's featurizer (default sizes/precision) so its store is reused; no shift
 # evaluation, whose perturbed copies would (rightly) go through the CNN.

@@ -14,11 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/corpus.py (tests/ is not a package)
 
+import corpus  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
 
-import corpus  # noqa: E402
 from canestra.vision.images import (  # noqa: E402
     DEFAULT_MAX_PIXELS,
     BadImage,

@@ -18,9 +18,9 @@ from corpus import build_bad_corpus, decompression_bomb_png
 from PIL import Image
 from servers import ServeProcess
 
+from canestra.answer.taxonomy import UNKNOWN
 from canestra.config import Settings
 from canestra.serve.predictor import OnlinePredictor
-from canestra.answer.taxonomy import UNKNOWN
 
 STATUS_FOR_REASON = {  # tests/corpus.py reason -> what an HTTP client must get
     "empty file": 422, "truncated": 422, "not an image": 415, "decompression bomb": 422,

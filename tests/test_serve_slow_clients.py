@@ -27,7 +27,7 @@ def slow_client(port: int, trickle: bool, out: dict) -> None:
         while True:
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 if trickle:
                     try:
                         sock.sendall(b"\x00")

@@ -81,7 +81,7 @@ class Settings:
     _ENV_PREFIX = "CANESTRA_"
 
     @classmethod
-    def load(cls, **overrides: Any) -> "Settings":
+    def load(cls, **overrides: Any) -> Settings:
         """Defaults, then env vars, then non-None overrides (the CLI flags)."""
         s = cls()
         for f in fields(cls):

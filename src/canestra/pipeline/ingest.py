@@ -18,11 +18,10 @@ from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
-from canestra.storage import files as storage
 from canestra.errors import InputError
-from canestra.pipeline.split import assign_splits, frame_number
 from canestra.layout import CATALOG, MANIFEST, QUARANTINE_CSV
-
+from canestra.pipeline.split import assign_splits, frame_number
+from canestra.storage import files as storage
 
 # Columns of the catalog table.
 CATALOG_COLUMNS = ["image_id", "label", "split", "frame", "width", "height", "format", "content", "source_path"]

@@ -35,7 +35,7 @@ from canestra.layout import AUDIT_DIR, AUDIT_FILE
 ENV_LOG = "CANESTRA_AUDIT_LOG"
 ENV_ACTOR = "CANESTRA_ACTOR"
 
-_current: contextvars.ContextVar["AuditRecord | None"] = contextvars.ContextVar("canestra_audit", default=None)
+_current: contextvars.ContextVar[AuditRecord | None] = contextvars.ContextVar("canestra_audit", default=None)
 
 
 def redact_uri(uri: str) -> str:

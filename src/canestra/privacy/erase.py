@@ -38,11 +38,11 @@ import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from canestra.storage import s3
-from canestra.storage import files as storage
 from canestra.errors import InputError, OutputError
-from canestra.pipeline.report import write_report
 from canestra.layout import ERASURES, GOVERNANCE_DIRS, MANIFEST, METRICS_JSON, REPORT_HTML, STAGING
+from canestra.pipeline.report import write_report
+from canestra.storage import files as storage
+from canestra.storage import s3
 
 TRAINING_IDS = "canestra_training_ids.txt"  # inside a model dir: the image ids it was fitted on
 ID_COLUMN = "image_id"

@@ -19,9 +19,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from canestra.storage import s3
 from canestra.errors import InputError, OutputError
 from canestra.layout import STAGING
+from canestra.storage import s3
 
 # OS leftovers that are never images and must not flood quarantine.csv (besides dot-files
 # such as .DS_Store and AppleDouble ._x): compared in lower case, files and folders alike.
@@ -82,7 +82,7 @@ def s3_options() -> s3.S3Options:
     return s3.S3Options.from_settings(Settings.load())
 
 
-def s3_options_for(files: list["ListedFile"]) -> s3.S3Options | None:
+def s3_options_for(files: list[ListedFile]) -> s3.S3Options | None:
     """The options the executors need to read ``files``: None when none is on S3."""
     return s3_options() if any(s3.is_s3(f.path) for f in files) else None
 
