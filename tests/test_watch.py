@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ TRIGGER = 3.0  # seconds, for the live test
 # ranges from ~2 s to ~20 s). SLACK covers Spark's listing and offset log before the batch
 # starts and this test's polling.
 SLACK = 5.0
+# JVM start + first CNN load: ~30 s on a quiet 2-core machine, over 3 min when a team shares it.
+START = 420
 BAD_JPG = b"\xff\xd8\xff\xe0 this is not really a JPEG"
 
 
@@ -98,7 +101,7 @@ def wait_for(paths: set[str], out: Path, timeout: float, proc: subprocess.Popen 
                 if path in paths and path not in seen:
                     seen[path] = now
                     if batch_of is not None:
-                        batch_of[path] = int(f.stem.split("-")[1])
+                        batch_of[path] = int(f.stem.split("-")[-1])
         if proc is not None and proc.poll() is not None:
             break
         time.sleep(0.1)
@@ -187,7 +190,7 @@ def live(trained, sample_dir, tmp_path_factory) -> LiveRun:
     run = LiveRun()
     try:
         warm = [str(drop(p, inbox)) for p in _images(sample_dir, 2)]  # JVM start + first CNN load
-        assert len(wait_for(set(warm), out, 180, proc)) == 2, stderr_of(out)
+        assert len(wait_for(set(warm), out, START, proc)) == 2, stderr_of(out)
         run.dropped += warm
         for wave in range(3):
             time.sleep(TRIGGER * 0.4 * (wave + 1))  # land at different points of the trigger cycle
@@ -259,7 +262,7 @@ def test_kill_9_mid_batch_then_restart_predicts_every_image_exactly_once(trained
     first = [str(drop(p, inbox)) for p in _images(sample_dir, 6)]
     proc = start_watch(model, str(inbox), out, "--trigger", "1s")
     try:
-        assert len(wait_for(set(first), out, 180, proc)) == 6, stderr_of(out)
+        assert len(wait_for(set(first), out, START, proc)) == 6, stderr_of(out)
         staging = out / "_watch" / "staging"
         second = [str(drop(p, inbox)) for p in _images(sample_dir, 20, offset=6)]
         deadline = time.monotonic() + 60
@@ -281,7 +284,7 @@ def test_kill_9_mid_batch_then_restart_predicts_every_image_exactly_once(trained
     third = [str(drop(p, inbox)) for p in _images(sample_dir, 4, offset=26)]  # landed while down
     again = start_watch(model, str(inbox), out, "--once")
     try:
-        assert again.wait(timeout=240) == 0, stderr_of(out)[-2000:]
+        assert again.wait(timeout=START) == 0, stderr_of(out)[-2000:]
     finally:
         stop_group(again)
     paths = [r["path"] for r in predicted(out)]
@@ -322,6 +325,10 @@ def test_once_predicts_what_is_there_like_predict_then_only_new_images(spark, tr
     paths = [r["path"] for r in predicted(out)]
     assert len(paths) == 10 == len(set(paths)) and set(new) <= set(paths)
     assert len(quarantined(out)) == 1
+    # A new checkpoint starts over (batch ids from 0 again) but never replaces the old batches' files.
+    shutil.rmtree(out / "_checkpoints" / "watch")
+    assert watch(spark, model, str(inbox), str(out), once=True, include_paths=True, progress=quiet).predicted == 10
+    assert len(predicted(out)) == 20
 
 
 def test_trigger_durations():
@@ -367,7 +374,7 @@ def test_watch_an_s3_prefix_through_moto(moto, trained, sample_dir, tmp_path):  
     proc = start_watch(os.path.join(trained.out_dir, "model"), f"s3://{bucket}/{prefix}", out, "--trigger", "2s",
                        env=env)
     try:
-        assert len(wait_for(set(before), out, 180, proc)) == 3, stderr_of(out)
+        assert len(wait_for(set(before), out, START, proc)) == 3, stderr_of(out)
         landed = time.time()
         later = [put(p) for p in _images(sample_dir, 4, offset=3)]
         s3c.put_object(Bucket=bucket, Key=f"{prefix}/broken.jpg", Body=BAD_JPG)

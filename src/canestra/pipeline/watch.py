@@ -84,8 +84,15 @@ def _label(path: str, root: str) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
-def _batch_name(batch_id: int) -> str:
-    return f"batch-{batch_id:09d}.parquet"
+def _batch_name(query_id: str, batch_id: int) -> str:
+    # The query id (fixed in the checkpoint) keeps a new checkpoint's batch 0 from replacing an old one's.
+    return f"batch-{query_id[:8]}-{batch_id:09d}.parquet"
+
+
+def _query_id(checkpoint: str) -> str:
+    """The id Spark stores in ``<checkpoint>/metadata`` when the query first starts; same on every restart."""
+    with open(os.path.join(checkpoint, "metadata"), encoding="utf-8") as fh:
+        return json.loads(fh.readline())["id"]
 
 
 def _merge_quarantine(qpath: str, batch_paths: list[str], bad: list[tuple[str, str]]) -> int:
@@ -133,10 +140,12 @@ class _BatchWriter:
         from canestra.vision.images import DEFAULT_MAX_PIXELS
 
         t0 = time.perf_counter()
-        paths = sorted({_local(r[0]) for r in batch_df.select("path").collect()})
+        # The listed size lets the cleaner tell a file caught mid-write ("changed after it was listed").
+        sizes = {_local(r[0]): -1 if r[1] is None else int(r[1]) for r in batch_df.collect()}
+        paths = sorted(sizes)
         if not paths:
             return
-        files = [storage.ListedFile(p, _label(p, self.root), -1, 0.0) for p in paths]
+        files = [storage.ListedFile(p, _label(p, self.root), sizes[p], 0.0) for p in paths]
         cleaned = cleaned_frame(self.spark, files, ["predict"] * len(files), [None] * len(files),
                                 DEFAULT_MAX_PIXELS, self.s3_opts).persist()
         staging = os.path.join(self.out_dir, WATCH_DIR, "staging", f"{batch_id:09d}-{uuid.uuid4().hex[:8]}")
@@ -171,7 +180,7 @@ class _BatchWriter:
 
         table = pq.read_table(staging)
         os.makedirs(self.final, exist_ok=True)
-        name = _batch_name(batch_id)
+        name = _batch_name(_query_id(os.path.join(self.out_dir, CHECKPOINT)), batch_id)
         tmp = os.path.join(self.final, f".{name}.{uuid.uuid4().hex[:8]}.tmp")  # hidden: readers skip it
         pq.write_table(table, tmp, compression="snappy")
         os.replace(tmp, os.path.join(self.final, name))
@@ -203,14 +212,14 @@ class _S3Lister(threading.Thread):
         self._warned = False
 
     def list_once(self) -> int:
-        new = [f.path for f in storage.list_images(self.root) if f.path not in self.known]
+        new = [f for f in storage.list_images(self.root) if f.path not in self.known]
         if new:
             name = f"listing-{time.time_ns():020d}.json"
             tmp = os.path.join(self.listing_dir, f".{name}.tmp")
             with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps({"path": p}) + "\n" for p in new)
+                fh.writelines(json.dumps({"path": f.path, "size": f.size}) + "\n" for f in new)
             os.replace(tmp, os.path.join(self.listing_dir, name))
-            self.known.update(new)
+            self.known.update(f.path for f in new)
         return len(new)
 
     def run(self) -> None:
@@ -263,7 +272,7 @@ def watch(spark, model_path: str, images: str, out: str, *, trigger: float = 10.
         # Poll faster than the trigger, so an object waits at most ~1.25 triggers in all.
         lister = _S3Lister(root, listing_dir, max(0.5, trigger / 4), progress)
         lister.list_once()
-        stream = (spark.readStream.format("json").schema("path string")
+        stream = (spark.readStream.format("json").schema("path string, size long")
                   .option("maxFilesPerTrigger", 1000).load(listing_dir))
     else:
         stream = (spark.readStream.format("binaryFile").schema(_BINARY_FILE_SCHEMA)
@@ -271,7 +280,7 @@ def watch(spark, model_path: str, images: str, out: str, *, trigger: float = 10.
                   # Files copied in with an old mtime (cp -p, unzip) must not be skipped as "too old".
                   .option("maxFileAge", "36500d")
                   .option("maxFilesPerTrigger", MAX_FILES_PER_BATCH)
-                  .load(root).select("path"))  # content is not read here: the executors read each file once
+                  .load(root).select("path", "length"))  # not content: the executors read each file once
     w = stream.writeStream.foreachBatch(writer).option("checkpointLocation", os.path.join(out_dir, CHECKPOINT))
     w = w.trigger(availableNow=True) if once else w.trigger(processingTime=f"{trigger} seconds")
     progress.say(f"canestra ▸ watch {storage.display(root)} -> {result.predictions_path} "
