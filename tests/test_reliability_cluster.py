@@ -23,12 +23,12 @@ EXECUTOR = "org.apache.spark.executor.CoarseGrainedExecutorBackend"
 
 
 def _images(tmp_path: Path, sample_dir: Path) -> Path:
-    """Enough images that the job is still running when an executor dies: 12 x 120 from the large
+    """Enough images that the job is still running when an executor dies: 8 x 120 from the large
     set when it is there (links, nothing copied), else the bundled sample."""
     if not SHARED.is_dir():
         return sample_dir
     root = tmp_path / "images"
-    for cls in sorted(p for p in SHARED.iterdir() if p.is_dir())[:12]:
+    for cls in sorted(p for p in SHARED.iterdir() if p.is_dir())[:8]:
         (root / cls.name).mkdir(parents=True)
         for f in sorted(cls.iterdir())[:120]:
             (root / cls.name / f.name).symlink_to(f)
