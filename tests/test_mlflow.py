@@ -22,6 +22,7 @@ from canestra import tracking  # noqa: E402
 from canestra.cli.commands import main  # noqa: E402
 from canestra.config import Settings  # noqa: E402
 from canestra.errors import EnvironmentProblem, InputError  # noqa: E402
+from canestra.privacy.erase import TRAINING_IDS  # noqa: E402
 
 MODEL_FIXTURE = Path(__file__).parent / "fixtures" / "model-0.1.0"  # a real saved model (10 classes, 100 px)
 
@@ -81,7 +82,9 @@ def test_training_is_logged_and_registered_then_fetched_by_alias(tmp_path):
 
     client.set_registered_model_alias("fruits", "champion", "1")
     local = tracking.local_model_dir("models:/fruits/champion", str(store))
-    assert sorted(os.listdir(local)) == sorted(os.listdir(MODEL_FIXTURE))
+    # Everything but the training image ids (data minimisation: they stay in the run folder).
+    assert (MODEL_FIXTURE / TRAINING_IDS).is_file()
+    assert sorted(os.listdir(local)) == sorted(set(os.listdir(MODEL_FIXTURE)) - {TRAINING_IDS})
     assert tracking.local_model_dir("models:/fruits/1", str(store)) == local  # same version, same cached copy
     assert tracking.local_model_dir("models:/fruits@champion", str(store)) == local
 

@@ -3,7 +3,7 @@
 ``canestra train --mlflow [URI]`` / ``canestra.train(..., mlflow=True)``, or ``MLFLOW_TRACKING_URI``
 set in the environment, logs one MLflow run per training: the settings as parameters, the
 held-out figures as metrics, ``report.html``, ``metrics.json`` and the saved model folder
-(artifact ``model/``, a Spark ``PipelineModel`` directory). ``register_model="NAME"`` adds it to
+(artifact ``model/``, a Spark ``PipelineModel`` directory, without its list of training image ids). ``register_model="NAME"`` adds it to
 the registry as a new version of NAME. ``canestra serve --model models:/NAME/ALIAS`` (or
 ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) downloads that version into canestra's cache
 and serves it from there.
@@ -146,7 +146,14 @@ class _Run:
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 self.client.log_artifact(run_id, path)
-        self.client.log_artifacts(run_id, os.path.join(out_dir, "model"), artifact_path="model")
+        from canestra.privacy.erase import TRAINING_IDS
+
+        # GDPR Art. 5(1)(c): the model's list of training image ids serves `canestra erase` in the run
+        # folder; the tracking store, another place with other readers, gets the model without it.
+        with tempfile.TemporaryDirectory(prefix="canestra-mlflow-") as tmp:
+            model = os.path.join(tmp, "model")
+            shutil.copytree(os.path.join(out_dir, "model"), model, ignore=shutil.ignore_patterns(TRAINING_IDS))
+            self.client.log_artifacts(run_id, model, artifact_path="model")
         if register_model:
             self.tracked.model_version = register(self.client, register_model, self.tracked)
         return self.tracked
