@@ -120,21 +120,17 @@ class _BatchWriter:
         self.final = os.path.join(out_dir, PREDICTIONS)
         self.lock = threading.Lock()
         self.stopping = False
-        self.running = False
         self.error: BaseException | None = None
 
     def __call__(self, batch_df, batch_id: int) -> None:
         with self.lock:
             if self.stopping:  # never return normally here: Spark would commit a batch we did not write
                 raise _Stopped()
-            self.running = True
             try:
                 self._run(batch_df, int(batch_id))
             except BaseException as exc:
                 self.error = exc
                 raise
-            finally:
-                self.running = False
 
     def _run(self, batch_df, batch_id: int) -> None:
         from canestra.vision.images import DEFAULT_MAX_PIXELS
