@@ -116,25 +116,32 @@ def update_store(spark, images, out_dir: str, featurizer) -> tuple[object, Store
     them as one part, and return (the whole store as a DataFrame of image_id, features; counts)."""
     from canestra.pipeline.ingest import balanced_partitions
 
+    from pyspark.sql import functions as F
+
     store = store_dir(out_dir, featurizer)
     ids = images.select("image_id").where("image_id IS NOT NULL").distinct()
     stored = read_store(spark, store)
-    new_ids = ids if stored is None else ids.join(stored.select("image_id"), "image_id", "left_anti")
-    new_ids = new_ids.cache()
+    # One pass over the ids tells both how many are stored and which are new (Spark jobs, not
+    # the CNN, are what a run with few new images spends its featurize time on).
+    flag = F.lit(False) if stored is None else F.col("_stored").isNotNull()
+    if stored is not None:
+        ids = ids.join(stored.select("image_id").withColumn("_stored", F.lit(True)), "image_id", "left")
+    ids = ids.select("image_id", flag.alias("stored")).cache()
     try:
-        n_new = new_ids.count()
-        n_all = n_new if stored is None else ids.count()
+        counts = {r["stored"]: r["count"] for r in ids.groupBy("stored").count().collect()}
+        n_new, n_reused = counts.get(False, 0), counts.get(True, 0)
         part = None
         if n_new:
-            todo = (images.select("image_id", "content").join(new_ids, "image_id", "left_semi")
+            todo = (images.select("image_id", "content")
+                    .join(ids.where(~F.col("stored")).select("image_id"), "image_id", "left_semi")
                     .dropDuplicates(["image_id"])
                     # Equal partitions in full waves keep every core busy on the CNN to the end.
                     .repartition(balanced_partitions(spark, n_new)))
             part = _append_part(store, featurizer.transform(todo).select("image_id", "features"), n_new,
                                 featurizer)
     finally:
-        new_ids.unpersist()
-    return read_store(spark, store), StoreUpdate(store, n_new, n_all - n_new, part)
+        ids.unpersist()
+    return read_store(spark, store), StoreUpdate(store, n_new, n_reused, part)
 
 
 def _append_part(store: str, rows, n: int, featurizer) -> str:

@@ -198,17 +198,25 @@ def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st):
     return res
 
 
+_BROADCAST_MAX_IMAGES = 500_000  # (id, label, split) rows, ~100 bytes each: at most ~50 MB to each executor
+
+
 def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, st):
     """Embed the catalog's images the feature store lacks, then write the features table
     (image_id, label, split, features) from the catalog's labels and the store's vectors."""
+    from pyspark.sql.functions import broadcast
+
     from canestra.pipeline.features import update_store
 
     catalog = spark.read.parquet(catalog_path)
     store_df, update = update_store(spark, catalog, out_dir, featurizer)
     final = os.path.join(out_dir, FEATURES)
     staging = storage.staging_dir(final)
-    (catalog.select("image_id", "label", "split").join(store_df, "image_id", "inner")
-     .write.mode("overwrite").parquet(staging))
+    labels = catalog.select("image_id", "label", "split")
+    if update.featurized + update.reused <= _BROADCAST_MAX_IMAGES:
+        labels = broadcast(labels)  # the vectors then stay where they are: no shuffle of the big side
+    store_df.join(labels, "image_id", "inner").select("image_id", "label", "split", "features") \
+        .write.mode("overwrite").parquet(staging)
     storage.publish_dir(staging, final)
     st.note(f"{update.note()}; {featurizer.featureDim()}-d EfficientNet-Lite0 embeddings at "
             f"{'+'.join(map(str, cfg.image_sizes))} px")
