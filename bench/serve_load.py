@@ -1,7 +1,7 @@
 """Load and soak test of `canestra serve`: many concurrent clients, a mix of good and bad uploads.
 
 ``--clients`` keep-alive connections (default 32) share ``--requests`` requests (default 10,000)
-against ``canestra serve --workers W --threads 1`` on loopback, each one raw ``POST /v1/predict``:
+against ``canestra serve --workers W --worker-threads 1`` on loopback, each one raw ``POST /v1/predict``:
 
 - 88 % photos of the bundled sample (answered 200),
 - 10 % garbage (random bytes, text, a truncated JPEG, an empty body, a JPEG header then noise:

@@ -15,180 +15,172 @@ import sys
 import traceback
 
 from canestra import __version__, api, tracking
-from canestra.privacy import audit
+from canestra.cli import options as opt
 from canestra.config import Settings
 from canestra.errors import EXIT_USER_ERROR, CanestraError
+from canestra.privacy import audit
 from canestra.progress import Progress
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--master", help="Spark master URL (default local[*]; e.g. spark://127.0.0.1:7077)")
-    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
-    _audit_opt(p)
-    _storage_opts(p)
-
-
-def _storage_opts(p: argparse.ArgumentParser) -> None:
-    """S3 for --images/--out (docs/storage.md); each flag also reads CANESTRA_<NAME>."""
-    g = p.add_argument_group("S3 (--images/--out s3://bucket/prefix)")
-    g.add_argument("--s3-endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 or AWS's own)")
-    g.add_argument("--sse-kms-key-id", help="encrypt objects canestra writes with this KMS key (default SSE-S3, AES256)")
-    g.add_argument("--allow-non-eu-region", action="store_true", default=None,
-                   help="accept buckets outside the EU/EEA (GDPR Art. 44: only with a transfer safeguard)")
-    g.add_argument("--allow-http-endpoint", action="store_true", default=None,
-                   help="accept a plain http:// endpoint (local S3 emulators only)")
-
-
-def _audit_opt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--audit-log", help="also append this command's audit record to this JSON Lines file "
-                   "(env CANESTRA_AUDIT_LOG; <out>/_audit/audit.jsonl is always written)")
-
-
-def _feature_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", dest="image_sizes", help="CNN input size(s) in px: 160,224 (default, concatenated), 160, 100 (native, fastest) or 224")
-    p.add_argument("--batch-size", type=int, help="images per ONNX Runtime call (default 64)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads per Spark task (default 1)")
-    p.add_argument("--arrow-batch", type=int, help="max rows per Arrow batch into the featurizer (default 256)")
-    p.add_argument("--precision", choices=["fp32", "int8"],
-                   help="CNN arithmetic: fp32 (default) or int8 (~2x faster; accuracy in docs/performance.md)")
+def _command(sub, name: str, help_text: str, examples: tuple[str, ...], parents: list) -> argparse.ArgumentParser:
+    """One ``canestra <name>`` parser: shared flags from ``parents``, an example in its --help."""
+    return sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                          parents=parents, formatter_class=opt.HelpFormatter, epilog=opt.example(*examples))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="canestra",
+        prog="canestra", formatter_class=opt.HelpFormatter,
         description="Fruit-image classification on Apache Spark (EfficientNet-Lite0 features, PCA, Spark ML).",
+        epilog=opt.example("canestra train --images sample/fruits-360 --out runs/demo",
+                           "canestra predict --model runs/demo/model --images photos/ --out runs/pred",
+                           "canestra <command> --help    # its options, CANESTRA_* variables and an example"),
     )
     parser.add_argument("--version", action="version", version=f"canestra {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    spark = opt.spark_parent()
+    debug, audit_log, storage = opt.debug_parent(), opt.audit_parent(), opt.storage_parent()
 
-    p = sub.add_parser("ingest", help="scan an image tree into a curated catalog table (metadata stripped)")
-    p.add_argument("--images", required=True, action="append", help="root folder of <Class>/<image> files (repeatable)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--test-fraction", type=float, help="share of frame blocks per class held out (default 0.2)")
-    p.add_argument("--seed", type=int, help="split seed (default 42)")
-    _common(p)
+    _command(sub, "ingest", "scan an image tree into a curated catalog table (metadata stripped)",
+             ("canestra ingest --images sample/fruits-360 --out runs/catalog",),
+             [opt.labelled_input_parent(), spark])
 
-    p = sub.add_parser("train", help="ingest, featurize, fit PCA + classifier, evaluate, save the model")
-    p.add_argument("--images", required=True, action="append",
-                   help="root folder of <Class>/<image> files; repeat it to train from several roots. A root whose "
-                        "folders are all family names (Apple/, Banana/) teaches the family-level answer")
-    p.add_argument("--out", required=True, help="output folder (model/, metrics.json, report.html, tables)")
-    p.add_argument("--taxonomy", metavar="FILE.csv",
+    p = _command(sub, "train", "ingest, featurize, fit PCA + classifier, evaluate, save the model",
+                 ("canestra train --images sample/fruits-360 --out runs/demo",
+                  "canestra train --images sample/fruits-360 --images photos/families --out runs/fam --pca-k 256"),
+                 [opt.labelled_input_parent(), opt.features_parent(), spark])
+    g = p.add_argument_group("model")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--pca-k", type=int, metavar="K", help="number of PCA components (default 512)")
+    x.add_argument("--pca-variance", type=float, metavar="SHARE",
+                   help="keep the fewest components explaining this share, e.g. 0.95")
+    g.add_argument("--reg-param", type=float, metavar="L2", help="logistic regression L2 strength (default 1e-5)")
+    g.add_argument("--max-iter", type=int, metavar="N", help="logistic regression iterations (default 50)")
+    g.add_argument("--taxonomy", metavar="FILE.csv",
                    help="class -> family table (columns class,family) overriding the shipped Fruits-360 one")
-    p.add_argument("--unknown-quantile", type=float,
+    g.add_argument("--unknown-quantile", type=float, metavar="SHARE",
                    help="share of held-out images the 'unknown' rule may refuse (default 0.005; 0 turns it off)")
-    p.add_argument("--no-shift-eval", dest="shift_eval", action="store_false", default=None,
+    g.add_argument("--no-shift-eval", dest="shift_eval", action="store_false", default=None,
                    help="skip the evaluation on perturbed held-out images (saves ~15 s)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--pca-k", type=int, help="number of PCA components (default 512)")
-    g.add_argument("--pca-variance", type=float, help="keep the fewest components explaining this share, e.g. 0.95")
-    p.add_argument("--test-fraction", type=float, help="share of frame blocks per class held out (default 0.2)")
-    p.add_argument("--seed", type=int, help="split seed (default 42)")
-    p.add_argument("--reg-param", type=float, help="logistic regression L2 strength (default 1e-5)")
-    p.add_argument("--max-iter", type=int, help="logistic regression iterations (default 50)")
-    p.add_argument("--mlflow", nargs="?", const=True, default=None, metavar="URI",
+    g = p.add_argument_group("experiment tracking (MLflow)")
+    g.add_argument("--mlflow", nargs="?", const=True, default=None, metavar="URI",
                    help="log the run to MLflow (params, metrics, report, model): this tracking URI or folder, "
                         "default MLFLOW_TRACKING_URI else ./mlruns; on by itself when MLFLOW_TRACKING_URI is set")
-    p.add_argument("--register-model", metavar="NAME",
+    g.add_argument("--register-model", metavar="NAME",
                    help="also register the model in MLflow's registry as a new version of NAME "
                         "(serve it with --model models:/NAME/VERSION)")
-    _feature_opts(p)
-    _common(p)
+    opt.shared_groups_last(p)
 
-    p = sub.add_parser("predict", help="classify images with a trained model")
-    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
-    p.add_argument("--images", required=True, help="folder of images (class sub-folders optional)")
-    p.add_argument("--out", required=True, help="output folder (predictions/, predictions.csv, quarantine.csv)")
-    _include_paths_opt(p)
-    _common(p)
+    p = _command(sub, "predict", "classify images with a trained model",
+                 ("canestra predict --model runs/demo/model --images photos/ --out runs/pred",
+                  "canestra predict --model runs/demo/model --images inbox/ --out runs/pred --incremental"),
+                 [opt.model_input_parent("output folder (predictions/, predictions.csv, quarantine.csv)"),
+                  opt.include_paths_parent(), spark])
+    p.add_argument("--incremental", action="store_true",
+                   help="score only images not yet in OUT's predictions and add them to it (a re-run adds nothing)")
+    opt.shared_groups_last(p)
 
-    p = sub.add_parser("evaluate", help="metrics of a trained model on a labelled image folder")
-    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
-    p.add_argument("--images", required=True, help="root folder of <Class>/<image> files")
-    p.add_argument("--out", default="canestra-evaluation", help="output folder (default ./canestra-evaluation)")
-    _common(p)
-    _watch_parser(sub)
-    _gdpr_parsers(sub)
+    _command(sub, "evaluate", "metrics of a trained model on a labelled image folder",
+             ("canestra evaluate --model runs/demo/model --images sample/fruits-360 --out runs/eval",),
+             [opt.model_input_parent("output folder (default ./canestra-evaluation)", out_required=False,
+                                     out_default="canestra-evaluation",
+                                     images_help="root folder of <Class>/<image> files"), spark])
 
-    p = sub.add_parser("serve", help="HTTP API + web page classifying uploaded images (no Spark needed)")
-    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`, or a registered "
-                   "MLflow model: models:/NAME/ALIAS or models:/NAME/VERSION")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1; env CANESTRA_HOST)")
-    p.add_argument("--port", type=int, help="port (default 8000; env CANESTRA_PORT)")
-    p.add_argument("--workers", type=int, help="worker processes (default 1; env CANESTRA_WORKERS)")
-    p.add_argument("--threads", type=int, dest="serve_threads",
-                   help="ONNX Runtime threads per worker (default: cores / workers; env CANESTRA_SERVE_THREADS)")
-    p.add_argument("--max-upload-mb", type=float, help="largest accepted image in MB (default 10)")
-    p.add_argument("--max-batch", type=int, help="most images per /v1/predict/batch request (default 16)")
-    p.add_argument("--api-keys-file", metavar="FILE",
-                   help="require `Authorization: Bearer <key>` on /v1/*; one key per line (env CANESTRA_API_KEYS_FILE)")
-    p.add_argument("--allow-no-auth", action="store_true", default=None,
-                   help="serve a non-loopback --host without API keys (anyone who can reach it may use it)")
-    p.add_argument("--rate-limit", type=float,
-                   help="requests/s per client address and worker on /v1/* (default 20; 0 = no limit)")
-    p.add_argument("--rate-burst", type=int, help="requests a client may send at once above --rate-limit (default 40)")
-    p.add_argument("--body-timeout", type=float,
-                   help="seconds a request body may take to arrive before 408 (default 30; slow clients)")
-    p.add_argument("--drain-timeout", type=float,
-                   help="seconds SIGTERM waits for in-flight requests before stopping (default 30)")
-    p.add_argument("--mlflow", metavar="URI",
-                   help="MLflow registry for --model models:/NAME/ALIAS (default MLFLOW_TRACKING_URI, else ./mlruns)")
-    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
-    _audit_opt(p)
+    p = _command(sub, "watch", "predict images as they land in a folder or S3 prefix (Spark Structured Streaming)",
+                 ("canestra watch --model runs/demo/model --images inbox/ --out runs/live --trigger 5s",
+                  "canestra watch --model runs/demo/model --images inbox/ --out runs/live --once   # from cron"),
+                 [opt.model_input_parent("local output folder (predictions/, quarantine.csv, _checkpoints/)",
+                                         images_help="folder (or s3://bucket/prefix) to watch; may start empty"),
+                  opt.include_paths_parent(), spark])
+    p.add_argument("--trigger", default="10s", metavar="INTERVAL",
+                   help="how often to look for new images (default 10s; e.g. 2s, 1m)")
+    p.add_argument("--once", action="store_true",
+                   help="predict what is there now (and not yet predicted), then stop: for cron and EMR steps")
+    opt.shared_groups_last(p)
 
-    p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, EU regions)")
+    _gdpr_parsers(sub, debug, audit_log, storage)
+    _serve_parser(sub, debug, audit_log)
+
+    p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, EU regions)",
+                       formatter_class=opt.HelpFormatter,
+                       epilog=opt.example("canestra deploy aws --region eu-west-3 --bucket my-canestra-data --dry-run"))
     cloud = p.add_subparsers(dest="cloud", metavar="CLOUD", required=True)
     from canestra.deploy.aws import add_cli_arguments
 
-    add_cli_arguments(cloud.add_parser("aws", help="CloudFormation stack: encrypted S3 bucket, IAM roles, EMR 7 cluster"))
+    add_cli_arguments(_command(
+        cloud, "aws", "CloudFormation stack: encrypted S3 bucket, IAM roles, EMR 7 cluster",
+        ("canestra deploy aws --region eu-west-3 --bucket my-canestra-data --dry-run",
+         "canestra deploy aws --region eu-west-3 --bucket my-canestra-data --subnet-id subnet-0123abcd"),
+        [debug]))
     return parser
 
 
-def _include_paths_opt(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--include-paths", action="store_true",
-                   help="add the source file path to predictions (default: pseudonymous image_id only, GDPR Art. 25)")
+def _serve_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.ArgumentParser) -> None:
+    p = _command(sub, "serve", "HTTP API + web page classifying uploaded images (no Spark needed)",
+                 ("canestra serve --model runs/demo/model --port 8000",
+                  "canestra serve --model models:/fruit/champion --host 0.0.0.0 --api-keys-file keys.txt --workers 2"),
+                 [debug, audit_log])
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="DIR|URI", help="the model/ folder written by `canestra train`, "
+                   "or a registered MLflow model: models:/NAME/ALIAS or models:/NAME/VERSION")
+    g.add_argument("--mlflow", metavar="URI",
+                   help="MLflow registry for --model models:/NAME/ALIAS (default MLFLOW_TRACKING_URI, else ./mlruns)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", metavar="ADDR", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, metavar="PORT", help="port (default 8000)")
+    g.add_argument("--workers", type=int, metavar="N", help="worker processes (default 1)")
+    g.add_argument("--worker-threads", type=int, dest="serve_threads", metavar="N",
+                   help="ONNX Runtime threads per worker (default: cores / workers)")
+    opt.hidden_alias(g, "--threads", "serve_threads", type=int)  # the spelling before 0.2
+    g.add_argument("--max-upload-mb", type=float, metavar="MB", help="largest accepted image in MB (default 10)")
+    g.add_argument("--max-batch", type=int, metavar="N", help="most images per /v1/predict/batch request (default 16)")
+    g.add_argument("--body-timeout", type=float, metavar="SECONDS",
+                   help="seconds a request body may take to arrive before 408 (default 30; slow clients)")
+    g.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                   help="seconds SIGTERM waits for in-flight requests before stopping (default 30)")
+    g = p.add_argument_group("access")
+    g.add_argument("--api-keys-file", metavar="FILE",
+                   help="require `Authorization: Bearer <key>` on /v1/*; one key per line")
+    g.add_argument("--allow-no-auth", action="store_true", default=None,
+                   help="serve a non-loopback --host without API keys (anyone who can reach it may use it)")
+    g.add_argument("--rate-limit", type=float, metavar="PER_S",
+                   help="requests/s per client address and worker on /v1/* (default 20; 0 = no limit)")
+    g.add_argument("--rate-burst", type=int, metavar="N",
+                   help="requests a client may send at once above --rate-limit (default 40)")
+    opt.shared_groups_last(p)
 
 
-def _watch_parser(sub) -> None:
-    p = sub.add_parser("watch", help="predict images as they land in a folder or S3 prefix (Spark Structured Streaming)")
-    p.add_argument("--model", required=True, help="the model/ folder written by `canestra train`")
-    p.add_argument("--images", required=True, help="folder (or s3://bucket/prefix) to watch; may start empty")
-    p.add_argument("--out", required=True, help="local output folder (predictions/, quarantine.csv, _checkpoints/)")
-    _include_paths_opt(p)
-    p.add_argument("--trigger", default="10s", help="how often to look for new images (default 10s; e.g. 2s, 1m)")
-    p.add_argument("--once", action="store_true",
-                   help="predict what is there now (and not yet predicted), then stop: for cron and EMR steps")
-    _common(p)
-
-
-def _gdpr_parsers(sub) -> None:
+def _gdpr_parsers(sub, debug: argparse.ArgumentParser, audit_log: argparse.ArgumentParser,
+                  storage: argparse.ArgumentParser) -> None:
     """erase (Art. 17), purge (Art. 5(1)(e)), gdpr record (Art. 30): no Spark needed."""
-    p = sub.add_parser("erase", help="GDPR erasure: remove images and everything derived from them under --out")
-    p.add_argument("--out", required=True, help="output folder (a run, or a folder of runs) to erase from")
+    p = _command(sub, "erase", "GDPR erasure: remove images and everything derived from them under --out",
+                 ("canestra erase --out runs/ --image-id 3f2a...e9 --delete-source",
+                  "canestra erase --out runs/ --source photos/IMG_0042.jpg"),
+                 [opt.output_parent("output folder (a run, or a folder of runs) to erase from"), debug, storage,
+                  audit_log])
     p.add_argument("--image-id", nargs="+", action="extend", default=[], metavar="ID", help="image_id(s) to erase")
-    p.add_argument("--source", nargs="+", action="extend", default=[], metavar="PATH", help="source image file(s) or folder(s) to erase")
+    p.add_argument("--source", nargs="+", action="extend", default=[], metavar="PATH",
+                   help="source image file(s) or folder(s) to erase")
     p.add_argument("--delete-source", action="store_true",
                    help="also delete the source image files (local files or s3:// objects)")
-    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
-    _audit_opt(p)
-    _storage_opts(p)  # --delete-source of s3:// objects
+    opt.shared_groups_last(p)
 
-    p = sub.add_parser("purge", help="GDPR retention: remove run outputs older than --older-than days")
-    p.add_argument("--out", required=True, help="output folder (a run, or a folder of runs)")
+    p = _command(sub, "purge", "GDPR retention: remove run outputs older than --older-than days",
+                 ("canestra purge --out runs/ --older-than 180 --dry-run",),
+                 [opt.output_parent("output folder (a run, or a folder of runs)"), debug, audit_log])
     p.add_argument("--older-than", type=float, dest="retention_days", metavar="DAYS",
-                   help="remove outputs older than this many days (env CANESTRA_RETENTION_DAYS)")
+                   help="remove outputs older than this many days")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
-    _audit_opt(p)
+    opt.shared_groups_last(p)
 
-    p = sub.add_parser("gdpr", help="GDPR documents")
+    p = sub.add_parser("gdpr", help="GDPR documents", formatter_class=opt.HelpFormatter,
+                       epilog=opt.example("canestra gdpr record --out runs/"))
     gsub = p.add_subparsers(dest="gdpr_command", metavar="DOCUMENT", required=True)
-    g = gsub.add_parser("record", help="write the record of processing (Art. 30) for --out, Markdown + JSON")
-    g.add_argument("--out", required=True, help="output folder (a run, or a folder of runs)")
-    g.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
-    _audit_opt(g)
-    _storage_opts(g)  # the record states the S3 encryption/region settings in force
+    # the record states the S3 encryption/region settings in force
+    opt.shared_groups_last(_command(
+        gsub, "record", "write the record of processing (Art. 30) for --out, Markdown + JSON",
+        ("canestra gdpr record --out runs/",),
+        [opt.output_parent("output folder (a run, or a folder of runs)"), debug, storage, audit_log]))
 
 
 def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
@@ -208,13 +200,13 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
     elif args.command == "purge":
         from canestra.privacy.purge import purge
 
-        res = purge(args.out, cfg.retention_days, dry_run=args.dry_run)
-        audit.note(removed=len(res.removed), kept=res.kept, bytes=res.bytes,
-                   details={"older_than_days": res.older_than_days, "dry_run": res.dry_run})
-        verb = "would remove" if res.dry_run else "removed"
-        for e in res.removed:
+        purged = purge(args.out, cfg.retention_days, dry_run=args.dry_run)
+        audit.note(removed=len(purged.removed), kept=purged.kept, bytes=purged.bytes,
+                   details={"older_than_days": purged.older_than_days, "dry_run": purged.dry_run})
+        verb = "would remove" if purged.dry_run else "removed"
+        for e in purged.removed:
             print(f"{verb} {e.kind} {e.path} ({e.age_days:g} days old, {e.bytes} bytes)")
-        print(f"{verb} {len(res.removed)} output(s) older than {res.older_than_days:g} days; kept {res.kept}")
+        print(f"{verb} {len(purged.removed)} output(s) older than {purged.older_than_days:g} days; kept {purged.kept}")
     else:
         from canestra.privacy.record import write_record
 
@@ -225,13 +217,8 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    keys = ["master", "image_sizes", "batch_size", "threads", "arrow_batch", "precision", "pca_k", "pca_variance",
-            "test_fraction", "seed", "reg_param", "max_iter", "debug", "retention_days", "audit_log",
-            "host", "port", "workers", "serve_threads", "max_upload_mb", "max_batch",
-            "api_keys_file", "allow_no_auth", "rate_limit", "rate_burst", "body_timeout", "drain_timeout",
-            "s3_endpoint_url", "allow_http_endpoint", "allow_non_eu_region", "sse_kms_key_id",
-            "taxonomy", "unknown_quantile", "shift_eval"]
-    return Settings.load(**{k: getattr(args, k, None) for k in keys})
+    """Flags > CANESTRA_* env > defaults, for every Settings field a command has a flag for."""
+    return Settings.load(**{k: getattr(args, k, None) for k in opt.SETTINGS_FIELDS})
 
 
 _LOG_FILE: list = []  # [log file, offset of this run's lines]: where this command's Spark/JVM output went
@@ -264,8 +251,8 @@ def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
     from canestra.storage.files import ensure_output_dir
 
     if args.command in ("ingest", "train"):
-        from canestra.pipeline.ingest import list_roots
         from canestra.answer.taxonomy import load_taxonomy
+        from canestra.pipeline.ingest import list_roots
 
         list_roots(args.images, require_labels=True, taxonomy=load_taxonomy(getattr(args, "taxonomy", None)))
     if args.command in ("predict", "evaluate", "watch"):
@@ -294,8 +281,8 @@ def run(args: argparse.Namespace) -> int:
 
         return run_cli(args)
     cfg = _settings(args)
-    from canestra.storage import s3
     from canestra.storage import files as storage
+    from canestra.storage import s3
 
     storage.configure_s3(s3.S3Options.from_settings(cfg))  # S3 endpoint/encryption/region settings
     if getattr(args, "model", None):  # models:/NAME/ALIAS -> a local copy of that registered version

@@ -631,7 +631,6 @@ def add_cli_arguments(p) -> None:
     g.add_argument("--endpoint-url", metavar="URL", help="AWS endpoint override, e.g. a local emulator")
     g.add_argument("--allow-http-endpoint", action="store_true", default=None,
                    help="local development only: accept a plain-http --endpoint-url on 127.0.0.1")
-    p.add_argument("--debug", action="store_true", default=None, help="show full tracebacks on errors")
 
 
 def params_from_cli(args) -> DeployParams:

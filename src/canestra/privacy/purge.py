@@ -121,7 +121,7 @@ def _remove_empty_dirs(root: str) -> None:
                 pass
 
 
-def purge(out_dir: str, older_than_days: float, *, dry_run: bool = False, now: float | None = None) -> PurgeResult:
+def purge(out_dir: str, older_than_days: float | None, *, dry_run: bool = False, now: float | None = None) -> PurgeResult:
     """Remove (or, with ``dry_run``, list) every output unit older than ``older_than_days``."""
     if older_than_days is None or older_than_days < 0:
         raise InputError("--older-than must be a number of days >= 0 (or set CANESTRA_RETENTION_DAYS)")
