@@ -29,6 +29,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from canestra.storage import files as storage
 
@@ -111,12 +112,12 @@ class StoreUpdate:
         return f"{self.featurized} images featurized, {self.reused} reused from the feature store"
 
 
-def update_store(spark, images, out_dir: str, featurizer) -> tuple[object, StoreUpdate]:
+def update_store(spark, images, out_dir: str, featurizer) -> tuple[Any, StoreUpdate]:
     """Embed the images of ``images`` (columns image_id, content) that the store lacks, append
     them as one part, and return (the whole store as a DataFrame of image_id, features; counts)."""
-    from canestra.pipeline.ingest import balanced_partitions
-
     from pyspark.sql import functions as F
+
+    from canestra.pipeline.ingest import balanced_partitions
 
     store = store_dir(out_dir, featurizer)
     ids = images.select("image_id").where("image_id IS NOT NULL").distinct()
