@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from canestra.errors import EnvironmentProblem, InputError
+from canestra.layout import METRICS_JSON, MODEL, REPORT_HTML
 
 ENV_URI = "MLFLOW_TRACKING_URI"
 ENV_REGISTRY = "MLFLOW_REGISTRY_URI"
@@ -142,7 +143,7 @@ class _Run:
         items = [Metric(k, v, now, 0) for k, v in flat.items()]
         for i in range(0, len(items), 900):  # MLflow caps a batch at 1,000 metrics
             self.client.log_batch(run_id, metrics=items[i:i + 900])
-        for name in ("report.html", "metrics.json"):
+        for name in (REPORT_HTML, METRICS_JSON):
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 self.client.log_artifact(run_id, path)
@@ -152,7 +153,7 @@ class _Run:
         # folder; the tracking store, another place with other readers, gets the model without it.
         with tempfile.TemporaryDirectory(prefix="canestra-mlflow-") as tmp:
             model = os.path.join(tmp, "model")
-            shutil.copytree(os.path.join(out_dir, "model"), model, ignore=shutil.ignore_patterns(TRAINING_IDS))
+            shutil.copytree(os.path.join(out_dir, MODEL), model, ignore=shutil.ignore_patterns(TRAINING_IDS))
             self.client.log_artifacts(run_id, model, artifact_path="model")
         if register_model:
             self.tracked.model_version = register(self.client, register_model, self.tracked)

@@ -18,6 +18,7 @@ from canestra import __version__, api, tracking
 from canestra.cli import options as opt
 from canestra.config import Settings
 from canestra.errors import EXIT_USER_ERROR, CanestraError
+from canestra.layout import LOGS_DIR, SPARK_LOG
 from canestra.privacy import audit
 from canestra.progress import Progress
 
@@ -232,7 +233,7 @@ def spark_log_path(out: str) -> str:
         import tempfile
 
         return os.path.join(tempfile.gettempdir(), "canestra-logs", f"spark-{os.getpid()}.log")
-    return os.path.join(local_path(out), "_logs", "spark.log")
+    return os.path.join(local_path(out), LOGS_DIR, SPARK_LOG)
 
 
 def _spark(cfg: Settings, out: str):

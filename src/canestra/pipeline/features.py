@@ -31,10 +31,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from canestra.layout import MANIFEST
 from canestra.storage import files as storage
 
 STORE = "feature_store"
-MANIFEST = "_canestra.json"
 PART_PREFIX = "part-"
 KEY_CHARS = 16  # 64 bits of the identity hash: collisions between featurizers are not a concern
 

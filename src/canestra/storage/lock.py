@@ -32,11 +32,11 @@ import time
 from typing import Iterator
 
 from canestra.errors import OutputError
+from canestra.layout import STAGING
 from canestra.storage import files as storage
 from canestra.storage import s3
 
 LOCK_NAME = ".canestra.lock"
-STAGING = "_staging"
 _UNREADABLE_GRACE_S = 10.0
 
 
