@@ -5,7 +5,8 @@ A run folder (``canestra train|predict|ingest --out OUT``)::
 
     OUT/catalog/          ingest's image table (Parquet)
     OUT/features/         CNN features of the catalogued images (Parquet)
-    OUT/model/            the fitted Spark ML pipeline
+    OUT/model/            the fitted Spark ML pipeline, with canestra_model.json (format),
+                          canestra_training_ids.txt and canestra_erasures.json (for erase)
     OUT/metrics.json      evaluation figures; OUT/report.html is rendered from it
     OUT/gallery/          thumbnails of the worst errors, shown by report.html
     OUT/quarantine.csv    files refused, each with a plain reason
@@ -28,6 +29,8 @@ QUARANTINE_CSV = "quarantine.csv"
 PREDICTIONS_CSV = "predictions.csv"
 MANIFEST = "_canestra.json"  # beside a published table: what it holds and how it was made
 ERASURES = "canestra_erasures.json"  # inside a model folder: erasures since it was trained (no ids)
+TRAINING_IDS = "canestra_training_ids.txt"  # inside a model folder: the image ids it was fitted on
+MODEL_INFO = "canestra_model.json"  # inside a model folder: canestra version and format of the model
 
 AUDIT_DIR = "_audit"
 AUDIT_FILE = "audit.jsonl"

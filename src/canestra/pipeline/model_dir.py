@@ -18,9 +18,9 @@ from typing import Any
 
 from canestra import __version__
 from canestra.errors import InputError
+from canestra.layout import MODEL_INFO
 from canestra.storage import files as storage
 
-MODEL_INFO = "canestra_model.json"
 # Bump when a saved model stops being readable by older canestra versions.
 MODEL_FORMAT = 1
 _RETRAIN = "re-run `canestra train`"

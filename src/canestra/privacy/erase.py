@@ -39,12 +39,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from canestra.errors import InputError, OutputError
-from canestra.layout import ERASURES, GOVERNANCE_DIRS, MANIFEST, METRICS_JSON, REPORT_HTML, STAGING
+from canestra.layout import ERASURES, GOVERNANCE_DIRS, MANIFEST, METRICS_JSON, REPORT_HTML, STAGING, TRAINING_IDS
 from canestra.pipeline.report import write_report
 from canestra.storage import files as storage
 from canestra.storage import s3
 
-TRAINING_IDS = "canestra_training_ids.txt"  # inside a model dir: the image ids it was fitted on
 ID_COLUMN = "image_id"
 PATH_COLUMNS = ("source_path", "path")
 WORST_ERRORS = "worst_errors"
