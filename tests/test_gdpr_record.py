@@ -37,7 +37,9 @@ def test_record_reflects_configuration_and_disk(run, monkeypatch):
     assert rec["controller"]["name"] == "Frutta Fresca Srl"
     assert rec["retention"]["period_days"] == 30 and rec["retention"]["outputs_past_retention"] == 0
     tables = {t["table"]: t for t in rec["categories_of_data"]["tables"]}
-    assert set(tables) == {"catalog", "features"}
+    store = [t for t in tables if t.startswith("feature_store/")]  # embeddings by image_id, one per image
+    assert set(tables) == {"catalog", "features", *store} and len(store) == 1
+    assert tables[store[0]]["rows"] == len(set(pq.read_table(run / "catalog", columns=["image_id"])["image_id"]))
     assert tables["catalog"]["rows"] == len(catalog) and tables["features"]["rows"] == len(catalog)
     assert "source_path" in tables["catalog"]["columns"] and tables["catalog"]["holds_source_paths"]
     assert not tables["features"]["holds_source_paths"]

@@ -96,6 +96,7 @@ class Predictions:
     quarantined: int  # files that could not be used (quarantine.csv says why)
     classes: list[str]  # the model's classes
     labelled: bool = False  # the images sat in class folders: the table has a label column
+    added: int | None = None  # with incremental=True: rows this run added
 
     @property
     def predictions_path(self) -> str:
@@ -272,21 +273,22 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
 
 def predict(model: str, images: str, out: str, *, spark: SparkSession | None = None,
             settings: Settings | None = None, include_paths: bool = False, quiet: bool = False,
-            progress: Progress | None = None, **overrides: Any) -> Predictions:
+            progress: Progress | None = None, incremental: bool = False, **overrides: Any) -> Predictions:
     """Classify every image under ``images`` with a saved model (a ``model/`` folder or
     ``models:/NAME/ALIAS``); writes ``out/predictions.csv`` and returns a handle to it
-    (``.to_pandas()``). ``include_paths`` adds the source path column (GDPR Art. 25: off by default)."""
+    (``.to_pandas()``). ``include_paths`` adds the source path column (GDPR Art. 25: off by default).
+    ``incremental`` scores only images not yet in ``out``'s predictions and adds them (``.added``)."""
     with audit.audited("predict", out=out, audit_log=_audit_log(settings, overrides)):
         cfg = _settings(settings, overrides)
         from canestra.pipeline.predict import predict as _predict
 
         model_dir = _model_dir(model)
         res = _predict(_ready(cfg, spark, images, False), model_dir, images, out, _progress(progress, quiet),
-                       include_paths=include_paths)
+                       include_paths=include_paths, incremental=incremental)
         csv_path = os.path.join(res.out_dir, layout.PREDICTIONS_CSV)
         audit.note(predicted=res.predicted, quarantined=res.quarantined, details={"include_paths": include_paths},
                    outputs=[res.predictions_path, csv_path, os.path.join(res.out_dir, layout.QUARANTINE_CSV)])
-        return Predictions(res.out_dir, res.predicted, res.quarantined, list(res.classes), res.labelled)
+        return Predictions(res.out_dir, res.predicted, res.quarantined, list(res.classes), res.labelled, res.added)
 
 
 def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark: SparkSession | None = None,

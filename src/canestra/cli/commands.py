@@ -335,8 +335,9 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
         print(f"model: {run.model_path}  report: {run.report_path}")
     elif args.command == "predict":
         res = api.predict(args.model, args.images, args.out, spark=_spark(cfg, args.out), settings=cfg,
-                          progress=progress, include_paths=args.include_paths)
-        print(f"{res.predicted} predictions -> {os.path.join(res.out_dir, 'predictions.csv')}; "
+                          progress=progress, include_paths=args.include_paths, incremental=args.incremental)
+        print(f"{res.predicted} predictions" + (f" ({res.added} new)" if args.incremental else "")
+              + f" -> {os.path.join(res.out_dir, 'predictions.csv')}; "
               f"{res.quarantined} quarantined -> {os.path.join(res.out_dir, 'quarantine.csv')}")
     elif args.command == "evaluate":
         from canestra.pipeline.metrics import format_summary

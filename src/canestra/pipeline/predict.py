@@ -17,6 +17,9 @@ from canestra.pipeline.report import write_report
 from canestra.layout import METRICS_JSON, PREDICTIONS_CSV, REPORT_HTML
 
 PREDICTIONS = "predictions"
+# Columns of the predictions table and CSV; ``path`` comes first with --include-paths, ``label`` last
+# for images in class folders.
+PREDICTION_COLUMNS = ["image_id", "prediction", "probability", "family", "family_probability", "top5"]
 
 
 @dataclass
@@ -27,6 +30,7 @@ class PredictResult:
     labelled: bool
     predictions_path: str
     classes: list[str]
+    added: int | None = None  # with --incremental: rows this run added
 
 
 def load_model(path: str):
@@ -60,13 +64,58 @@ def predict_dataframe(model, df):
             .withColumnRenamed("predicted_probability", "max_probability"))
 
 
+def score_images(model, images, out_dir: str | None = None, include_paths: bool = False,
+                 labelled: bool = False):
+    """Score a DataFrame of cleaned images into prediction rows; (rows, feature-store counts or None).
+
+    ``images`` has ``image_id`` and ``content`` (plus ``source_path`` with ``include_paths``,
+    ``label`` with ``labelled``); rows have ``PREDICTION_COLUMNS`` (plus ``path`` first and
+    ``label`` last), the columns of the predictions table. With ``out_dir`` (batch DataFrames
+    only), embeddings come from ``out_dir``'s feature store: only images it lacks run the CNN.
+    """
+    from pyspark.ml import PipelineModel
+
+    from canestra.vision.featurizer import ImageFeaturizer
+
+    stages = list(model.stages)
+    update = None
+    if out_dir is not None and stages and isinstance(stages[0], ImageFeaturizer):
+        from canestra.pipeline.features import update_store
+
+        store_df, update = update_store(images.sparkSession, images, out_dir, stages[0])
+        scored = predict_dataframe(PipelineModel(stages=stages[1:]),
+                                   images.drop("content").join(store_df, "image_id", "inner"))
+    else:
+        scored = predict_dataframe(model, images)
+    # The classifier's own numeric "prediction" column is left behind by the select.
+    named = {"path": "source_path", "prediction": "prediction_label", "probability": "max_probability"}
+    cols = (["path"] if include_paths else []) + PREDICTION_COLUMNS + (["label"] if labelled else [])
+    return scored.select(*(scored[named.get(c, c)].alias(c) for c in cols)), update
+
+
+def _not_predicted_yet(spark, valid, final: str, include_paths: bool):
+    """(images of ``valid`` whose id is not in the predictions table yet, the table or None)."""
+    done = spark.read.parquet(final) if storage.is_dir(final) else None
+    if done is not None:
+        if ("path" in done.columns) != include_paths:
+            had = "with" if "path" in done.columns else "without"
+            raise InputError(f"the predictions in {final} were written {had} --include-paths: repeat that choice "
+                             "with --incremental, or use another --out")
+        valid = valid.join(done.select("image_id"), "image_id", "left_anti")
+    # One row per image: the same pixels under two names are one image, predicted once.
+    return valid.dropDuplicates(["image_id"]), done
+
+
 def predict(spark, model_path: str, images: str, out: str, progress: Progress | None = None,
-            include_paths: bool = False) -> PredictResult:
+            include_paths: bool = False, incremental: bool = False) -> PredictResult:
     """Score every image under ``images``; write predictions/ + predictions.csv (+ quarantine.csv).
 
     GDPR Art. 25: predictions are shared beyond the catalog, so they carry the
     pseudonymous ``image_id`` only; ``include_paths`` adds the source ``path`` column.
     quarantine.csv keeps source paths: it is the operator's to-do list of files to fix.
+
+    ``incremental``: images whose id is already in ``out``'s predictions table are not scored
+    again; the new rows are added to the table and predictions.csv (a re-run adds nothing).
     """
     progress = progress or Progress()
     model = load_model(model_path)
@@ -79,43 +128,43 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
         cleaned = cleaned_frame(spark, files, ["predict"] * len(files), [None] * len(files),
                                 DEFAULT_MAX_PIXELS).persist()
         st.note(f"{len(files)} files")
+    final = os.path.join(out_dir, PREDICTIONS)
     try:
         with progress.stage("predict") as st:
-            valid = cleaned.where("error IS NULL")
-            scored = predict_dataframe(model, valid.select("source_path", "label", "image_id", "content"))
-            cols = (["source_path"] if include_paths else []) + [
-                "image_id", "prediction_label", "max_probability", "family", "family_probability", "top5"] + (
-                ["label"] if labelled else [])
-            final = os.path.join(out_dir, PREDICTIONS)
+            valid = cleaned.where("error IS NULL").select("source_path", "label", "image_id", "content")
+            done = None
+            if incremental:
+                valid, done = _not_predicted_yet(spark, valid, final, include_paths)
+            rows, update = score_images(model, valid, out_dir, include_paths, labelled)
+            if done is not None:
+                # The table is rewritten whole (old rows + new) and published by rename: never half-appended.
+                rows = done.unionByName(rows, allowMissingColumns=True)
             staging = storage.staging_dir(final)
-            (
-                scored.select(*cols)
-                .withColumnRenamed("source_path", "path")
-                .withColumnRenamed("prediction_label", "prediction")
-                .withColumnRenamed("max_probability", "probability")
-                .write.mode("overwrite")
-                .parquet(staging)
-            )
+            rows.write.mode("overwrite").parquet(staging)
             bad = [(r.source_path, r.error) for r in cleaned.where("error IS NOT NULL").collect()]
+            if update is not None:
+                st.note(update.note())
     finally:
         cleaned.unpersist()
     with progress.stage("write") as st:
         table = spark.read.parquet(staging)
+        labelled = "label" in table.columns
         buf = io.StringIO()
         writer = csv.writer(buf)
-        header = (["path"] if include_paths else []) + ["image_id", "prediction", "probability", "family",
-                                                         "family_probability", "top5"] + (["label"] if labelled else [])
+        header = (["path"] if include_paths else []) + PREDICTION_COLUMNS + (["label"] if labelled else [])
         writer.writerow(header)
         n = 0
         order = ["path"] if include_paths else (["label"] if labelled else []) + ["image_id"]
         for row in table.orderBy(*order).toLocalIterator():
             writer.writerow([f"{row[c]:.6f}" if c in ("probability", "family_probability") else row[c] for c in header])
             n += 1
+        added = n - (done.count() if done is not None else 0) if incremental else None
         write_quarantine_csv(os.path.join(out_dir, QUARANTINE_CSV), bad)
         storage.write_text_atomic(os.path.join(out_dir, PREDICTIONS_CSV), buf.getvalue())
         storage.publish_dir(staging, final)
-        st.note(f"{n} predictions, {len(bad)} quarantined -> {out_dir}")
-    return PredictResult(out_dir, n, len(bad), labelled, final, model_labels(model))
+        st.note(f"{n} predictions" + (f" ({added} new)" if incremental else "")
+                + f", {len(bad)} quarantined -> {out_dir}")
+    return PredictResult(out_dir, n, len(bad), labelled, final, model_labels(model), added)
 
 
 def evaluate(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> dict:
