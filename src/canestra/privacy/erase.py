@@ -3,7 +3,7 @@
 ``erase(out_dir, image_ids=…, sources=…)`` finds every Parquet table, CSV, model
 and image copy under ``out_dir`` and removes what belongs to the erased images:
 
-* Parquet tables (catalog, features, predictions, …) with an ``image_id`` or a
+* Parquet tables (catalog, features, each feature-store part, predictions, …) with an ``image_id`` or a
   ``source_path``/``path`` column are rewritten without those rows, part file by part
   file with pyarrow (no Spark), into a staging folder that is then renamed into
   place (``storage.publish_dir``): a table is always either the complete old one or

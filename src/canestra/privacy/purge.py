@@ -6,7 +6,10 @@ folder, a run's error gallery (``gallery/``, the worst-error thumbnails report.h
 shows), a file (predictions.csv, quarantine.csv, metrics.json, report.html, …) or a
 ``_staging`` leftover. A unit's age is its newest file's mtime, or the ``created_at``
 of its ``_canestra.json`` manifest when it has one: a table is as young as its
-newest part. Units go whole (a table is never left half-deleted), folders left empty
+newest part. The feature store (``feature_store/<key>/part-*/``) is appended to by every
+run: each part is a unit of its own with a manifest, so old embeddings expire while newer
+parts stay (a later run re-embeds any image it still needs). Units go whole (a table is
+never left half-deleted), folders left empty
 are removed, and ``dry_run`` only lists. The governance records (``_audit/``,
 ``_gdpr/``) are kept: they hold no image data and prove what was done.
 """
