@@ -313,6 +313,12 @@ def install_stop_handlers(stop_event: threading.Event) -> dict:
     """SIGINT/SIGTERM set ``stop_event`` (with ``.reason``) instead of killing the driver mid-batch."""
 
     def handler(signum, _frame):
+        if stop_event.is_set():  # a second Ctrl-C: leave now, like a crash (the batch is redone on restart)
+            import sys
+
+            print("canestra: watch: stopped at once; the batch in progress was abandoned and the next "
+                  "`canestra watch` with this --out redoes it", file=sys.stderr, flush=True)
+            os._exit(130)
         stop_event.reason = signal.Signals(signum).name
         stop_event.set()
 
