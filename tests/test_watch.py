@@ -293,6 +293,38 @@ def test_kill_9_mid_batch_then_restart_predicts_every_image_exactly_once(trained
     assert set(paths) == set(first + second + third), "missing predictions"
 
 
+@pytest.mark.slow
+def test_second_ctrl_c_leaves_at_once_and_the_batch_is_redone(trained, sample_dir, tmp_path):
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    model = os.path.join(trained.out_dir, "model")
+    inbox.mkdir()
+    proc = start_watch(model, str(inbox), out, "--trigger", "1s")
+    try:
+        first = [str(drop(p, inbox)) for p in _images(sample_dir, 2)]
+        assert len(wait_for(set(first), out, START, proc)) == 2, stderr_of(out)
+        many = [str(drop(p, inbox)) for p in _images(sample_dir, 24, offset=2)]
+        staging = out / "_watch" / "staging"
+        deadline = time.monotonic() + 60
+        while not (staging.is_dir() and any(staging.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert staging.is_dir() and any(staging.iterdir()), "no batch in flight"
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        stop_group(proc)
+    assert "the batch in progress was abandoned" in stderr_of(out)
+    assert set(many) - {r["path"] for r in predicted(out)}, "the batch was published before the stop"
+    again = start_watch(model, str(inbox), out, "--once")
+    try:
+        assert again.wait(timeout=START) == 0, stderr_of(out)[-2000:]
+    finally:
+        stop_group(again)
+    paths = [r["path"] for r in predicted(out)]
+    assert sorted(paths) == sorted(first + many)
+
+
 # --------------------------------------------------------------------------- --once (library)
 
 
