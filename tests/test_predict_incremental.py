@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from cnn_probe import cnn_rows  # noqa: F401  (fixture)
 
 from canestra.cli import commands as cli
-from cnn_probe import cnn_rows  # noqa: F401  (fixture)
 
 
 def table(out: Path) -> list[dict]:

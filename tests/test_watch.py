@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from test_s3 import moto  # noqa: F401  (the moto S3 server fixture, module-scoped)
 
 TRIGGER = 3.0  # seconds, for the live test

@@ -292,7 +292,9 @@ def watch(spark, model_path: str, images: str, out: str, *, trigger: float = 10.
             except Exception as exc:
                 if stop_event.is_set():
                     break
-                raise writer.error if isinstance(writer.error, CanestraError) else exc
+                if isinstance(writer.error, CanestraError):  # the batch writer's plain reason, not Spark's wrapper
+                    raise writer.error from exc
+                raise
     finally:
         if lister:
             lister.halt.set()
