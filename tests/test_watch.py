@@ -149,6 +149,25 @@ def wait_gone(pids: list[int], timeout: float = 60) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+def restart_once(model: str, inbox: Path, out: Path) -> list[str]:
+    """``watch --once`` on the same --out (as after a crash); the paths in the table afterwards."""
+    again = start_watch(model, str(inbox), out, "--once")
+    try:
+        assert again.wait(timeout=START) == 0, stderr_of(out)[-2000:]
+    finally:
+        stop_group(again)
+    return [r["path"] for r in predicted(out)]
+
+
+def batch_in_flight(out: Path, timeout: float = 60) -> bool:
+    """Wait until a batch is being written (its Spark output under OUT/_watch/staging)."""
+    staging = out / "_watch" / "staging"
+    deadline = time.monotonic() + timeout
+    while not (staging.is_dir() and any(staging.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return staging.is_dir() and any(staging.iterdir())
+
+
 def stderr_of(out: Path) -> str:
     return (out.parent / f"{out.name}.stderr").read_text(errors="replace")
 
@@ -263,12 +282,8 @@ def test_kill_9_mid_batch_then_restart_predicts_every_image_exactly_once(trained
     proc = start_watch(model, str(inbox), out, "--trigger", "1s")
     try:
         assert len(wait_for(set(first), out, START, proc)) == 6, stderr_of(out)
-        staging = out / "_watch" / "staging"
         second = [str(drop(p, inbox)) for p in _images(sample_dir, 20, offset=6)]
-        deadline = time.monotonic() + 60
-        while not (staging.is_dir() and any(staging.iterdir())) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        in_flight = staging.is_dir() and any(staging.iterdir())
+        in_flight = batch_in_flight(out)
         below = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
@@ -282,12 +297,7 @@ def test_kill_9_mid_batch_then_restart_predicts_every_image_exactly_once(trained
     before = {r["path"] for r in predicted(out)}
     assert set(second) - before, "every image was already published before the kill: nothing to redo"
     third = [str(drop(p, inbox)) for p in _images(sample_dir, 4, offset=26)]  # landed while down
-    again = start_watch(model, str(inbox), out, "--once")
-    try:
-        assert again.wait(timeout=START) == 0, stderr_of(out)[-2000:]
-    finally:
-        stop_group(again)
-    paths = [r["path"] for r in predicted(out)]
+    paths = restart_once(model, inbox, out)
     assert len(paths) == len(set(paths)), "duplicate predictions"
     assert set(paths) == set(first + second + third), "missing predictions"
 
@@ -302,11 +312,7 @@ def test_second_ctrl_c_leaves_at_once_and_the_batch_is_redone(trained, sample_di
         first = [str(drop(p, inbox)) for p in _images(sample_dir, 2)]
         assert len(wait_for(set(first), out, START, proc)) == 2, stderr_of(out)
         many = [str(drop(p, inbox)) for p in _images(sample_dir, 24, offset=2)]
-        staging = out / "_watch" / "staging"
-        deadline = time.monotonic() + 60
-        while not (staging.is_dir() and any(staging.iterdir())) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert staging.is_dir() and any(staging.iterdir()), "no batch in flight"
+        assert batch_in_flight(out), "no batch in flight"
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGINT)
@@ -315,12 +321,7 @@ def test_second_ctrl_c_leaves_at_once_and_the_batch_is_redone(trained, sample_di
         stop_group(proc)
     assert "the batch in progress was abandoned" in stderr_of(out)
     assert set(many) - {r["path"] for r in predicted(out)}, "the batch was published before the stop"
-    again = start_watch(model, str(inbox), out, "--once")
-    try:
-        assert again.wait(timeout=START) == 0, stderr_of(out)[-2000:]
-    finally:
-        stop_group(again)
-    paths = [r["path"] for r in predicted(out)]
+    paths = restart_once(model, inbox, out)
     assert sorted(paths) == sorted(first + many)
 
 
