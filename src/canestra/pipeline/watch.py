@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 
 from canestra.errors import CanestraError, InputError
 from canestra.pipeline.ingest import QUARANTINE_CSV, cleaned_frame, write_quarantine_csv
-from canestra.pipeline.predict import PREDICTIONS, load_model, predict_dataframe
+from canestra.pipeline.predict import PREDICTIONS, load_model, score_images
 from canestra.progress import Progress
 from canestra.storage import files as storage
 from canestra.storage import s3
 
 CHECKPOINT = os.path.join("_checkpoints", "watch")
 WATCH_DIR = "_watch"  # staging and the S3 listing; never read by users
-# Same columns as `canestra predict` on a tree of class folders; label is null for files
-# directly under the watched root (a stream's schema cannot depend on what arrives later).
-COLUMNS = ["image_id", "prediction", "probability", "family", "family_probability", "top5", "label"]
+# Columns: those of `canestra predict` on a tree of class folders (score_images, labelled=True);
+# label is null for files directly under the watched root (a stream's schema cannot depend on
+# what arrives later).
 # Bounds the work a crash can make Spark redo, and the driver's per-batch path list.
 MAX_FILES_PER_BATCH = 10_000
 _BINARY_FILE_SCHEMA = "path string, modificationTime timestamp, length long, content binary"
@@ -146,15 +146,11 @@ class _BatchWriter:
                                 DEFAULT_MAX_PIXELS, self.s3_opts).persist()
         staging = os.path.join(self.out_dir, WATCH_DIR, "staging", f"{batch_id:09d}-{uuid.uuid4().hex[:8]}")
         try:
-            scored = predict_dataframe(self.model, cleaned.where("error IS NULL")
-                                       .select("source_path", "label", "image_id", "content"))
-            cols = (["source_path"] if self.include_paths else []) + [
-                "image_id", "prediction_label", "max_probability", "family", "family_probability", "top5", "label"]
-            (scored.select(*cols)
-             .withColumnRenamed("source_path", "path")
-             .withColumnRenamed("prediction_label", "prediction")
-             .withColumnRenamed("max_probability", "probability")
-             .write.mode("overwrite").parquet(staging))
+            # No feature store (out_dir=None): a store update per micro-batch would add to every image's latency.
+            rows, _ = score_images(self.model, cleaned.where("error IS NULL")
+                                   .select("source_path", "label", "image_id", "content"),
+                                   None, self.include_paths, labelled=True)
+            rows.write.mode("overwrite").parquet(staging)
             bad = [(r.source_path, r.error) for r in cleaned.where("error IS NOT NULL")
                    .select("source_path", "error").collect()]
         finally:
