@@ -119,7 +119,7 @@ def test_four_processes_build_the_int8_graph_at_once_into_an_empty_cache(tmp_pat
     import sys
 
     env = dict(os.environ, CANESTRA_CACHE_DIR=str(tmp_path / "cache"))
-    code = "from canestra import backbone; print(backbone.model_path('int8'))"
+    code = "from canestra.vision import backbone; print(backbone.model_path('int8'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(4)]
     results = [p.communicate(timeout=600) for p in procs]
