@@ -36,7 +36,8 @@ def test_featurize_vs_bare(sample_dir, tmp_path):
                   tmp_path=tmp_path)
     assert r["images"] == 24 and len(r["rounds"]) == 1
     assert r["bare_img_s_median"] > 0 and r["spark_img_s_median"] > 0
-    assert r["ratio_median"] == pytest.approx(r["spark_img_s_median"] / r["bare_img_s_median"], rel=0.02)
+    # img/s are printed to 0.1: on a starved machine (a few img/s) that rounding alone moves the ratio ~2 %.
+    assert r["ratio_median"] == pytest.approx(r["spark_img_s_median"] / r["bare_img_s_median"], rel=0.06)
 
 
 def test_scaling(sample_dir, tmp_path):
