@@ -526,50 +526,52 @@ def _jpeg_metadata(data: bytes) -> list[str]:
     return found
 
 
+def _chunks(data: bytes, pos: int, *, png: bool) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, payload length) of each chunk: PNG (big-endian length first, 4-byte CRC
+    after) or RIFF/WebP (type first, little-endian length, payload padded to even)."""
+    while pos + 8 <= len(data):
+        if png:
+            length, ctype = struct.unpack_from(">I4s", data, pos)
+        else:
+            ctype, length = struct.unpack_from("<4sI", data, pos)
+        yield ctype, pos + 8, length
+        pos += 8 + length + (4 if png else length & 1)
+
+
 def _png_metadata(data: bytes) -> list[str]:
     found: list[str] = []
-    pos, n = 8, len(data)
-    while pos + 8 <= n:
-        length, ctype = struct.unpack_from(">I4s", data, pos)
+    n = len(data)
+    for ctype, start, length in _chunks(data, 8, png=True):
         if ctype in (b"tEXt", b"zTXt", b"iTXt"):
             found.append(f"PNG text chunk {ctype.decode()}")
         elif ctype in _PNG_NAMES:
             found.append(_PNG_NAMES[ctype])
         elif ctype not in _PNG_BENIGN:
             found.append(f"PNG chunk {ctype.decode('latin-1')}")
-        pos += 12 + length
         if ctype == b"IEND":
-            if pos < n:
-                found.append(f"trailing data after IEND ({n - pos} bytes)")
+            end = start + length + 4  # + CRC
+            if end < n:
+                found.append(f"trailing data after IEND ({n - end} bytes)")
             break
     return found
 
 
 def _webp_metadata(data: bytes) -> list[str]:
     found: list[str] = []
-    pos, n = 12, len(data)
-    while pos + 8 <= n:
-        ctype, length = struct.unpack_from("<4sI", data, pos)
+    for ctype, start, length in _chunks(data, 12, png=False):
         if ctype == b"EXIF":
-            payload = data[pos + 8 : pos + 8 + length]
+            payload = data[start : start + length]
             found += _exif_names(payload[6:] if payload[:6] == b"Exif\x00\x00" else payload)
         elif ctype in (b"XMP ", b"ICCP"):
             found.append("XMP" if ctype == b"XMP " else "ICC")
-        pos += 8 + length + (length & 1)
     return found
 
 
 def has_metadata(data: bytes) -> list[str]:
     """Names of the metadata found (e.g. 'EXIF', 'GPS', 'XMP', 'ICC', 'COM'); [] = clean."""
     data = _as_bytes(data)
-    if data[:2] == b"\xff\xd8":
-        found = _jpeg_metadata(data)
-    elif data[:8] == b"\x89PNG\r\n\x1a\n":
-        found = _png_metadata(data)
-    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        found = _webp_metadata(data)
-    else:
-        found = []
+    walker = {"JPEG": _jpeg_metadata, "PNG": _png_metadata, "WEBP": _webp_metadata}.get(sniff_format(data) or "")
+    found = walker(data) if walker else []
     # Belt and braces for formats/structures the walkers above don't parse.
     if b"Exif\x00\x00" in data and "EXIF" not in found:
         found.append("EXIF")
