@@ -206,11 +206,9 @@ class _S3Lister(threading.Thread):
     def list_once(self) -> int:
         new = [f for f in storage.list_images(self.root) if f.path not in self.known]
         if new:
-            name = f"listing-{time.time_ns():020d}.json"
-            tmp = os.path.join(self.listing_dir, f".{name}.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(json.dumps({"path": f.path, "size": f.size}) + "\n" for f in new)
-            os.replace(tmp, os.path.join(self.listing_dir, name))
+            name = f"listing-{time.time_ns():020d}.json"  # the writer's temp name is hidden: Spark skips it
+            storage.write_text_atomic(os.path.join(self.listing_dir, name),
+                                      "".join(json.dumps({"path": f.path, "size": f.size}) + "\n" for f in new))
             self.known.update(f.path for f in new)
         return len(new)
 
