@@ -291,7 +291,7 @@ class Probe:
 
 def pca_directions(Z: np.ndarray) -> np.ndarray:
     """Eigenvectors of the covariance of centred rows ``Z``, largest first (Spark's PCA directions),
-    at most ``n - 1`` of them: n centred rows span no more (``canestra.pipeline.train.fit_pca`` caps k so)."""
+    at most ``n - 1`` of them: n centred rows span no more (``canestra.pipeline.pca.fit_pca`` caps k so)."""
     _, vecs = np.linalg.eigh(Z.T @ Z / (len(Z) - 1))
     return np.ascontiguousarray(vecs[:, ::-1][:, : max(1, len(Z) - 1)])
 
