@@ -36,3 +36,20 @@ def test_covariance_path_honours_a_variance_target(spark, trained, monkeypatch):
     model = pca_mod.fit_pca(feats, Settings.load(pca_variance=0.8), 2560, n)
     ev = model.explainedVariance.toArray()
     assert ev.sum() >= 0.8 and ev[:-1].sum() < 0.8
+
+
+def test_scatter_merges_partials_in_a_tree_and_matches_numpy(spark, monkeypatch):
+    """Five partials merged two at a time (5 -> 3 -> 2 -> driver) give numpy's mean and scatter,
+    also for data far from the origin (where summing raw squares would lose the digits)."""
+    from pyspark.ml.linalg import Vectors
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 6)) * [1, 2, 3, 0.5, 0.1, 0.0] + 1e4
+    df = spark.createDataFrame([(Vectors.dense(r),) for r in x], ["features"]).repartition(7)
+    monkeypatch.setattr(pca_mod, "_MERGE_FAN_IN", 2)
+    monkeypatch.setattr(pca_mod, "_CHUNK_ROWS", 100)
+    n, mean, m2 = pca_mod.scatter(df, "features", tasks=5)
+    xc = x - x.mean(axis=0)
+    assert n == 3000
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(m2, xc.T @ xc, rtol=1e-8, atol=1e-6)

@@ -71,11 +71,14 @@ class EraseResult:
 # ---------------------------------------------------------------------------- training ids (model side)
 
 
-def write_training_ids(model_dir: str, image_ids: Iterable[str]) -> str:
-    """List the ids a model was fitted on inside its folder, so erasure can say when to retrain."""
+def write_training_ids(model_dir: str, image_ids: Iterable[str], sorted_unique: bool = False) -> str:
+    """List the ids a model was fitted on inside its folder, so erasure can say when to retrain.
+
+    ``sorted_unique``: the ids already come sorted without repeats (e.g. from a Spark sort) and
+    are streamed to the file, never all held in memory."""
     path = os.path.join(model_dir, TRAINING_IDS)
-    ids = sorted(set(image_ids))
-    storage.write_text_atomic(path, "".join(i + "\n" for i in ids))
+    ids = image_ids if sorted_unique else sorted(set(image_ids))
+    storage.write_lines_atomic(path, (i + "\n" for i in ids))
     return path
 
 

@@ -16,6 +16,7 @@ import shutil
 import stat
 import tempfile
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def is_junk(name: str) -> bool:
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: ~100 bytes less per listed file on the driver
 class ListedFile:
     path: str  # absolute path (or URI for remote storage)
     label: str | None  # class folder name; None for files directly under the root
@@ -287,15 +288,22 @@ def publish_dir(staging: str, final: str) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write a small file whole or not at all (on S3: one encrypted PutObject)."""
+    write_lines_atomic(path, (text,))
+
+
+def write_lines_atomic(path: str, chunks: Iterable[str]) -> None:
+    """Write the concatenated ``chunks`` whole or not at all. Locally they are streamed to a temp
+    file, so a long listing never sits in memory as one string; on S3 one encrypted PutObject."""
     if s3.is_s3(path):
-        s3.write_bytes(path, text.encode("utf-8"), s3_options())
+        s3.write_bytes(path, "".join(chunks).encode("utf-8"), s3_options())
         return
     path = local_path(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
