@@ -69,8 +69,8 @@ def _covariance_spectrum(train_df) -> tuple[np.ndarray, np.ndarray]:
     """Explained-variance ratios (descending) and the matching unit eigenvectors of the covariance of
     ``features``: what Spark's PCA computes, with only the d x d matrix reaching the driver."""
     n, _, m2 = scatter(train_df, "features")
-    m2 /= max(1, n - 1)  # in place: the d x d matrices are the driver's largest objects here
-    eigval, eigvec = np.linalg.eigh(m2)
+    eigval, eigvec = np.linalg.eigh(m2)  # the scatter's eigenvectors are the covariance's
+    eigval = eigval / max(1, n - 1)
     order = np.argsort(eigval)[::-1]
     eigval = np.clip(eigval[order], 0.0, None)
     total = eigval.sum()
@@ -78,7 +78,7 @@ def _covariance_spectrum(train_df) -> tuple[np.ndarray, np.ndarray]:
 
 
 _SCATTER_SCHEMA = "n long, mean binary, m2 binary"
-_MERGE_FAN_IN = 4  # partial d x d matrices (52 MB each at d = 2,560) combined per task, and at most on the driver
+_MERGE_FAN_IN = 4  # partial d x d matrices (52 MB each at d = 2,560) combined per merge task
 _CHUNK_ROWS = 2048  # rows per matrix product: Arrow hands batches of 256, too small for BLAS to run at speed
 
 
@@ -146,8 +146,8 @@ def scatter(df, col: str, tasks: int | None = None) -> tuple[int, np.ndarray, np
     """(rows, mean, centred scatter matrix) of the vector column ``col``, computed on the Python workers.
 
     Each task multiplies its rows with numpy (BLAS) and returns one d x d partial; partials are
-    merged on the executors in a tree, ``_MERGE_FAN_IN`` at a time, so the driver receives at most
-    that many whatever the row count. Spark's own aggregators (``Correlation.corr``, ``PCA.fit``)
+    merged on the executors in a tree, ``_MERGE_FAN_IN`` at a time, so the driver receives one
+    (52 MB at d = 2,560, read-only) whatever the row count. Spark's own aggregators (``Correlation.corr``, ``PCA.fit``)
     hold dense d x d buffers per task on the JVM heap: at 136,800 images they ran the 4 GB local
     driver out of memory beside the features being read.
     """
@@ -158,12 +158,10 @@ def scatter(df, col: str, tasks: int | None = None) -> tuple[int, np.ndarray, np
     # One task per core reads its share of the rows: partials stay as few as the cores.
     parts = df.select(vector_to_array(column(col)).alias("x")).coalesce(width) \
         .mapInArrow(_scatter_partition, _SCATTER_SCHEMA)
-    while width > _MERGE_FAN_IN:
+    while width > 1:
         width = -(-width // _MERGE_FAN_IN)
         parts = parts.repartition(width).mapInArrow(_merge_partition, _SCATTER_SCHEMA)
-    acc: tuple = (0, None, None)
-    for r in parts.toLocalIterator():  # one partial in driver memory at a time
-        acc = _merge(acc, _unpack(r["n"], r["mean"], r["m2"]))
-    if not acc[0]:
+    rows = parts.collect()
+    if not rows:
         raise ValueError(f"no rows in {col}: cannot fit PCA")
-    return acc
+    return _unpack(rows[0]["n"], rows[0]["mean"], rows[0]["m2"])
