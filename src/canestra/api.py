@@ -43,7 +43,9 @@ class IngestRun:
     classes: int
     quarantined: int
     quarantine_csv: str
-    reused: bool = False
+    reused: bool = False  # same listing as last time: the catalog was kept whole
+    read: int | None = None  # files read this run (None when reused)
+    unchanged: int = 0  # rows kept for files whose path, size and modification time did not change
 
     def quarantine(self) -> pd.DataFrame:
         """quarantine.csv as a DataFrame (path, reason): the files to fix."""
@@ -233,10 +235,11 @@ def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = No
         with _progress(progress, quiet).stage("ingest") as st:
             res = _ingest(spark, images, ensure_output_dir(out, spark), test_fraction=cfg.test_fraction,
                           seed=cfg.seed, reuse=reuse, taxonomy=load_taxonomy(cfg.taxonomy))
-            st.note(f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined")
+            st.note(res.note())
         audit.note(images=res.images, classes=res.classes, quarantined=res.quarantined,
                    outputs=[res.catalog_path, res.quarantine_csv])
-        return IngestRun(res.catalog_path, res.images, res.classes, res.quarantined, res.quarantine_csv, res.reused)
+        return IngestRun(res.catalog_path, res.images, res.classes, res.quarantined, res.quarantine_csv, res.reused,
+                         res.read, res.unchanged)
 
 
 def train(images: str | list[str], out: str, *, spark: SparkSession | None = None,

@@ -23,11 +23,15 @@ from canestra.layout import CATALOG, MANIFEST, QUARANTINE_CSV
 from canestra.pipeline.split import assign_splits, frame_number
 from canestra.storage import files as storage
 
-# Columns of the catalog table.
-CATALOG_COLUMNS = ["image_id", "label", "split", "frame", "width", "height", "format", "content", "source_path"]
+# Columns of the catalog table. source_size and source_mtime let the next ingest of a changed
+# tree keep the rows of files that did not change instead of reading them again.
+CATALOG_COLUMNS = ["image_id", "label", "split", "frame", "width", "height", "format", "content", "source_path",
+                   "source_size", "source_mtime"]
+_LISTING_SCHEMA = ("source_path string, label string, split string, frame int, size long, mtime double, "
+                   "listing_error string")
 _SCHEMA = (
     "source_path string, label string, split string, frame int, image_id string, "
-    "width int, height int, format string, content binary, error string"
+    "width int, height int, format string, content binary, source_size long, source_mtime double, error string"
 )
 
 
@@ -38,8 +42,16 @@ class IngestResult:
     quarantined: int
     classes: int
     quarantine_csv: str
-    reused: bool = False
+    reused: bool = False  # the whole catalog was kept (same listing)
     roots: list[dict] = field(default_factory=list)  # per --images root: uri, level (variety|family), files
+    read: int | None = None  # files read and cleaned this run (None when the catalog was reused whole)
+    unchanged: int = 0  # rows kept from the previous catalog: same path, size and modification time
+
+    def note(self) -> str:
+        """The progress line: counts, and how much of the tree was read this run."""
+        done = (" (catalog reused)" if self.reused else
+                f" ({self.read} files read, {self.unchanged} unchanged since the last catalog)" if self.unchanged else "")
+        return f"{self.images} images, {self.classes} classes, {self.quarantined} quarantined{done}"
 
 
 def _clean_partition(max_pixels: int, s3_options=None):
@@ -61,6 +73,8 @@ def _clean_partition(max_pixels: int, s3_options=None):
                     "height": None,
                     "format": None,
                     "content": None,
+                    "source_size": rec.size,
+                    "source_mtime": rec.mtime,
                     "error": None,
                 }
                 # The name never decides: the bytes say whether (and which) image it is.
@@ -88,6 +102,7 @@ def _clean_partition(max_pixels: int, s3_options=None):
             if not rows:
                 continue
             out["frame"] = out["frame"].astype("Int32")
+            out["source_size"] = out["source_size"].astype("Int64")
             out["width"] = out["width"].astype("Int32")
             out["height"] = out["height"].astype("Int32")
             yield out
@@ -105,12 +120,8 @@ def balanced_partitions(spark, rows: int, rows_per_task: int = 1000) -> int:
     return slots * max(2, -(-rows // (slots * rows_per_task)))
 
 
-def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], frames: list[int | None],
-                  max_pixels: int, s3_options=None):
-    """The listing as a DataFrame whose rows the executors read, decode and clean (schema ``_SCHEMA``).
-
-    Bad files come back as rows with ``error`` set, so callers can quarantine them.
-    """
+def listing_frame(spark, files: list[storage.ListedFile], splits: list[str], frames: list[int | None]):
+    """The driver's listing as a DataFrame (schema ``_LISTING_SCHEMA``), one row per listed file."""
     listing = pd.DataFrame(
         {
             "source_path": [f.path for f in files],
@@ -118,14 +129,57 @@ def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], fra
             "split": splits,
             "frame": pd.array(frames, dtype="Int32"),
             "size": pd.array([f.size for f in files], dtype="Int64"),
+            "mtime": [float(f.mtime) for f in files],
             "listing_error": pd.array([f.error for f in files], dtype="string"),
         }
     )
-    n_parts = balanced_partitions(spark, len(files))
-    df = spark.createDataFrame(listing, schema="source_path string, label string, split string, frame int, "
-                                                "size long, listing_error string")
-    return df.repartition(n_parts).mapInPandas(_clean_partition(max_pixels, s3_options or storage.s3_options_for(files)),
-                                                schema=_SCHEMA)
+    return spark.createDataFrame(listing, schema=_LISTING_SCHEMA)
+
+
+def clean_listing(spark, listing, rows: int, max_pixels: int, s3_options=None):
+    """Read, decode and clean the listed files on the executors (schema ``_SCHEMA``).
+
+    Bad files come back as rows with ``error`` set, so callers can quarantine them.
+    """
+    return listing.repartition(balanced_partitions(spark, rows)).mapInPandas(
+        _clean_partition(max_pixels, s3_options), schema=_SCHEMA)
+
+
+def cleaned_frame(spark, files: list[storage.ListedFile], splits: list[str], frames: list[int | None],
+                  max_pixels: int, s3_options=None):
+    """The listing as a DataFrame whose rows the executors read, decode and clean (schema ``_SCHEMA``)."""
+    return clean_listing(spark, listing_frame(spark, files, splits, frames), len(files), max_pixels,
+                         s3_options or storage.s3_options_for(files))
+
+
+def _previous_catalog(spark, final: str, manifest: dict | None, params: dict):
+    """The last catalog when its rows can be kept for unchanged files: same cleaning and split
+    parameters, and it records each source file's size and modification time."""
+    if not manifest or manifest.get("params") != params:
+        return None
+    try:
+        old = spark.read.parquet(final)
+    except Exception:  # an unreadable old table is rebuilt, never trusted
+        return None
+    return old if {"source_size", "source_mtime"} <= set(old.columns) else None
+
+
+def _reuse_unchanged(spark, listing, old, rows: int, max_pixels: int, s3_options):
+    """Cleaned rows for the listing: files whose (path, size, mtime) the old catalog holds keep
+    its cleaned row (label, split and frame from the new listing); the rest are read and cleaned."""
+    from pyspark.sql import functions as F
+
+    kept = old.select("source_path", F.col("source_size").alias("size"), F.col("source_mtime").alias("mtime"),
+                      "image_id", "width", "height", "format", "content").dropDuplicates(["source_path"])
+    keys = ["source_path", "size", "mtime"]
+    same = listing.where("listing_error IS NULL").join(kept, keys, "inner")
+    unchanged = same.select(
+        "source_path", "label", "split", "frame", "image_id", "width", "height", "format", "content",
+        F.col("size").alias("source_size"), F.col("mtime").alias("source_mtime"), F.lit(None).cast("string").alias("error"),
+        F.lit(True).alias("unchanged"))
+    fresh = listing.join(kept.select(*keys), keys, "left_anti")
+    return clean_listing(spark, fresh, rows, max_pixels, s3_options).withColumn("unchanged", F.lit(False)) \
+        .unionByName(unchanged)
 
 
 def listing_fingerprint(files: list[storage.ListedFile], **params) -> str:
@@ -225,6 +279,8 @@ def ingest(
     ``images_uri`` may list several roots; with a ``taxonomy``, family-level roots are
     recognised (see ``list_roots``).
     """
+    from pyspark.sql import functions as F
+
     from canestra.vision.images import DEFAULT_MAX_PIXELS
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
@@ -238,8 +294,8 @@ def ingest(
     qpath = os.path.join(out_dir, quarantine_name)
     from canestra.pipeline.split import DEFAULT_BLOCKS
 
-    fp = listing_fingerprint(files, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels,
-                             blocks=DEFAULT_BLOCKS)
+    params = {"test_fraction": test_fraction, "seed": seed, "max_pixels": max_pixels, "blocks": DEFAULT_BLOCKS}
+    fp = listing_fingerprint(files, **params)
     manifest = read_manifest(final)
     if reuse and manifest and manifest.get("fingerprint") == fp and storage.exists(qpath):
         return IngestResult(final, manifest["images"], manifest["quarantined"], manifest["classes"], qpath,
@@ -249,7 +305,14 @@ def ingest(
     names = [os.path.basename(f.path) for f in files]
     splits = assign_splits(labels, names, test_fraction, seed) if require_labels else ["predict"] * len(files)
     frames = [frame_number(n) for n in names]
-    cleaned = cleaned_frame(spark, files, splits, frames, max_pixels).persist()
+    listing = listing_frame(spark, files, splits, frames)
+    old = _previous_catalog(spark, final, manifest, params) if reuse else None
+    s3_opts = storage.s3_options_for(files)
+    if old is None:
+        cleaned = clean_listing(spark, listing, len(files), max_pixels, s3_opts).withColumn("unchanged", F.lit(False))
+    else:
+        cleaned = _reuse_unchanged(spark, listing, old, len(files), max_pixels, s3_opts)
+    cleaned = cleaned.persist()
     try:
         staging = storage.staging_dir(final)
         (
@@ -259,7 +322,10 @@ def ingest(
             .parquet(staging)
         )
         bad = [(r.source_path, r.error) for r in cleaned.where("error IS NOT NULL").select("source_path", "error").collect()]
-        per_class = {r["label"]: r["count"] for r in cleaned.where("error IS NULL").groupBy("label").count().collect()}
+        counts = cleaned.where("error IS NULL").groupBy("label").agg(
+            F.count("*").alias("n"), F.sum(F.col("unchanged").cast("long")).alias("kept")).collect()
+        per_class = {r["label"]: r["n"] for r in counts}
+        n_unchanged = int(sum(r["kept"] or 0 for r in counts))
     finally:
         cleaned.unpersist()
     n_ok = int(sum(per_class.values()))
@@ -276,6 +342,7 @@ def ingest(
         # Retention (purge) dates the table by this, not by file mtimes an erasure rewrite refreshes.
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fp,
+        "params": params,
         "source": images_uri if isinstance(images_uri, str) else list(images_uri),
         "images": n_ok,
         "quarantined": len(bad),
@@ -286,4 +353,5 @@ def ingest(
     storage.write_text_atomic(os.path.join(staging, MANIFEST), json.dumps(info, indent=2))
     write_quarantine_csv(qpath, bad)
     storage.publish_dir(staging, final)
-    return IngestResult(final, n_ok, len(bad), classes, qpath, roots=roots)
+    return IngestResult(final, n_ok, len(bad), classes, qpath, roots=roots, read=len(files) - n_unchanged,
+                        unchanged=n_unchanged)

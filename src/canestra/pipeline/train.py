@@ -129,8 +129,7 @@ def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st):
     res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy)
     fam_roots = [r for r in res.roots if r["level"] == "family"]
     st.note(
-        f"{res.images} images, {res.classes} classes, {res.quarantined} quarantined"
-        + (" (catalog reused)" if res.reused else "")
+        res.note()
         + "".join(f"; {storage.display(r['uri'])}: family-level ({r['folders']} families)" for r in fam_roots)
     )
     return res
@@ -281,6 +280,8 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
             "classes": len(fit.labels),
             "families": len(set(rule.families)),
         },
+        # Files ingest read and cleaned this run vs. catalog rows kept for unchanged files.
+        "ingest": {"catalog_reused": res.reused, "read": res.read, "unchanged": res.unchanged},
         # Images the CNN embedded in this run vs. embeddings reused from OUT/feature_store/<key>.
         "feature_store": {"key": os.path.basename(update.store), "featurized": update.featurized,
                           "reused": update.reused},

@@ -41,6 +41,7 @@ COLUMN_CATEGORIES = {
     "split": "train/test assignment",
     "frame": "frame number parsed from the file name",
     "width": "image width", "height": "image height", "format": "stored image encoding",
+    "source_size": "source file size in bytes", "source_mtime": "source file modification time",
     "prediction": "predicted fruit class", "probability": "model confidence", "top5": "five most likely classes",
     "reason": "why a file was rejected",
 }
