@@ -51,6 +51,10 @@ def test_incremental_predict_is_idempotent_and_appends(spark, trained, sample_di
     assert "4 predictions (0 new)" in capsys.readouterr().out
 
     # Two new photos and one old photo under a new name: only the two are scored and appended.
+    def data_files() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (out / "predictions").glob("*.parquet")}
+
+    old_files = data_files()
     for src in kiwis[4:6]:
         shutil.copy(src, images / "Kiwi" / src.name)
     shutil.copy(kiwis[0], images / "Kiwi" / "same-pixels.jpg")
@@ -59,6 +63,8 @@ def test_incremental_predict_is_idempotent_and_appends(spark, trained, sample_di
     after = table(out)
     ids = [r["image_id"] for r in after]
     assert len(after) == 6 and len(set(ids)) == 6
+    new_files = data_files()  # appended as new files: the first run's files are untouched
+    assert {k: new_files.get(k) for k in old_files} == old_files and len(new_files) > len(old_files)
     assert [r for r in after if r["image_id"] in {f["image_id"] for f in first}] == first
     rows = csv_rows(out)
     assert sorted(r["image_id"] for r in rows) == ids and all(r["label"] == "Kiwi" for r in rows)

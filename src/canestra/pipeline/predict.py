@@ -136,8 +136,11 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
             if incremental:
                 valid, done = _not_predicted_yet(spark, valid, final, include_paths)
             rows, update = score_images(model, valid, out_dir, include_paths, labelled)
-            if done is not None:
-                # The table is rewritten whole (old rows + new) and published by rename: never half-appended.
+            # Locally the new rows are written as new files of the table (append_parts); the old
+            # rows are not rewritten. On S3, or when the columns differ (e.g. labels appeared), the
+            # table is rewritten whole (old rows + new) and published by rename.
+            append = done is not None and not storage.is_remote(final) and rows.dtypes == done.dtypes
+            if done is not None and not append:
                 rows = done.unionByName(rows, allowMissingColumns=True)
             staging = storage.staging_dir(final)
             rows.write.mode("overwrite").parquet(staging)
@@ -147,24 +150,47 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
     finally:
         cleaned.unpersist()
     with progress.stage("write") as st:
-        table = spark.read.parquet(staging)
+        if append:
+            added = spark.read.parquet(staging).count()
+            if added:
+                storage.append_parts(staging, final)
+            else:  # nothing new: no empty file added to the table
+                storage.discard_dir(staging)
+            table = spark.read.parquet(final)
+        else:
+            table = spark.read.parquet(staging)
+            added = table.count() - (done.count() if done is not None else 0) if incremental else None
         labelled = "label" in table.columns
-        buf = io.StringIO()
-        writer = csv.writer(buf)
         header = (["path"] if include_paths else []) + PREDICTION_COLUMNS + (["label"] if labelled else [])
-        writer.writerow(header)
-        n = 0
         order = ["path"] if include_paths else (["label"] if labelled else []) + ["image_id"]
-        for row in table.orderBy(*order).toLocalIterator():
-            writer.writerow([f"{row[c]:.6f}" if c in ("probability", "family_probability") else row[c] for c in header])
-            n += 1
-        added = n - (done.count() if done is not None else 0) if incremental else None
+        written = [0]
         write_quarantine_csv(os.path.join(out_dir, QUARANTINE_CSV), bad)
-        storage.write_text_atomic(os.path.join(out_dir, PREDICTIONS_CSV), buf.getvalue())
-        storage.publish_dir(staging, final)
+        # Streamed a partition at a time: the driver never holds the whole table as text.
+        storage.write_lines_atomic(os.path.join(out_dir, PREDICTIONS_CSV),
+                                   _csv_lines(table.orderBy(*order).toLocalIterator(), header, written))
+        n = written[0]
+        if not append:
+            storage.publish_dir(staging, final)
         st.note(f"{n} predictions" + (f" ({added} new)" if incremental else "")
                 + f", {len(bad)} quarantined -> {out_dir}")
     return PredictResult(out_dir, n, len(bad), labelled, final, model_labels(model), added)
+
+
+def _csv_lines(rows, header: list[str], written: list[int]):
+    """predictions.csv line by line; counts the rows in ``written[0]``."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+
+    def line(values) -> str:
+        buf.seek(0)
+        buf.truncate()
+        writer.writerow(values)
+        return buf.getvalue()
+
+    yield line(header)
+    for row in rows:
+        written[0] += 1
+        yield line([f"{row[c]:.6f}" if c in ("probability", "family_probability") else row[c] for c in header])
 
 
 def evaluate(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> dict:

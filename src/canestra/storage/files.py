@@ -286,6 +286,31 @@ def publish_dir(staging: str, final: str) -> None:
         pass
 
 
+def append_parts(staging: str, final: str) -> int:
+    """Move the data files of a complete staging table into the existing local table ``final``.
+
+    Each file arrives by one rename (atomic), so readers see a new file whole or not at all; a
+    run killed halfway has added some of its files, and callers that skip rows already in the
+    table add the rest next time. Returns the number of files moved.
+    """
+    tag = uuid.uuid4().hex[:8]
+    moved = 0
+    for name in sorted(os.listdir(staging)):
+        if name.startswith(("_", ".")):  # _SUCCESS, checksum files: not data
+            continue
+        os.replace(os.path.join(staging, name), os.path.join(final, f"{tag}-{name}"))
+        moved += 1
+    discard_dir(staging)
+    return moved
+
+
+def discard_dir(staging: str) -> None:
+    """Remove a local staging directory (and ``_staging/`` when it is left empty)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(staging))
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write a small file whole or not at all (on S3: one encrypted PutObject)."""
     write_lines_atomic(path, (text,))
