@@ -33,14 +33,14 @@ def test_every_exported_name_resolves():
     from canestra.featurizer import ImageFeaturizer
     from canestra.serve.predictor import OnlinePredictor
 
-    expected = {"train", "predict", "evaluate", "ingest", "load_model", "ImageFeaturizer", "OnlinePredictor",
+    expected = {"train", "predict", "evaluate", "ingest", "load_model", "watch", "ImageFeaturizer", "OnlinePredictor",
                 "Settings", "CanestraError", "InputError", "OutputError", "EnvironmentProblem"}
     assert expected <= set(canestra.__all__)
     for name in canestra.__all__:
         assert getattr(canestra, name) is not None, name
     assert canestra.ImageFeaturizer is ImageFeaturizer and canestra.OnlinePredictor is OnlinePredictor
     assert canestra.InputError is errors.InputError and issubclass(canestra.OutputError, canestra.CanestraError)
-    for fn in ("train", "predict", "evaluate", "ingest", "load_model"):
+    for fn in ("train", "predict", "evaluate", "ingest", "load_model", "watch"):
         assert callable(getattr(canestra, fn)) and getattr(canestra, fn).__doc__
     with pytest.raises(AttributeError):
         canestra.no_such_name  # noqa: B018
@@ -70,6 +70,14 @@ def test_bad_keyword_overrides_fail_plainly_and_are_audited(tmp_path, sample_dir
     assert not (tmp_path / "out").exists()  # nothing started, nothing written
     (rec,) = audit.read_records(str(tmp_path / "state" / "canestra" / "audit.jsonl"))
     assert rec["command"] == "train" and rec["status"] == "error" and rec["error"] == "InputError"
+
+
+def test_a_watch_that_could_never_return_is_refused(tmp_path):
+    """watch(once=False) without a stop event would block a notebook for good: refused, audited."""
+    with pytest.raises(canestra.InputError, match="stop=threading.Event"):
+        canestra.watch(str(tmp_path / "model"), str(tmp_path), str(tmp_path / "out"))
+    (rec,) = audit.read_records(str(tmp_path / "state" / "canestra" / "audit.jsonl"))
+    assert rec["command"] == "watch" and rec["status"] == "error"
 
 
 def test_register_model_without_tracking_is_refused(tmp_path, sample_dir):

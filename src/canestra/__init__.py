@@ -24,6 +24,8 @@ _EXPORTS = {
     "evaluate": "canestra.api",
     "ingest": "canestra.api",
     "load_model": "canestra.api",
+    "watch": "canestra.api",
+    "WatchRun": "canestra.api",
     "TrainRun": "canestra.api",
     "Predictions": "canestra.api",
     "Evaluation": "canestra.api",
@@ -45,11 +47,13 @@ if TYPE_CHECKING:  # static type checkers and IDEs see the real objects ("X as X
     from canestra.api import IngestRun as IngestRun
     from canestra.api import Predictions as Predictions
     from canestra.api import TrainRun as TrainRun
+    from canestra.api import WatchRun as WatchRun
     from canestra.api import evaluate as evaluate
     from canestra.api import ingest as ingest
     from canestra.api import load_model as load_model
     from canestra.api import predict as predict
     from canestra.api import train as train
+    from canestra.api import watch as watch
     from canestra.config import Settings as Settings
     from canestra.errors import CanestraError as CanestraError
     from canestra.errors import EnvironmentProblem as EnvironmentProblem

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,22 @@ class Predictions:
 
 
 @dataclass(frozen=True)
+class WatchRun:
+    """What a ``watch`` call predicted into ``out_dir``/predictions before it returned."""
+
+    out_dir: str
+    batches: int  # micro-batches committed
+    predicted: int
+    quarantined: int
+    stopped_by: str | None = None  # "stop" when ``stop.set()`` ended it; None when ``once`` ran out of files
+
+    @property
+    def predictions_path(self) -> str:
+        """The predictions table (Parquet, the columns ``predict`` writes), one row per image."""
+        return os.path.join(self.out_dir, _PREDICTIONS)
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """Metrics of a model on a labelled folder, with the predictions they were computed from."""
 
@@ -188,11 +205,11 @@ def _progress(progress: Progress | None, quiet: bool) -> Progress:
     return progress or Progress(quiet=quiet)
 
 
-def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str], labelled: bool,
+def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | None, labelled: bool,
            cnn: bool = True) -> SparkSession:
     """The session to run on, after the cheap checks: bad image paths fail before a JVM starts
-    (the CLI runs the same checks before it starts its own session)."""
-    if spark is None:
+    (the CLI runs the same checks before it starts its own session). ``images=None``: no listing check."""
+    if spark is None and images is not None:
         from canestra.answer.taxonomy import load_taxonomy
         from canestra.pipeline.ingest import list_roots
 
@@ -316,6 +333,36 @@ def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark
         classes = [c for c in metrics["confusion_matrix"]["labels"] if c != UNKNOWN]
         preds = Predictions(out_dir, int(counts.get("images", 0)), int(counts.get("quarantined", 0)), classes, True)
         return Evaluation(metrics, preds)
+
+
+def watch(model: str, images: str, out: str, *, once: bool = False, trigger: str | float = "10s",
+          stop: threading.Event | None = None, include_paths: bool = False, spark: SparkSession | None = None,
+          settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
+          **overrides: Any) -> WatchRun:
+    """Predict images as they land under ``images`` (a folder or ``s3://`` prefix) into
+    ``out/predictions``, each exactly once (Spark Structured Streaming, checkpointed in ``out``).
+
+    ``once=True`` predicts what is there and returns (cron, EMR steps, a notebook cell). Otherwise
+    it runs, a micro-batch every ``trigger``, until another thread calls ``stop.set()``; a later
+    call with the same ``out`` resumes where it stopped.
+    """
+    with audit.audited("watch", out=out, audit_log=_audit_log(settings, overrides)):
+        cfg = _settings(settings, overrides)
+        from canestra.errors import InputError
+        from canestra.pipeline.watch import check_images_root, parse_trigger
+        from canestra.pipeline.watch import watch as _watch
+
+        if not once and stop is None:
+            raise InputError("watch(once=False) runs until stopped: pass stop=threading.Event() and call "
+                             "stop.set() from another thread, or use once=True")
+        check_images_root(images)  # an empty folder is fine: images may land later
+        model_dir = _model_dir(model)
+        res = _watch(_ready(cfg, spark, None, False), model_dir, images, out, trigger=parse_trigger(trigger),
+                     once=once, include_paths=include_paths, progress=_progress(progress, quiet), stop_event=stop)
+        audit.note(predicted=res.predicted, quarantined=res.quarantined, batches=res.batches,
+                   details={"include_paths": include_paths, "once": once, "trigger": str(trigger)},
+                   outputs=[res.predictions_path, os.path.join(res.out_dir, layout.QUARANTINE_CSV)])
+        return WatchRun(res.out_dir, res.batches, res.predicted, res.quarantined, res.stopped_by)
 
 
 def load_model(path: str, *, spark: SparkSession | None = None,
