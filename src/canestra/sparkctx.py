@@ -117,7 +117,30 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    _driver_arrow_pool()
     return spark
+
+
+def _driver_arrow_pool() -> None:
+    # The driver converts listings and held-out scores to Arrow once per run. PyArrow's default
+    # pool (mimalloc) keeps what it freed: +39 MB of RSS for the rest of a 136,800-image run.
+    # The system allocator hands large buffers back (see trim_driver_memory). Workers keep theirs.
+    import pyarrow as pa
+
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
+def trim_driver_memory() -> None:
+    """Give memory freed by a driver-side step (e.g. ingest's listing) back to the OS, so that the
+    driver's RSS does not grow with the number of images (glibc only; elsewhere a no-op)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # Native-library notices the JVM prints on every start, that a user can act on: kept in the

@@ -305,13 +305,17 @@ def ingest(
     names = [os.path.basename(f.path) for f in files]
     splits = assign_splits(labels, names, test_fraction, seed) if require_labels else ["predict"] * len(files)
     frames = [frame_number(n) for n in names]
-    listing = listing_frame(spark, files, splits, frames)
+    listing = listing_frame(spark, files, splits, frames)  # from here on Spark holds the listing
+    n_files, s3_opts = len(files), storage.s3_options_for(files)
+    del files, labels, names, splits, frames
+    from canestra.sparkctx import trim_driver_memory
+
+    trim_driver_memory()  # the driver's RSS must not keep what the listing took (flat with the image count)
     old = _previous_catalog(spark, final, manifest, params) if reuse else None
-    s3_opts = storage.s3_options_for(files)
     if old is None:
-        cleaned = clean_listing(spark, listing, len(files), max_pixels, s3_opts).withColumn("unchanged", F.lit(False))
+        cleaned = clean_listing(spark, listing, n_files, max_pixels, s3_opts).withColumn("unchanged", F.lit(False))
     else:
-        cleaned = _reuse_unchanged(spark, listing, old, len(files), max_pixels, s3_opts)
+        cleaned = _reuse_unchanged(spark, listing, old, n_files, max_pixels, s3_opts)
     cleaned = cleaned.persist()
     try:
         staging = storage.staging_dir(final)
@@ -335,7 +339,7 @@ def ingest(
         storage.publish_dir(staging, final)  # keep the empty table for inspection
         write_quarantine_csv(qpath, bad)
         raise InputError(
-            f"none of the {len(files)} files under {', '.join(storage.display(r) for r in as_roots(images_uri))} is a usable image: see {qpath}"
+            f"none of the {n_files} files under {', '.join(storage.display(r) for r in as_roots(images_uri))} is a usable image: see {qpath}"
         )
     classes = len([c for c in per_class if c is not None])
     info = {
@@ -353,5 +357,5 @@ def ingest(
     storage.write_text_atomic(os.path.join(staging, MANIFEST), json.dumps(info, indent=2))
     write_quarantine_csv(qpath, bad)
     storage.publish_dir(staging, final)
-    return IngestResult(final, n_ok, len(bad), classes, qpath, roots=roots, read=len(files) - n_unchanged,
+    return IngestResult(final, n_ok, len(bad), classes, qpath, roots=roots, read=n_files - n_unchanged,
                         unchanged=n_unchanged)
