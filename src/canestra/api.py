@@ -127,7 +127,8 @@ class WatchRun:
     batches: int  # micro-batches committed
     predicted: int
     quarantined: int
-    stopped_by: str | None = None  # "stop" when ``stop.set()`` ended it; None when ``once`` ran out of files
+    stopped_by: str | None = None  # "stop" (or the signal) when ``stop`` ended it; None when ``once`` ran out of files
+    abandoned_batch: bool = False  # a batch was in flight at the stop: the next call redoes it
 
     @property
     def predictions_path(self) -> str:
@@ -362,7 +363,7 @@ def watch(model: str, images: str, out: str, *, once: bool = False, trigger: str
         audit.note(predicted=res.predicted, quarantined=res.quarantined, batches=res.batches,
                    details={"include_paths": include_paths, "once": once, "trigger": str(trigger)},
                    outputs=[res.predictions_path, os.path.join(res.out_dir, layout.QUARANTINE_CSV)])
-        return WatchRun(res.out_dir, res.batches, res.predicted, res.quarantined, res.stopped_by)
+        return WatchRun(res.out_dir, res.batches, res.predicted, res.quarantined, res.stopped_by, res.abandoned_batch)
 
 
 def load_model(path: str, *, spark: SparkSession | None = None,

@@ -326,11 +326,12 @@ def restore_handlers(old: dict) -> None:
         signal.signal(sig, h)
 
 
-def run_watch_cli(args, cfg, make_spark, progress: Progress) -> WatchResult:
-    """``canestra watch``: signals stop it cleanly (exit 0) with one plain line."""
+def run_watch_cli(args, cfg, make_spark, progress: Progress):
+    """``canestra watch``: signals stop it cleanly (exit 0) with one plain line. The work (and its
+    audit record) is ``canestra.api.watch``; this adds the signal handling and the last line."""
     import sys
 
-    from canestra.privacy import audit
+    from canestra import api
 
     stop = threading.Event()
     old = install_stop_handlers(stop)  # before the JVM starts: a Ctrl-C during start-up stops cleanly too
@@ -339,13 +340,10 @@ def run_watch_cli(args, cfg, make_spark, progress: Progress) -> WatchResult:
         # PySpark's SparkContext puts its own SIGINT handler in (cancel all jobs, raise
         # KeyboardInterrupt mid-batch): put ours back.
         install_stop_handlers(stop)
-        res = watch(spark, args.model, args.images, args.out, trigger=parse_trigger(args.trigger), once=args.once,
-                    include_paths=args.include_paths, progress=progress, stop_event=stop)
+        res = api.watch(args.model, args.images, args.out, once=args.once, trigger=args.trigger, stop=stop,
+                        include_paths=args.include_paths, spark=spark, settings=cfg, progress=progress)
     finally:
         restore_handlers(old)
-    audit.note(predicted=res.predicted, quarantined=res.quarantined, batches=res.batches,
-               details={"include_paths": args.include_paths, "once": args.once, "trigger": args.trigger},
-               outputs=[res.predictions_path, os.path.join(res.out_dir, QUARANTINE_CSV)])
     done = (f"{res.predicted} predicted, {res.quarantined} quarantined in {res.batches} batch(es) -> "
             f"{res.predictions_path}")
     if res.stopped_by:
