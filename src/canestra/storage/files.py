@@ -279,11 +279,7 @@ def publish_dir(staging: str, final: str) -> None:
         raise
     if trash:
         shutil.rmtree(trash, ignore_errors=True)
-    parent = os.path.dirname(staging)
-    try:
-        os.rmdir(parent)  # remove _staging/ when empty
-    except OSError:
-        pass
+    discard_dir(staging)  # gone already: this removes _staging/ when empty
 
 
 def append_parts(staging: str, final: str) -> int:
