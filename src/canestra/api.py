@@ -235,6 +235,12 @@ def _ints(counts: dict) -> dict[str, Any]:
     return {k: v for k, v in (counts or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
+def _eval_counts(metrics: dict) -> dict[str, Any]:
+    """Images of the --eval-images roots, for the audit record (none when there were none)."""
+    ev = _ints(metrics.get("eval_counts", {}))
+    return {f"eval_{k}": v for k, v in ev.items()}
+
+
 # ---------------------------------------------------------------------------- the API
 
 
@@ -262,12 +268,17 @@ def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = No
 
 def train(images: str | list[str], out: str, *, spark: SparkSession | None = None,
           settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
-          mlflow: str | bool | None = None, register_model: str | None = None, **overrides: Any) -> TrainRun:
+          mlflow: str | bool | None = None, register_model: str | None = None,
+          eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
+          **overrides: Any) -> TrainRun:
     """Ingest, featurize, fit PCA + logistic regression, calibrate "unknown", evaluate and save.
 
     ``mlflow``: True (MLFLOW_TRACKING_URI, else ./mlruns), a tracking URI or folder, False (off);
     None logs only when MLFLOW_TRACKING_URI is set. ``register_model="NAME"`` also registers the
-    model in MLflow's registry. Overrides: any Settings field, e.g. ``pca_k=32, image_sizes=100``.
+    model in MLflow's registry. ``eval_images``: labelled roots never trained on, scored by the
+    final model into ``metrics["by_source"]`` (one entry per root, in order). ``unknown_images``:
+    roots of photos that are none of the families, trained as a class answered ``unknown``. Overrides: any
+    Settings field, e.g. ``pca_k=32, image_sizes=100``.
     """
     with audit.audited("train", out=out, audit_log=_audit_log(settings, overrides)):
         cfg = _settings(settings, overrides)
@@ -280,14 +291,20 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             raise InputError("register_model needs MLflow tracking: drop mlflow=False, or register_model")
         track = tracking.train_option(mlflow, register_model)
         tracking.require(track)  # a missing mlflow fails here, before Spark starts
+        if spark is None and eval_images:  # bad evaluation roots fail before a JVM starts, as bad --images
+            from canestra.answer.taxonomy import load_taxonomy
+            from canestra.pipeline.eval_sources import check_eval_roots
+
+            check_eval_roots(eval_images, images, load_taxonomy(cfg.taxonomy))
         spark = _ready(cfg, spark, images, True)
         with tracking.tracked_run(track) as tracked:
-            res = _train(spark, images, out, cfg, _progress(progress, quiet))
+            res = _train(spark, images, out, cfg, _progress(progress, quiet), eval_images=eval_images,
+                         unknown_images=unknown_images)
             logged = tracked.log_training(res.out_dir, res.metrics, cfg, register_model) if tracked else None
-        audit.note(**_ints(res.metrics.get("counts", {})),
-                   outputs=[os.path.join(res.out_dir, n) for n in (layout.MODEL, layout.CATALOG, layout.FEATURES,
-                                                                    layout.METRICS_JSON, layout.REPORT_HTML,
-                                                                    layout.QUARANTINE_CSV)],
+        written = (layout.MODEL, layout.CATALOG, layout.FEATURES, layout.METRICS_JSON, layout.REPORT_HTML,
+                   layout.QUARANTINE_CSV) + ((layout.EVAL_CATALOG, layout.EVAL_QUARANTINE_CSV) if eval_images else ())
+        audit.note(**_ints(res.metrics.get("counts", {})), **_eval_counts(res.metrics),
+                   outputs=[os.path.join(res.out_dir, n) for n in written],
                    details={"mlflow_run_id": logged.run_id} if logged else None)
         return TrainRun(res.out_dir, res.metrics, dict(res.timings), logged)
 

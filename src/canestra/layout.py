@@ -10,6 +10,8 @@ A run folder (``canestra train|predict|ingest --out OUT``)::
     OUT/metrics.json      evaluation figures; OUT/report.html is rendered from it
     OUT/gallery/          thumbnails of the worst errors, shown by report.html
     OUT/quarantine.csv    files refused, each with a plain reason
+    OUT/eval_catalog/     train --eval-images: the evaluation roots' image table (never trained on)
+    OUT/eval_quarantine.csv  files of the evaluation roots refused, each with a plain reason
     OUT/predictions.csv   predict's answers
     OUT/_audit/audit.jsonl  append-only GDPR audit log
     OUT/_gdpr/            records of processing
@@ -26,6 +28,8 @@ METRICS_JSON = "metrics.json"
 REPORT_HTML = "report.html"
 GALLERY = "gallery"
 QUARANTINE_CSV = "quarantine.csv"
+EVAL_CATALOG = "eval_catalog"  # train --eval-images: roots scored by the model, never trained on
+EVAL_QUARANTINE_CSV = "eval_quarantine.csv"
 PREDICTIONS_CSV = "predictions.csv"
 MANIFEST = "_canestra.json"  # beside a published table: what it holds and how it was made
 ERASURES = "canestra_erasures.json"  # inside a model folder: erasures since it was trained (no ids)

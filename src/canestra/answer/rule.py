@@ -50,7 +50,9 @@ class AnswerRule:
     profile_thresholds: dict[str, float] = field(default_factory=dict)  # family-level label -> threshold
 
     def __post_init__(self) -> None:
-        self._variety = np.array([not is_family_label(lb) for lb in self.labels], dtype=bool)
+        # A variety names a fruit: neither a family-level class nor the family-less "none of the families" class.
+        self._variety = np.array([not is_family_label(lb) and bool(f) for lb, f in zip(self.labels, self.families)],
+                                 dtype=bool)
         self._fam_names = sorted(set(self.families))
         fam_index = {f: i for i, f in enumerate(self._fam_names)}
         onehot = np.zeros((len(self.labels), len(self._fam_names)))
@@ -148,6 +150,10 @@ def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: A
     inet = imagenet_probabilities(features, rule.imagenet_offset) if rule.imagenet_classes else None
     fr = fruitness(features, rule, inet)
     unknown = profile_mismatch(probs, inet, rule)
+    # The trained "none of the families" class (--unknown-images) has the empty family: when the
+    # empty family carries the most probability, the photo is of none of the families.
+    if "" in rule._fam_names:
+        unknown |= fam_best == rule._fam_names.index("")
     if rule.energy_threshold is not None:
         unknown |= en < rule.energy_threshold
     if rule.fruitness_threshold is not None:

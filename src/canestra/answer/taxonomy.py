@@ -25,6 +25,9 @@ from canestra.errors import InputError
 
 FAMILY_SUFFIX = " (family)"
 UNKNOWN = "unknown"  # the answer when an image resembles no training class
+# Class label of --unknown-images rows: photos of things that are none of the families. It has no
+# family, so a photo it wins is answered "unknown". Parenthesised: no Fruits-360 folder is named so.
+OTHER_LABEL = "(none of the families)"
 _TRAILING_NUMBER = re.compile(r"(\s+\d+)+$")
 
 
@@ -35,6 +38,11 @@ def family_label(family: str) -> str:
 
 def is_family_label(label: str) -> bool:
     return label.endswith(FAMILY_SUFFIX)
+
+
+def is_variety_label(label: str) -> bool:
+    """A class that names a variety: neither family-level nor the "none of the families" class."""
+    return not label.endswith(FAMILY_SUFFIX) and label != OTHER_LABEL
 
 
 def _read_rows(text: str, where: str) -> dict[str, str]:
@@ -79,6 +87,8 @@ class Taxonomy:
         return self._family_by_lower.get(name.strip().lower())
 
     def family(self, label: str) -> str:
+        if label == OTHER_LABEL:
+            return ""
         if is_family_label(label):
             return label[: -len(FAMILY_SUFFIX)]
         hit = self.rows.get(label.strip().lower())

@@ -48,8 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "train", "ingest, featurize, fit PCA + classifier, evaluate, save the model",
                  ("canestra train --images sample/fruits-360 --out runs/demo",
-                  "canestra train --images sample/fruits-360 --images photos/families --out runs/fam --pca-k 256"),
+                  "canestra train --images sample/fruits-360 --images photos/families --out runs/fam --pca-k 256",
+                  "canestra train --images sample/fruits-360 --eval-images photos/grocery-val --out runs/demo"),
                  [opt.labelled_input_parent(), opt.features_parent(), spark])
+    # In the parent's "input and output" group, beside --images (argparse copied it into p).
+    next(g for g in p._action_groups if g.title == "input and output").add_argument(
+        "--eval-images", action="append", metavar="DIR",
+        help="labelled root (<Family or Class>/<image>) never trained on, scored by the final model into "
+             "metrics.json by_source and the report; repeat it for several roots")
+    next(g for g in p._action_groups if g.title == "input and output").add_argument(
+        "--unknown-images", action="append", metavar="DIR",
+        help="photos of things that are none of the families (e.g. other produce, any folder layout), trained "
+             "as a class the model answers 'unknown' for; repeat it for several roots")
     g = p.add_argument_group("model")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--pca-k", type=int, metavar="K", help="number of PCA components (default 512)")
@@ -255,7 +265,13 @@ def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
         from canestra.answer.taxonomy import load_taxonomy
         from canestra.pipeline.ingest import list_roots
 
-        list_roots(args.images, require_labels=True, taxonomy=load_taxonomy(getattr(args, "taxonomy", None)))
+        taxonomy = load_taxonomy(getattr(args, "taxonomy", None))
+        list_roots(args.images, require_labels=True, taxonomy=taxonomy,
+                   unknown_uris=getattr(args, "unknown_images", None) or ())
+        if getattr(args, "eval_images", None):
+            from canestra.pipeline.eval_sources import check_eval_roots
+
+            check_eval_roots(args.eval_images, args.images, taxonomy)
     if args.command in ("predict", "evaluate", "watch"):
         from canestra.pipeline.predict import check_model_dir
 
@@ -326,7 +342,8 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
 
         tracking.require(tracking.train_option(args.mlflow, args.register_model))  # before Spark starts
         run = api.train(args.images, args.out, spark=_spark(cfg, args.out), settings=cfg, progress=progress,
-                        mlflow=args.mlflow, register_model=args.register_model)
+                        mlflow=args.mlflow, register_model=args.register_model, eval_images=args.eval_images,
+                        unknown_images=args.unknown_images)
         print(format_summary(run.metrics))
         if run.mlflow:
             print(f"mlflow: run {run.mlflow.run_id} at {run.mlflow.tracking_uri}"

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from canestra.answer.rule import quantile_threshold
-from canestra.answer.taxonomy import UNKNOWN, is_family_label
+from canestra.answer.taxonomy import OTHER_LABEL, UNKNOWN, is_family_label, is_variety_label
 from canestra.layout import GALLERY
 
 SCORED_COLUMNS = ["image_id", "label", "predicted_label", "predicted_probability", "family", "family_probability",
@@ -33,9 +33,11 @@ def thresholds(rows: pd.DataFrame, q: float) -> tuple[float | None, float | None
 
     The kinds are studio (variety-labelled) and family-labelled photos: the lower of
     the two quantiles is kept, so neither kind loses more than ``q`` to "unknown".
+    Held-out --unknown-images rows are none of the families: they never set a threshold.
     """
     if q <= 0 or rows.empty:
         return None, None
+    rows = rows[rows["label"] != OTHER_LABEL]
     fam_rows = rows["label"].map(is_family_label)
     te, tf = [], []
     for part in (rows[~fam_rows], rows[fam_rows]):
@@ -61,7 +63,10 @@ def _wrong(rows: pd.DataFrame, true_family: pd.Series) -> np.ndarray:
     fam_rows = rows["label"].map(is_family_label).to_numpy()
     variety_wrong = (rows["predicted_label"] != rows["label"]).to_numpy()
     family_wrong = (rows["family"] != true_family).to_numpy()
-    return np.where(fam_rows, family_wrong, variety_wrong)
+    # An --unknown-images row is right only when refused ("none of the families" won).
+    other_wrong = (rows["predicted_label"] != UNKNOWN).to_numpy()
+    return np.where(rows["label"].eq(OTHER_LABEL).to_numpy(), other_wrong,
+                    np.where(fam_rows, family_wrong, variety_wrong))
 
 
 def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf: float | None) -> dict:
@@ -101,7 +106,7 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
         "curve": curve,
     }
 
-    variety = ~rows["label"].map(is_family_label).to_numpy()
+    variety = rows["label"].map(is_variety_label).to_numpy()
     conf = rows["predicted_probability"].to_numpy()[variety]
     ok = ~wrong[variety]
     bins: list[dict[str, Any]] = []
@@ -125,7 +130,7 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
          "family": r.family, "thumbnail": f"{GALLERY}/{r.image_id}.jpg"}
         for r in err.itertuples(index=False)
     ]
-    fam_rows = ~variety
+    fam_rows = rows["label"].map(is_family_label).to_numpy()
     if fam_rows.any():
         out["family_roots_held_out"] = {
             "n": int(fam_rows.sum()), "family_accuracy": float(fam_ok[fam_rows].mean()),
@@ -140,7 +145,7 @@ def shift_report(rows: pd.DataFrame, taxonomy, te: float | None, tf: float | Non
     if rows.empty:
         return {}
     true_family = rows["label"].map(taxonomy.family)
-    variety = ~rows["label"].map(is_family_label).to_numpy()
+    variety = rows["label"].map(is_variety_label).to_numpy()
     unknown = _unknown(rows, te, tf)
     # Top-1 ignores the unknown rule (the class the model would name), as the block-split figure does.
     return {

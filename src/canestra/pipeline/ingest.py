@@ -217,22 +217,29 @@ def as_roots(images_uri: str | list[str] | tuple[str, ...]) -> list[str]:
     return roots
 
 
-def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None) -> tuple[list[storage.ListedFile], list[dict]]:
+def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None,
+               unknown_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
     """List one or several roots. With a taxonomy, a root whose folders are all family names
-    (``real-photos/Apple/...``) is family-level: its labels become ``"Apple (family)"``."""
-    from canestra.answer.taxonomy import family_label
+    (``real-photos/Apple/...``) is family-level: its labels become ``"Apple (family)"``.
+    Every image under an ``unknown_uris`` root (any folder, or none) is labelled
+    ``OTHER_LABEL``: a photo of none of the families, which the model learns to refuse."""
+    from canestra.answer.taxonomy import OTHER_LABEL, family_label
 
     roots = as_roots(images_uri)
+    unknown = [unknown_uris] if isinstance(unknown_uris, str) else list(unknown_uris or ())
     files: list[storage.ListedFile] = []
     info: list[dict] = []
-    for uri in roots:
+    for uri in roots + unknown:
         listed = storage.list_images(uri)
         if not listed:
             where = storage.display(uri)
             raise InputError(f"no files found under {where}: put images in class folders, e.g. {where}/Banana/0_100.jpg")
         folders = sorted({f.label for f in listed if f.label is not None})
         level = "family" if taxonomy is not None and taxonomy.is_family_root(folders) else "variety"
-        if level == "family":
+        if uri in unknown and uri not in roots:
+            level = "unknown"
+            listed = [replace(f, label=OTHER_LABEL) for f in listed]
+        elif level == "family":
             listed = [replace(f, label=family_label(taxonomy.canonical_family(f.label))) if f.label is not None else f
                       for f in listed]
         files += listed
@@ -273,18 +280,19 @@ def ingest(
     table_name: str = CATALOG,
     quarantine_name: str = QUARANTINE_CSV,
     taxonomy=None,
+    unknown_images: str | list[str] | tuple[str, ...] = (),
 ) -> IngestResult:
     """Build (or reuse, when the listing is unchanged) ``out_dir/<table_name>``.
 
     ``images_uri`` may list several roots; with a ``taxonomy``, family-level roots are
-    recognised (see ``list_roots``).
+    recognised (see ``list_roots``); ``unknown_images`` roots hold photos of none of the families.
     """
     from pyspark.sql import functions as F
 
     from canestra.vision.images import DEFAULT_MAX_PIXELS
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    files, roots = list_roots(images_uri, require_labels, taxonomy)
+    files, roots = list_roots(images_uri, require_labels, taxonomy, unknown_images)
     if require_labels:
         files_unlabelled = [f for f in files if f.label is None]
         files = [f for f in files if f.label is not None]

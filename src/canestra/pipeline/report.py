@@ -593,6 +593,70 @@ def _families_section(metrics: dict) -> str:
             + "</tbody></table></div>")
 
 
+def _share_cell(x, kind: str) -> str:
+    """A share with its bar: ``good`` (top-1: green when high), ``bad`` (errors: redder when high), else neutral."""
+    if not _is_num(x):
+        return "<td>—</td>"
+    a = min(1.0, max(0.0, x))
+    if kind == "good":
+        colour = _mix(_REDS, 1 - a) if a < 0.9 else _mix(_GREENS, 0.35 + a * 0.5)
+    elif kind == "bad":
+        colour = _mix(_REDS, min(1.0, a * 2))
+    else:
+        colour = _BAR
+    return f'<td>{_opt_pct(x)}<span class="bar"><i style="width:{a * 100:.1f}%;background:{colour}"></i></span></td>'
+
+
+def _source_row(name_html: str, v: dict, note: str = "", cls: str = "") -> str:
+    return (f"<tr{cls}><td>{name_html}{note}</td><td>{_int(v.get('n')):,}</td>"
+            f"{_share_cell(v.get('family_top1'), 'good')}{_share_cell(v.get('unknown'), 'neutral')}"
+            f"{_share_cell(v.get('confidently_wrong'), 'bad')}</tr>")
+
+
+def _sources_section(metrics: dict) -> str:
+    """``by_source``: the --eval-images roots, never trained on, one table each (all, then per family)."""
+    sources = metrics.get("by_source")
+    if not isinstance(sources, list):
+        return ""
+    sources = [s for s in sources if isinstance(s, dict)]
+    if not sources:
+        return ""
+    out = ['<h2>Other sources (never trained on)</h2><p class="muted">Each <code>--eval-images</code> root, '
+           "scored by the final model with its “unknown” rule, as <code>canestra predict</code> answers. "
+           "Family top-1: the answered family is the true one (“unknown” counts wrong, except for a family the "
+           "model does not know, where “unknown” is the right answer); confidently wrong: a wrong family "
+           "answered. Images also in a training root are left out.</p>"]
+    gap = _dict(metrics.get("by_source_gap"))
+    if _is_num(gap.get("held_out_family_top1")) and _is_num(gap.get("by_source_mean_family_top1")):
+        what = "real photos" if str(gap.get("held_out", "")).startswith("family") else "images"
+        text = (f"held-out {what} read {_pct(gap['held_out_family_top1'], 1)} family top-1, these sources "
+                f"{_pct(gap['by_source_mean_family_top1'], 1)} (mean of the roots)")
+        out.append(f"<p><b>The held-out split flatters</b>: {_e(text)}; trust these figures.</p>" if gap.get("flatters")
+                   else f'<p class="muted">{_e(text)}.</p>')
+    head = "<th>images</th><th>family top-1</th><th>answered unknown</th><th>confidently wrong</th>"
+    for s in sources:
+        level = str(s.get("level", ""))
+        variety = level == "variety"
+        facts = [f"{level}-level" if level else "", f"{_int(s.get('n')):,} images"]
+        left = _int(s.get("left_out_trained_on"))
+        if left:
+            facts.append(f"{left:,} left out (also in a training root)")
+        if variety:
+            facts.append(f"variety top-1 {_opt_pct(s.get('top1'))}")
+        out.append(f'<p><b>{_e(s.get("name", "?"))}</b> <span class="muted">· '
+                   + " · ".join(_e(f) for f in facts if f) + "</span></p>")
+        body = [_source_row("<b>all</b>", s)]
+        fams = _dict(s.get("families"))
+        for name in sorted(fams, key=lambda f: (_num(_dict(fams[f]).get("family_top1"), 2.0), str(f))):
+            v = _dict(fams[name])
+            note = ("" if v.get("in_model", True) else
+                    ' <span class="small">(not in the model: right when answered unknown)</span>')
+            body.append(_source_row(_e(name), v, note, ' class="absent"' if _int(v.get("n")) == 0 else ""))
+        out.append('<div class="panel narrow"><table><thead><tr><th>family</th>' + head + "</tr></thead><tbody>"
+                   + "".join(body) + "</tbody></table></div>")
+    return "".join(out)
+
+
 def _axis_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     step = _nice((hi - lo) / n) if hi > lo else 1.0
     first = math.ceil(lo / step - 1e-9) * step
@@ -849,6 +913,7 @@ def render_report(metrics: dict) -> str:
         f'<p class="muted">{" · ".join(_e(s) for s in sub)}</p>' if sub else "",
         _cards(metrics),
         _shift_section(metrics),
+        _sources_section(metrics),
         _families_section(metrics),
         _unknown_section(metrics),
         _calibration_section(metrics),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from canestra import __version__
-from canestra.answer.taxonomy import is_family_label
+from canestra.answer.taxonomy import OTHER_LABEL, is_family_label, is_variety_label
 from canestra.config import Settings
 from canestra.errors import InputError
 from canestra.layout import FEATURES, METRICS_JSON, MODEL, REPORT_HTML
@@ -125,12 +125,15 @@ class _Fitted:
     profile_thr: dict
 
 
-def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st):
-    res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy)
+def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=()):
+    res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy,
+                 unknown_images=unknown_images or ())
     fam_roots = [r for r in res.roots if r["level"] == "family"]
     st.note(
         res.note()
         + "".join(f"; {storage.display(r['uri'])}: family-level ({r['folders']} families)" for r in fam_roots)
+        + "".join(f"; {storage.display(r['uri'])}: none of the families ({r['files']} files, answered unknown)"
+                  for r in res.roots if r["level"] == "unknown")
     )
     return res
 
@@ -186,8 +189,10 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
     mean_labels, means = evaluation.imagenet_class_means(train_df, rule0.imagenet_offset)
     profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(mean_labels)
                 if is_family_label(lb)}
+    # Fruitness counts the ImageNet classes of fruit: the "none of the families" photos add none.
+    fruit_means = means[[i for i, lb in enumerate(mean_labels) if lb != OTHER_LABEL]]
     fitted = _Fitted(feats, train_idx, feats.where("split = 'test'"), n_train, pca, clf, labels,
-                     imagenet_class_set(means), profiles,
+                     imagenet_class_set(fruit_means), profiles,
                      evaluation.profile_thresholds(train_df, rule0.imagenet_offset, profiles, PROFILE_QUANTILE))
     capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
         cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
@@ -214,10 +219,10 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     te, tf = evaluation.thresholds(rows, cfg.unknown_quantile)
     rule = _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr)
     model = PipelineModel(stages=[featurizer, fit.pca, fit.clf, AnswerModel(rule=rule.to_json())])
-    variety_rows = rows[~rows["label"].map(is_family_label)]
+    variety_rows = rows[rows["label"].map(is_variety_label)]
     counts = [(t, p, int(n)) for (t, p), n in
               variety_rows.groupby(["label", "predicted_label"]).size().items()]
-    metrics = classification_metrics(counts, classes=[lb for lb in labels if not is_family_label(lb)])
+    metrics = classification_metrics(counts, classes=[lb for lb in labels if is_variety_label(lb)])
     metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf))
     fam_held = metrics.pop("family_roots_held_out", None)
     shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
@@ -307,20 +312,23 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
     }
 
 
-def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Progress | None = None) -> TrainResult:
+def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Progress | None = None,
+          eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None) -> TrainResult:
     """Ingest one or several roots, featurize (only images the feature store lacks), fit PCA +
     logistic regression, calibrate the "unknown" rule on held-out images, evaluate (also under
-    shift) and save one PipelineModel."""
+    shift, and on the ``eval_images`` roots, never trained on) and save one PipelineModel."""
     from canestra.answer.taxonomy import load_taxonomy
+    from canestra.pipeline import eval_sources
 
     progress = progress or Progress()
     taxonomy = load_taxonomy(cfg.taxonomy)
+    eval_roots = eval_sources.check_eval_roots(eval_images, images, taxonomy)  # before any Spark work
     out_dir = storage.ensure_output_dir(out, spark)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
 
     with progress.stage("ingest") as st:
-        res = _ingest_step(spark, images, out_dir, cfg, taxonomy, st)
+        res = _ingest_step(spark, images, out_dir, cfg, taxonomy, st, unknown_images)
     timings["ingest"] = st.seconds
 
     featurizer = make_featurizer(cfg)
@@ -337,11 +345,21 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
                                                     taxonomy, st)
     timings["evaluate"] = st.seconds
 
+    sources: dict = {}
+    if eval_roots:
+        with progress.stage("evaluate sources") as st:
+            sources, warning = eval_sources.evaluate_sources(spark, eval_roots, out_dir, featurizer, model,
+                                                             res.catalog_path, taxonomy, metrics, st)
+        timings["evaluate_sources"] = st.seconds
+        if warning:
+            progress.say(f"canestra: warning: {warning}")
+
     with progress.stage("save") as st:
         _save_model(out_dir, model, fit.train_idx)
         timings["total"] = time.perf_counter() - t_start
         # every held-out row was scored: no extra pass over the table for n_test
         metrics.update(_run_metrics(res, cfg, featurizer, fit, rule, len(rows), metrics["n"], update, timings))
+        metrics.update(sources)
         storage.write_text_atomic(os.path.join(out_dir, METRICS_JSON), json.dumps(metrics, indent=2, allow_nan=False))
         write_report(metrics, os.path.join(out_dir, REPORT_HTML))
     timings["save"] = st.seconds

@@ -21,7 +21,7 @@ from typing import Any
 
 from canestra import __version__
 from canestra.config import Settings
-from canestra.layout import CATALOG, FEATURES, GDPR_DIR, PREDICTIONS_CSV, STAGING
+from canestra.layout import CATALOG, EVAL_CATALOG, FEATURES, GDPR_DIR, PREDICTIONS_CSV, STAGING
 from canestra.privacy import audit, erase
 from canestra.privacy import purge as retention
 from canestra.storage import files as storage
@@ -208,6 +208,9 @@ def build_record(out_dir: str, cfg: Settings) -> dict[str, Any]:
     purposes = []
     if names & {CATALOG, FEATURES} or models:
         purposes.append("training and evaluating an image classifier for fruit (catalog, features, model)")
+    if EVAL_CATALOG in names:
+        purposes.append("evaluating the classifier on images never trained on (eval_catalog, by_source in "
+                        "metrics.json)")
     if "predictions" in names or any(c["file"].endswith(PREDICTIONS_CSV) for c in csvs):
         purposes.append("classifying images with a trained model (predictions)")
     if not purposes:

@@ -1,0 +1,413 @@
+"""Cross-source evaluation: does the family answer hold on real photos from *another* source?
+
+A random split of one source's photos flatters (the same items in the same shops); this bench
+only ever tests a model on a source it did not train on, and is what each lever of
+docs/outside-the-studio.md section 6 is judged by:
+
+* ``real->grocery``: train studio + ``real-photos``; test ``grocery-photos`` Apple/Banana/Orange
+  (family top-1, ``unknown`` counts wrong) and the other 30 grocery families, which that model
+  has no real photo of ("confidently wrong": a wrong family answered);
+* ``grocery->real``: train studio + ``grocery-photos``; test ``real-photos`` (3 families);
+* ``grocery->val``: train studio + ``real-photos`` + ``grocery-photos``; test
+  ``grocery-photos-val`` (30 families, other shop visits: the stand-in for the Grocery test split),
+  tomato and lime shown apart;
+* ``families out``: the 33 grocery families dealt into 3 folds; train on all real photos but one
+  fold's families, test that fold's ``grocery-photos-val`` photos: confidently wrong on families
+  with no real training photo;
+* ``non-fruit``: scikit-image/scikit-learn sample photos (and crops) answered ``unknown``, by the
+  ``grocery->val`` model; ``studio``: 5-block held-out top-1 of the studio rows of that model.
+
+Features are ``canestra.vision.backbone.embed`` (the product's CNN, centre crop) cached in
+``--work``; the classifier is the probe of bench/outside_studio.py (PCA + multinomial logistic
+regression with Spark ML's objective, optional row weights), the answer rule is the product's
+(``canestra.answer.rule``), calibrated as ``canestra train`` does on held-out rows.
+
+    python bench/cross_source.py [--levers NAME,...] [--work DIR] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import benchlib
+import numpy as np
+
+benchlib.setup_env()
+import outside_studio as os_bench  # noqa: E402  (bench/ sibling: probe, non-fruit set)
+
+from canestra.answer.taxonomy import OTHER_LABEL as UNKNOWN  # noqa: E402  (--unknown-images rows)
+
+DATA = benchlib.ROOT.parent / "shared" / "data"
+SETS = {
+    "studio": DATA / "fruits-360-sample" / "Training",
+    "real": DATA / "real-photos",
+    "grocery": DATA / "grocery-photos",
+    "gval": DATA / "grocery-photos-val",
+    "gother": DATA / "grocery-other",
+}
+FOLDS = 3
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str
+    sizes: tuple[int, ...] = (160, 224)
+    precision: str = "fp32"
+    pca_k: int | None = 512
+    reg: float = 1e-5
+    balance: str = "none"  # none | source | class: row weights so each root / class weighs alike
+    real_weight: float = 1.0  # extra weight of real-photo rows on top of the balance
+    aug: int = 0  # augmented views per real training photo
+    unknown_class: bool = False  # grocery-other photos as a trained "none of the families" class
+    synth: int = 0  # synthetic scenes per studio class
+
+
+LEVERS = {lv.name: lv for lv in [
+    Lever("default 160+224 fp32"),
+    Lever("224 fp32", sizes=(224,)),
+    Lever("160 fp32", sizes=(160,)),
+    Lever("224 int8", sizes=(224,), precision="int8"),
+    Lever("default + source balance", balance="source"),
+    Lever("default + class balance", balance="class"),
+    Lever("default + unknown class", unknown_class=True),
+    Lever("default + aug 4", aug=4),
+    Lever("default + synth 10", synth=10),
+    Lever("default + synth 10 + unknown class", synth=10, unknown_class=True),
+    Lever("default + synth 10 + unknown + aug 4", synth=10, unknown_class=True, aug=4),
+]}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- images and features
+
+
+@dataclass
+class ImageSet:
+    name: str
+    items: list[str]  # "<Folder>/<file>"
+    folders: np.ndarray
+    families: np.ndarray  # canonical family of each folder ("" when none)
+    split: np.ndarray  # the product's split ("train"/"test") for the set's own rows
+
+    def rgb(self, i: int) -> np.ndarray:
+        return os_bench.read_rgb(str(SETS[self.name] / self.items[i]))
+
+
+def load_set(name: str, taxonomy) -> ImageSet:
+    from canestra.pipeline.split import assign_splits
+
+    items = os_bench.list_labelled(str(SETS[name]))
+    folders = np.array([i.split(os.sep)[0] for i in items])
+    fam = np.array([taxonomy.canonical_family(f) or taxonomy.family(f) or "" for f in folders])
+    names = [os.path.basename(i) for i in items]
+    split = np.array(assign_splits(list(folders), names, 0.2, 42))
+    return ImageSet(name, items, folders, fam, split)
+
+
+def augment(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """View ``k`` of a photo: mirror, random crop (55-90 % of the short side), colour and blur."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    rng = np.random.default_rng(seed * 101 + k)
+    h, w = rgb.shape[:2]
+    s = int(min(h, w) * rng.uniform(0.55, 0.9))
+    y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
+    im = Image.fromarray(np.ascontiguousarray(rgb[y : y + s, x : x + s]))
+    if k % 2 == 0:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.7, 1.3))
+    im = ImageEnhance.Color(im).enhance(rng.uniform(0.7, 1.3))
+    im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.8, 1.2))
+    if rng.random() < 0.3:
+        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+    return np.asarray(im)
+
+
+class Features:
+    def __init__(self, work: Path, threads: int):
+        self.cache = {}
+        self.work = work
+        self.threads = threads
+        self.dir = work / "xs-features"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def get(self, s: ImageSet, sizes, precision: str, view: str = "orig", rgb_of=None, n=None) -> np.ndarray:
+        """Concatenated embeddings at ``sizes`` for every image (or view) of ``s``."""
+        from canestra.vision import backbone
+
+        rgb_of = rgb_of or s.rgb
+        n = len(s.items) if n is None else n
+        parts = []
+        for size in sizes:
+            path = self.dir / f"{s.name}-{view}-{precision}-{size}.npy"
+            if not path.exists():
+                log(f"featurize {s.name}/{view} {precision} {size} px: {n} images")
+                t0 = time.perf_counter()
+                model = backbone.model_path(precision)
+                out = []
+                for start in range(0, n, 64):
+                    rgbs = [rgb_of(i) for i in range(start, min(start + 64, n))]
+                    out.append(backbone.embed(rgbs, (size,), model, threads=self.threads))
+                np.save(path, np.concatenate(out).astype(np.float32))
+                log(f"  {n / (time.perf_counter() - t0):.1f} img/s (decode included)")
+            parts.append(np.load(path))
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+# ----------------------------------------------------------------------------- training rows
+
+
+@dataclass
+class Rows:
+    X: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    source: list = field(default_factory=list)
+
+    def add(self, X, labels, source: str):
+        self.X.append(X)
+        self.labels += list(labels)
+        self.source += [source] * len(X)
+
+
+def weights(labels: list[str], source: list[str], lv: Lever) -> np.ndarray:
+    labels, source = np.array(labels), np.array(source)
+    w = np.ones(len(labels))
+    if lv.balance == "source":
+        for s in set(source):
+            w[source == s] = len(source) / (len(set(source)) * (source == s).sum())
+    elif lv.balance == "class":
+        for c in set(labels):
+            w[labels == c] = len(labels) / (len(set(labels)) * (labels == c).sum())
+    w[source != "studio"] *= lv.real_weight
+    return w / w.mean()
+
+
+def fit_weighted(X, y, n_classes, lv: Lever, w: np.ndarray, max_iter: int = 100):
+    """The probe of outside_studio.fit_probe with per-row weights (Spark ML's weightCol objective)."""
+    import torch
+
+    X = np.asarray(X, np.float64)
+    mean = X.mean(axis=0)
+    Z = X - mean
+    basis = None
+    if lv.pca_k:
+        basis = os_bench.pca_directions(Z)[:, : lv.pca_k]
+        Z = Z @ basis
+    # float32: 4x faster than the float64 of outside_studio's probe; ranks levers the same.
+    Zt, yt = torch.from_numpy(np.ascontiguousarray(Z, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+    wt = torch.from_numpy((w / w.sum()).astype(np.float32))
+    W = torch.zeros(Z.shape[1], n_classes, dtype=torch.float32, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(Zt @ W + b, yt, reduction="none")
+        loss = (ce * wt).sum() + lv.reg / 2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return os_bench.Probe(mean, basis, W.detach().numpy().astype(np.float64), b.detach().numpy().astype(np.float64))
+
+
+class Bench:
+    def __init__(self, args):
+        from canestra.answer.taxonomy import load_taxonomy
+
+        self.args = args
+        self.tax = load_taxonomy(None)
+        self.sets = {n: load_set(n, self.tax) for n in SETS}
+        self.feats = Features(Path(args.work), args.threads)
+        self._nonfruit = None
+
+    def X(self, name: str, lv: Lever) -> np.ndarray:
+        return self.feats.get(self.sets[name], lv.sizes, lv.precision)
+
+    def aug_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
+        s = self.sets[name]
+        return self.feats.get(s, lv.sizes, lv.precision, view=f"aug{k}",
+                              rgb_of=lambda i: augment(s.rgb(i), k, i))
+
+    def synth(self, n: int):
+        """``n`` synthetic scenes per studio class (training frames only), on fruit-free crops of
+        ``real-photos`` (``real-photos-boxes``): (labels, RGB maker)."""
+        from canestra.vision import scenes
+        from canestra.vision.images import decode_rgb
+
+        st = self.sets["studio"]
+        if not hasattr(self, "_bgs"):
+            self._bgs = scenes.backgrounds_from_boxes(str(SETS["real"]), str(DATA / "real-photos-boxes"), decode_rgb)
+        classes = sorted(set(st.folders))
+        train_of = {c: np.where((st.folders == c) & (st.split == "train"))[0] for c in classes}
+        jobs = [(c, k) for c in classes for k in range(n)]
+
+        def make(i: int) -> np.ndarray:
+            c, k = jobs[i]
+            rng = np.random.default_rng(i)
+            frames = rng.choice(train_of[c], size=4, replace=False)
+            fruits = [scenes.cutout(st.rgb(int(j))) for j in frames]
+            return scenes.compose(fruits, self._bgs[int(rng.integers(0, len(self._bgs)))], seed=i)
+
+        return [c for c, _ in jobs], make
+
+    def synth_X(self, lv: Lever, n: int):
+        labels, make = self.synth(n)
+        fake = ImageSet(f"synth{n}", labels, np.array([]), np.array([]), np.array([]))
+        return self.feats.get(fake, lv.sizes, lv.precision, rgb_of=make), labels
+
+    def nonfruit_X(self, lv: Lever) -> np.ndarray:
+        if self._nonfruit is None:
+            self._nonfruit = os_bench.nonfruit_images()
+        nf = self._nonfruit
+        fake = ImageSet("nonfruit", [n for n, _ in nf], np.array([]), np.array([]), np.array([]))
+        return self.feats.get(fake, lv.sizes, lv.precision, rgb_of=lambda i: nf[i][1])
+
+    def train(self, lv: Lever, real_roots: list[str], drop_families: set[str] = frozenset()):
+        """Fit the probe + the product's answer rule on studio (train split) + ``real_roots``."""
+        from canestra.answer.taxonomy import family_label
+
+        st = self.sets["studio"]
+        Xs = self.X("studio", lv)
+        tr = st.split == "train"
+        rows, cal = Rows(), Rows()
+        rows.add(Xs[tr], st.folders[tr], "studio")
+        cal.add(Xs[~tr], st.folders[~tr], "studio")
+        for r in real_roots:
+            s = self.sets[r]
+            keep = ~np.isin(s.families, list(drop_families))
+            Xr = self.X(r, lv)
+            lab = np.array([family_label(f) for f in s.families])
+            t, c = keep & (s.split == "train"), keep & (s.split == "test")
+            rows.add(Xr[t], lab[t], r)
+            cal.add(Xr[c], lab[c], r)
+            for k in range(lv.aug):
+                rows.add(self.aug_X(r, lv, k)[t], lab[t], r)
+        if lv.synth:
+            Xsyn, lab = self.synth_X(lv, lv.synth)
+            rows.add(Xsyn, lab, "synth")
+        if lv.unknown_class:
+            s = self.sets["gother"]
+            rows.add(self.X("gother", lv), [UNKNOWN] * len(s.items), "gother")
+        labels = sorted(set(rows.labels))
+        y = np.array([labels.index(lb) for lb in rows.labels])
+        X = np.concatenate(rows.X)
+        t0 = time.perf_counter()
+        probe = fit_weighted(X, y, len(labels), lv, weights(rows.labels, rows.source, lv), self.args.max_iter)
+        log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
+        rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
+                                   0.005)
+        return probe, rule
+
+    def answer(self, probe, rule, X: np.ndarray) -> np.ndarray:
+        """The family answered per row ("" for unknown)."""
+        d = os_bench.decisions(probe, rule, X)
+        return d.family  # "" when unknown (the "none of the families" class included)
+
+    @staticmethod
+    def scores(answered: np.ndarray, truth: np.ndarray, known: set[str]) -> dict:
+        """Family top-1 (unknown = wrong), unknown rate, confidently wrong (a wrong family named).
+        A row whose family the model has no class of is right only when answered unknown."""
+        n = len(truth)
+        if n == 0:
+            return {"n": 0}
+        right = np.where(np.isin(truth, list(known)), answered == truth, answered == "")
+        unk = answered == ""
+        return {"n": int(n), "family_top1": float(right.mean()), "unknown": float(unk.mean()),
+                "confidently_wrong": float((~right & ~unk).mean())}
+
+    def run(self, lv: Lever) -> dict:
+        out: dict = {"lever": lv.name}
+        known = lambda rule: set(rule.families) - {""}  # noqa: E731
+        g, r, v = self.sets["grocery"], self.sets["real"], self.sets["gval"]
+        shared = {"Apple", "Banana", "Orange"}
+        t0 = time.perf_counter()
+        # real -> grocery
+        probe, rule = self.train(lv, ["real"])
+        a = self.answer(probe, rule, self.X("grocery", lv))
+        m = np.isin(g.families, list(shared))
+        out["real->grocery ABO"] = self.scores(a[m], g.families[m], known(rule))
+        out["real->grocery others"] = self.scores(a[~m], g.families[~m], known(rule))
+        # grocery -> real
+        probe, rule = self.train(lv, ["grocery"])
+        a = self.answer(probe, rule, self.X("real", lv))
+        out["grocery->real ABO"] = self.scores(a, r.families, known(rule))
+        # all real -> grocery-val, non-fruit, studio held-out
+        probe, rule = self.train(lv, ["real", "grocery"])
+        a = self.answer(probe, rule, self.X("gval", lv))
+        out["grocery->val"] = self.scores(a, v.families, known(rule))
+        for fam in ("Tomato", "Lime", "Apple"):
+            out[f"grocery->val {fam}"] = self.scores(a[v.families == fam], v.families[v.families == fam], known(rule))
+        a = self.answer(probe, rule, self.nonfruit_X(lv))
+        out["non-fruit unknown"] = float((a == "").mean())
+        st = self.sets["studio"]
+        te = st.split == "test"
+        pred = np.array(rule.labels)[probe.margins(self.X("studio", lv)[te]).argmax(axis=1)]
+        out["studio 5-block top1"] = float((pred == st.folders[te]).mean())
+        # families out: confidently wrong on families with no real training photo
+        fams = sorted(set(g.families))
+        rng = np.random.default_rng(0)
+        fold_of = {f: i % FOLDS for i, f in enumerate(rng.permutation(fams))}
+        answered, truth = [], []
+        for k in range(FOLDS):
+            drop = {f for f in fams if fold_of[f] == k}
+            probe, rule = self.train(lv, ["real", "grocery"], drop)
+            m = np.isin(v.families, list(drop))
+            answered.append(self.answer(probe, rule, self.X("gval", lv)[m]))
+            truth.append(v.families[m])
+        # Families the model knows only from the studio: naming them is right, another family wrong.
+        out["families out (val)"] = self.scores(np.concatenate(answered), np.concatenate(truth),
+                                                set(self.tax.families_of(list(self.sets["studio"].folders))))
+        out["fit_s"] = round(time.perf_counter() - t0, 1)
+        return out
+
+
+def fmt(res: dict) -> str:
+    cells = []
+    for k, v in res.items():
+        if isinstance(v, dict) and v.get("n"):
+            cells.append(f"{k}: {v['family_top1'] * 100:.1f}% (unk {v['unknown'] * 100:.1f}, "
+                         f"wrong {v['confidently_wrong'] * 100:.1f}, n={v['n']})")
+        elif isinstance(v, float):
+            cells.append(f"{k}: {v * 100:.2f}%" if v <= 1 else f"{k}: {v}")
+    return f"{res['lever']}\n  " + "\n  ".join(cells)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levers", default=",".join(LEVERS), help="comma-separated lever names")
+    ap.add_argument("--work", default="/tmp/canestra-bench-work")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-iter", type=int, default=60)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    b = Bench(args)
+    results = []
+    for name in [n.strip() for n in args.levers.split(",") if n.strip()]:
+        lv = LEVERS.get(name) or Lever(name)
+        res = b.run(lv)
+        results.append(res)
+        print(fmt(res), flush=True)
+        benchlib.record("cross_source", {"lever_settings": asdict_lever(lv), **res}, False)
+    if args.json:
+        print(json.dumps({"machine": benchlib.machine(), "results": results}))
+
+
+def asdict_lever(lv: Lever) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(replace(lv))
+
+
+if __name__ == "__main__":
+    main()
