@@ -66,6 +66,7 @@ class Lever:
     aug: int = 0  # augmented views per real training photo
     unknown_class: bool = False  # grocery-other photos as a trained "none of the families" class
     synth: int = 0  # synthetic scenes per studio class
+    inet: bool = False  # the CNN's own ImageNet log-probabilities appended to the embedding
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -73,6 +74,11 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 fp32", sizes=(224,)),
     Lever("160 fp32", sizes=(160,)),
     Lever("224 int8", sizes=(224,), precision="int8"),
+    Lever("224 fp32 + aug 4", sizes=(224,), aug=4),
+    Lever("224 fp32 + ImageNet scores", sizes=(224,), inet=True),
+    Lever("224 fp32 + unknown class", sizes=(224,), unknown_class=True),
+    Lever("224 fp32 + synth 10 + unknown class", sizes=(224,), synth=10, unknown_class=True),
+    Lever("160 fp32 + synth 10 + unknown class", sizes=(160,), synth=10, unknown_class=True),
     Lever("default + source balance", balance="source"),
     Lever("default + class balance", balance="class"),
     Lever("default + unknown class", unknown_class=True),
@@ -221,6 +227,17 @@ def fit_weighted(X, y, n_classes, lv: Lever, w: np.ndarray, max_iter: int = 100)
     return os_bench.Probe(mean, basis, W.detach().numpy().astype(np.float64), b.detach().numpy().astype(np.float64))
 
 
+def with_inet(X: np.ndarray, lv: Lever) -> np.ndarray:
+    """``X`` with the ImageNet head's log-probabilities (of the block nearest 224 px) appended, scaled
+    to the embedding's spread so that PCA weighs both; the answer rule reads the embedding part only."""
+    if not lv.inet:
+        return X
+    from canestra.answer.rule import imagenet_probabilities
+
+    logp = np.log(imagenet_probabilities(X, os_bench.imagenet_offset(lv.sizes)) + 1e-6)
+    return np.concatenate([X, (logp * (X.std() / logp.std())).astype(np.float32)], axis=1)
+
+
 class Bench:
     def __init__(self, args):
         from canestra.answer.taxonomy import load_taxonomy
@@ -232,12 +249,12 @@ class Bench:
         self._nonfruit = None
 
     def X(self, name: str, lv: Lever) -> np.ndarray:
-        return self.feats.get(self.sets[name], lv.sizes, lv.precision)
+        return with_inet(self.feats.get(self.sets[name], lv.sizes, lv.precision), lv)
 
     def aug_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
         s = self.sets[name]
-        return self.feats.get(s, lv.sizes, lv.precision, view=f"aug{k}",
-                              rgb_of=lambda i: augment(s.rgb(i), k, i))
+        return with_inet(self.feats.get(s, lv.sizes, lv.precision, view=f"aug{k}",
+                                        rgb_of=lambda i: augment(s.rgb(i), k, i)), lv)
 
     def synth(self, n: int):
         """``n`` synthetic scenes per studio class (training frames only), on fruit-free crops of
@@ -264,14 +281,14 @@ class Bench:
     def synth_X(self, lv: Lever, n: int):
         labels, make = self.synth(n)
         fake = ImageSet(f"synth{n}", labels, np.array([]), np.array([]), np.array([]))
-        return self.feats.get(fake, lv.sizes, lv.precision, rgb_of=make), labels
+        return with_inet(self.feats.get(fake, lv.sizes, lv.precision, rgb_of=make), lv), labels
 
     def nonfruit_X(self, lv: Lever) -> np.ndarray:
         if self._nonfruit is None:
             self._nonfruit = os_bench.nonfruit_images()
         nf = self._nonfruit
         fake = ImageSet("nonfruit", [n for n, _ in nf], np.array([]), np.array([]), np.array([]))
-        return self.feats.get(fake, lv.sizes, lv.precision, rgb_of=lambda i: nf[i][1])
+        return with_inet(self.feats.get(fake, lv.sizes, lv.precision, rgb_of=lambda i: nf[i][1]), lv)
 
     def train(self, lv: Lever, real_roots: list[str], drop_families: set[str] = frozenset()):
         """Fit the probe + the product's answer rule on studio (train split) + ``real_roots``."""
