@@ -77,6 +77,9 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 fp32 + aug 4", sizes=(224,), aug=4),
     Lever("224 fp32 + ImageNet scores", sizes=(224,), inet=True),
     Lever("224 fp32 + unknown class", sizes=(224,), unknown_class=True),
+    Lever("224 fp32 + aug 4 + unknown class", sizes=(224,), aug=4, unknown_class=True),
+    Lever("224 fp32 + aug 8", sizes=(224,), aug=8),
+    Lever("224 fp32 + aug 4 + class balance", sizes=(224,), aug=4, balance="class"),
     Lever("224 fp32 + synth 10 + unknown class", sizes=(224,), synth=10, unknown_class=True),
     Lever("160 fp32 + synth 10 + unknown class", sizes=(160,), synth=10, unknown_class=True),
     Lever("default + source balance", balance="source"),
@@ -120,22 +123,10 @@ def load_set(name: str, taxonomy) -> ImageSet:
 
 
 def augment(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """View ``k`` of a photo: mirror, random crop (55-90 % of the short side), colour and blur."""
-    from PIL import Image, ImageEnhance, ImageFilter
+    """View ``k`` of a photo, as ``canestra train --augment-views`` makes it (seeded by row here)."""
+    from canestra.vision.views import view
 
-    rng = np.random.default_rng(seed * 101 + k)
-    h, w = rgb.shape[:2]
-    s = int(min(h, w) * rng.uniform(0.55, 0.9))
-    y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-    im = Image.fromarray(np.ascontiguousarray(rgb[y : y + s, x : x + s]))
-    if k % 2 == 0:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.7, 1.3))
-    im = ImageEnhance.Color(im).enhance(rng.uniform(0.7, 1.3))
-    im = ImageEnhance.Contrast(im).enhance(rng.uniform(0.8, 1.2))
-    if rng.random() < 0.3:
-        im = im.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
-    return np.asarray(im)
+    return view(rgb, k, seed)
 
 
 class Features:

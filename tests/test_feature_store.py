@@ -117,7 +117,7 @@ def test_featurizer_key_names_what_changes_embeddings():
     base = make_featurizer(Settings.load())
     key = features.featurizer_key(base)
     assert key == features.featurizer_key(make_featurizer(Settings.load(batch_size=8, threads=2)))
-    for other in (Settings.load(image_sizes=(224,)), Settings.load(precision="int8")):
+    for other in (Settings.load(image_sizes=(160, 224)), Settings.load(precision="int8")):
         assert features.featurizer_key(make_featurizer(other)) != key
     squash = make_featurizer(Settings.load())
     squash.set(squash.inputFit, "squash")

@@ -28,9 +28,13 @@ def parse_sizes(value: str | int | list | tuple) -> tuple[int, ...]:
 @dataclass
 class Settings:
     master: str = "local[*]"
-    # 160 + 224 px concatenated, PCA 512, L2 1e-5: measured best on held-out blocks, wider blocks and
-    # perturbed images (docs/outside-the-studio.md); ~1.5 min more than 160 px alone.
-    image_sizes: tuple[int, ...] = (160, 224)
+    # 224 px, one pass (1,280-d), PCA 512, L2 1e-5: on the cross-source bench (bench/cross_source.py,
+    # docs/outside-the-studio.md section 7) as good as 160 + 224 on real photos from other sources for
+    # 1.6x less featurizing; int8 is no default: 3-6x slower than fp32 on CPUs without VNNI.
+    image_sizes: tuple[int, ...] = (224,)
+    # Augmented views (crop, mirror, light, blur) of each family-labelled training photo: +7-15 points
+    # of family top-1 on photos of other sources (docs/outside-the-studio.md section 7); 0 = off.
+    augment_views: int = 4
     batch_size: int = 64  # images per ONNX Runtime call
     arrow_batch: int = 256  # rows per Arrow batch into the UDF: bounds worker memory
     threads: int = 1  # ONNX Runtime threads per Spark task
@@ -97,6 +101,8 @@ class Settings:
             s.pca_k = None
         if not 0.0 < s.test_fraction < 1.0:
             raise InputError(f"--test-fraction must be between 0 and 1 (exclusive), got {s.test_fraction}")
+        if not 0 <= s.augment_views <= 32:
+            raise InputError(f"--augment-views must be between 0 and 32, got {s.augment_views}")
         if s.batch_size < 1 or s.threads < 1 or s.arrow_batch < 1:
             raise InputError("--batch-size, --threads and --arrow-batch must be positive numbers")
         if s.precision not in ("fp32", "int8"):

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class -> family table (columns class,family) overriding the shipped Fruits-360 one")
     g.add_argument("--unknown-quantile", type=float, metavar="SHARE",
                    help="share of held-out images the 'unknown' rule may refuse (default 0.005; 0 turns it off)")
+    g.add_argument("--augment-views", type=int, metavar="N",
+                   help="augmented views (crop, mirror, light, blur) of each family-labelled training photo "
+                        "(default 4; 0 = off): real photos from other sources are recognised better")
     g.add_argument("--no-shift-eval", dest="shift_eval", action="store_false", default=None,
                    help="skip the evaluation on perturbed held-out images (saves ~15 s)")
     g = p.add_argument_group("experiment tracking (MLflow)")

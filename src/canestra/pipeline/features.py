@@ -95,10 +95,10 @@ def list_parts(store: str) -> list[str]:
     return [os.path.join(store, n) for n in sorted(names) if n.startswith(PART_PREFIX)]
 
 
-def read_store(spark, store: str):
+def read_store(spark, store: str, columns=("image_id", "features")):
     """The stored (image_id, features) rows, or None when the store is empty."""
     parts = list_parts(store)
-    return spark.read.parquet(*parts).select("image_id", "features") if parts else None
+    return spark.read.parquet(*parts).select(*columns) if parts else None
 
 
 @dataclass
@@ -175,3 +175,64 @@ def store_of(table: str) -> str | None:
     if os.path.basename(os.path.dirname(parent)) == STORE and os.path.basename(table).startswith(PART_PREFIX):
         return parent
     return None
+
+
+# ----------------------------------------------------------------------------- augmented views
+
+VIEWS_SCHEMA = "image_id string, view int, content binary"
+
+
+def views_dir(out_dir: str, featurizer) -> str:
+    """Store of augmented-view embeddings (rows image_id, view, features): keyed by the featurizer
+    and the view recipe. Rows carry the *source* image's id, so erasing that id erases its views."""
+    from canestra.vision import views
+
+    return os.path.join(out_dir, STORE, f"{featurizer_key(featurizer)}-views-{views.RECIPE}")
+
+
+def _view_partition(batches):
+    import pandas as pd
+
+    from canestra.vision.views import view_jpeg
+
+    for pdf in batches:
+        out = []
+        for rec in pdf.itertuples(index=False):
+            try:
+                out.append((rec.image_id, int(rec.view), view_jpeg(bytes(rec.content), rec.image_id, int(rec.view) - 1)))
+            except Exception:  # a cleaned image always decodes; never lose the run to one odd view
+                continue
+        if out:
+            yield pd.DataFrame(out, columns=["image_id", "view", "content"])
+
+
+def update_views(spark, images, out_dir: str, featurizer, n_views: int) -> tuple[Any, StoreUpdate]:
+    """Embed views 1..``n_views`` of ``images`` (image_id, content) that the views store lacks;
+    return (the store's rows image_id, view, features for views <= n_views; counts in views)."""
+    from pyspark.sql import functions as F
+
+    from canestra.pipeline.ingest import balanced_partitions
+
+    store = views_dir(out_dir, featurizer)
+    wanted = images.select("image_id").where("image_id IS NOT NULL").distinct() \
+        .crossJoin(spark.range(1, n_views + 1).select(F.col("id").cast("int").alias("view")))
+    stored = read_store(spark, store, ("image_id", "view", "features"))
+    todo_keys = wanted if stored is None else wanted.join(stored.select("image_id", "view"), ["image_id", "view"],
+                                                          "left_anti")
+    todo_keys = todo_keys.cache()
+    try:
+        n_new = todo_keys.count()
+        n_all = wanted.count()
+        part = None
+        if n_new:
+            todo = (images.select("image_id", "content").dropDuplicates(["image_id"])
+                    .join(todo_keys, "image_id", "inner")
+                    .repartition(balanced_partitions(spark, n_new))
+                    .mapInPandas(_view_partition, schema=VIEWS_SCHEMA))
+            part = _append_part(store, featurizer.transform(todo).select("image_id", "view", "features"), n_new,
+                                featurizer)
+    finally:
+        todo_keys.unpersist()
+    rows = read_store(spark, store, ("image_id", "view", "features"))
+    rows = rows.where(F.col("view") <= n_views) if rows is not None else None
+    return rows, StoreUpdate(store, n_new, n_all - n_new, part)

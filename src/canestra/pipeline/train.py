@@ -143,23 +143,40 @@ _BROADCAST_MAX_IMAGES = 500_000  # (id, label, split) rows, ~100 bytes each: at 
 
 def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, st):
     """Embed the catalog's images the feature store lacks, then write the features table
-    (image_id, label, split, features) from the catalog's labels and the store's vectors."""
+    (image_id, label, split, view, features) from the catalog's labels and the store's vectors;
+    with ``cfg.augment_views``, each family-labelled training photo adds that many augmented views
+    (``view`` 1..N; 0 is the photo itself)."""
+    from pyspark.sql import functions as F
     from pyspark.sql.functions import broadcast
 
-    from canestra.pipeline.features import update_store
+    from canestra.answer.taxonomy import FAMILY_SUFFIX
+    from canestra.pipeline.features import update_store, update_views
 
     catalog = spark.read.parquet(catalog_path)
     store_df, update = update_store(spark, catalog, out_dir, featurizer)
     final = os.path.join(out_dir, FEATURES)
     staging = storage.staging_dir(final)
     labels = catalog.select("image_id", "label", "split")
-    if update.featurized + update.reused <= _BROADCAST_MAX_IMAGES:
+    small = update.featurized + update.reused <= _BROADCAST_MAX_IMAGES
+    if small:
         labels = broadcast(labels)  # the vectors then stay where they are: no shuffle of the big side
-    store_df.join(labels, "image_id", "inner").select("image_id", "label", "split", "features") \
-        .write.mode("overwrite").parquet(staging)
+    table = store_df.join(labels, "image_id", "inner").select("image_id", "label", "split", F.lit(0).alias("view"),
+                                                              "features")
+    note = ""
+    if cfg.augment_views:
+        photos = catalog.where((F.col("split") == "train") & F.col("label").endswith(FAMILY_SUFFIX))
+        if photos.limit(1).count():
+            views_df, vupdate = update_views(spark, photos.select("image_id", "content"), out_dir, featurizer,
+                                             cfg.augment_views)
+            plabels = photos.select("image_id", "label", "split")
+            table = table.unionByName(views_df.join(broadcast(plabels) if small else plabels, "image_id", "inner")
+                                      .select("image_id", "label", "split", "view", "features"))
+            note = (f"; {cfg.augment_views} augmented views of each family-labelled training photo "
+                    f"({vupdate.featurized} embedded, {vupdate.reused} reused)")
+    table.write.mode("overwrite").parquet(staging)
     storage.publish_dir(staging, final)
     st.note(f"{update.note()}; {featurizer.featureDim()}-d EfficientNet-Lite0 embeddings at "
-            f"{'+'.join(map(str, cfg.image_sizes))} px")
+            f"{'+'.join(map(str, cfg.image_sizes))} px{note}")
     return update
 
 

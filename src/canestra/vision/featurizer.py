@@ -21,7 +21,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from canestra.vision import backbone
 
-DEFAULT_IMAGE_SIZES = [160, 224]  # see docs/outside-the-studio.md
+DEFAULT_IMAGE_SIZES = [224]  # see docs/outside-the-studio.md section 7
 DEFAULT_BATCH_SIZE = 64
 
 
