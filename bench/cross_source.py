@@ -67,6 +67,7 @@ class Lever:
     unknown_class: bool = False  # grocery-other photos as a trained "none of the families" class
     synth: int = 0  # synthetic scenes per studio class
     inet: bool = False  # the CNN's own ImageNet log-probabilities appended to the embedding
+    profile_q: float | None = None  # family-level profile check quantile (None: the product's; 0: off)
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -79,6 +80,8 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 fp32 + unknown class", sizes=(224,), unknown_class=True),
     Lever("224 fp32 + aug 4 + unknown class", sizes=(224,), aug=4, unknown_class=True),
     Lever("224 fp32 + aug 8", sizes=(224,), aug=8),
+    Lever("224 fp32 + aug 4 + no profile check", sizes=(224,), aug=4, profile_q=0.0),
+    Lever("224 fp32 + aug 4 + profile check 1 %", sizes=(224,), aug=4, profile_q=0.01),
     Lever("224 fp32 + aug 4 + class balance", sizes=(224,), aug=4, balance="class"),
     Lever("224 fp32 + synth 10 + unknown class", sizes=(224,), synth=10, unknown_class=True),
     Lever("160 fp32 + synth 10 + unknown class", sizes=(160,), synth=10, unknown_class=True),
@@ -313,8 +316,21 @@ class Bench:
         t0 = time.perf_counter()
         probe = fit_weighted(X, y, len(labels), lv, weights(rows.labels, rows.source, lv), self.args.max_iter)
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
-        rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
-                                   0.005)
+        if lv.profile_q is None:
+            rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
+                                       0.005)
+        else:
+            import canestra.answer.rule as rule_mod
+
+            saved = rule_mod.PROFILE_QUANTILE
+            rule_mod.PROFILE_QUANTILE = lv.profile_q  # build_rule reads it at call time
+            try:
+                rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X),
+                                           cal.labels, 0.005)
+            finally:
+                rule_mod.PROFILE_QUANTILE = saved
+            if lv.profile_q == 0:
+                rule = replace(rule, profile_thresholds={})
         return probe, rule
 
     def answer(self, probe, rule, X: np.ndarray) -> np.ndarray:
@@ -380,6 +396,44 @@ class Bench:
         return out
 
 
+def refusal_curve(b: Bench, lv: Lever) -> list[dict]:
+    """How much a stricter refusal buys on families with no real photo (families out) and costs on
+    known families (grocery -> val): thresholds on the answered family's probability, or on the
+    energy at quantiles of the known families' right answers."""
+    from canestra.answer.rule import decide
+
+    v, g = b.sets["gval"], b.sets["grocery"]
+
+    def scored(probe, rule, X):
+        a = decide(probe.probabilities(X), probe.margins(X), X, rule)
+        return np.array(a.family), a.family_probability, a.energy, np.asarray(a.unknown)
+
+    probe, rule = b.train(lv, ["real", "grocery"])
+    fam, fp, en, unk = scored(probe, rule, b.X("gval", lv))
+    fams = sorted(set(g.families))
+    rng = np.random.default_rng(0)
+    fold_of = {f: i % FOLDS for i, f in enumerate(rng.permutation(fams))}
+    out_fam, out_truth, out_fp, out_en, out_unk = [], [], [], [], []
+    for k in range(FOLDS):
+        drop = {f for f in fams if fold_of[f] == k}
+        pr, ru = b.train(lv, ["real", "grocery"], drop)
+        m = np.isin(v.families, list(drop))
+        f2, p2, e2, u2 = scored(pr, ru, b.X("gval", lv)[m])
+        out_fam.append(f2), out_truth.append(v.families[m]), out_fp.append(p2), out_en.append(e2), out_unk.append(u2)
+    ofam, otruth, ofp, oen, ounk = map(np.concatenate, (out_fam, out_truth, out_fp, out_en, out_unk))
+    right = (fam == v.families) & ~unk
+    owrong = (ofam != otruth) & ~ounk
+    rows = []
+    for thr in (0.0, 0.5, 0.7, 0.8, 0.9):
+        rows.append({"refuse": f"family probability < {thr}", "known_right": float((right & (fp >= thr)).mean()),
+                     "out_wrong": float((owrong & (ofp >= thr)).mean())})
+    for q in (0.1, 0.2, 0.3):
+        t = float(np.quantile(en[right], q))
+        rows.append({"refuse": f"energy < its {q:.0%} quantile of right answers",
+                     "known_right": float((right & (en >= t)).mean()), "out_wrong": float((owrong & (oen >= t)).mean())})
+    return rows
+
+
 def fmt(res: dict) -> str:
     cells = []
     for k, v in res.items():
@@ -397,9 +451,18 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/canestra-bench-work")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-iter", type=int, default=60)
+    ap.add_argument("--refusal-curve", metavar="LEVER",
+                    help="instead of the levers: the refusal trade-off (known families vs families out) of LEVER")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     b = Bench(args)
+    if args.refusal_curve:
+        rows = refusal_curve(b, LEVERS.get(args.refusal_curve) or Lever(args.refusal_curve))
+        for r in rows:
+            print(f"{r['refuse']:45s} known families right {r['known_right'] * 100:5.1f}%   "
+                  f"families out confidently wrong {r['out_wrong'] * 100:5.1f}%")
+        benchlib.record("cross_source_refusal", {"lever": args.refusal_curve, "rows": rows}, args.json)
+        return
     results = []
     for name in [n.strip() for n in args.levers.split(",") if n.strip()]:
         lv = LEVERS.get(name) or Lever(name)

@@ -547,8 +547,9 @@ def _shift_section(metrics: dict) -> str:
     notes.append("<b>perturbed held-out</b>: " + (_e(desc) if isinstance(desc, str) and desc
                                                    else "the held-out images under seeded changes"))
     if "family_roots_held_out" in shift:
-        notes.append("<b>family-labelled photos</b>: photos labelled only with their family, never trained on "
-                     "(no variety accuracy)")
+        notes.append("<b>family-labelled photos</b>: held-out photos labelled only with their family, never "
+                     "trained on (no variety accuracy); they share their training photos' sources, so photos from "
+                     "other sources read lower (measured: by ~15-17 points): see “Other sources” with --eval-images")
     return ('<h2>Evaluation under shift</h2><p class="muted">The same model on the held-out images, on the same '
             "images perturbed, and on photos labelled by family. “Answered”: images not answered unknown.</p>"
             '<div class="panel narrow"><table><thead><tr><th>evaluation set</th><th>images</th>'

@@ -257,7 +257,8 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     st.note(f"top-1 accuracy {metrics['accuracy'] * 100:.2f}% on {metrics['n']} held-out images"
             + (f"; perturbed {shift['perturbed_held_out']['accuracy'] * 100:.2f}%"
                if shift.get("perturbed_held_out", {}).get("accuracy") is not None else "")
-            + (f"; family-labelled photos {fam_held['family_accuracy'] * 100:.1f}%" if fam_held else "")
+            + (f"; family-labelled photos {fam_held['family_accuracy'] * 100:.1f}% (held out from the training "
+               "sources: other sources read lower, measure them with --eval-images)" if fam_held else "")
             + (f"; unknown refuses {(1 - unk['coverage']) * 100:.2f}% of held-out" if unk else ""))
     return model, rule, rows, metrics
 
