@@ -136,7 +136,7 @@ def test_shared_outputs_carry_image_id_not_source_paths(gps_run):
         assert all(f.startswith("catalog/") or f in allowed for f in files), (name, sorted(files))
     assert any(f.startswith("catalog/") for f in where[str(images)]), "the catalog keeps source_path"
     assert pq.read_schema(out / "features" / next(p.name for p in (out / "features").glob("*.parquet"))).names \
-        == ["image_id", "label", "split", "features"]
+        == ["image_id", "label", "split", "view", "features"]
     assert pq.read_table(out / "pred" / "predictions").column_names == \
         ["image_id", "prediction", "probability", "family", "family_probability", "top5", "label"]
     rows = read_csv(out / "pred" / "predictions.csv")

@@ -38,7 +38,7 @@ class Settings:
     batch_size: int = 64  # images per ONNX Runtime call
     arrow_batch: int = 256  # rows per Arrow batch into the UDF: bounds worker memory
     threads: int = 1  # ONNX Runtime threads per Spark task
-    precision: str = "fp32"  # or "int8": static quantization, ~2x faster (docs/performance.md)
+    precision: str = "fp32"  # or "int8": ~2x faster with VNNI, 3-4x slower without (docs/performance.md)
     pca_k: int | None = 512
     pca_variance: float | None = None
     test_fraction: float = 0.2

@@ -149,7 +149,7 @@ def features_parent() -> argparse.ArgumentParser:
     p = _parent()
     g = p.add_argument_group("CNN features")
     g.add_argument("--image-size", dest="image_sizes", metavar="PX[,PX]",
-                   help="CNN input size(s) in px: 160,224 (default, concatenated), 160, 100 (native, fastest) or 224")
+                   help="CNN input size(s) in px: 224 (default), 160, 100 (native, fastest) or several, concatenated (160,224)")
     g.add_argument("--batch-size", type=int, metavar="N", help="images per ONNX Runtime call (default 64)")
     g.add_argument("--task-threads", type=int, dest="threads", metavar="N",
                    help="ONNX Runtime threads per Spark task (default 1)")
@@ -157,7 +157,7 @@ def features_parent() -> argparse.ArgumentParser:
     g.add_argument("--arrow-batch", type=int, metavar="ROWS",
                    help="max rows per Arrow batch into the featurizer (default 256)")
     g.add_argument("--precision", choices=["fp32", "int8"],
-                   help="CNN arithmetic: fp32 (default) or int8 (~2x faster; accuracy in docs/performance.md)")
+                   help="CNN arithmetic: fp32 (default) or int8 (~2x faster on CPUs with VNNI, slower without; docs/performance.md)")
     return p
 
 
