@@ -64,7 +64,8 @@ def test_stalled_and_trickling_bodies_get_408_and_do_not_hold_the_worker(trained
             time.sleep(0.5)
             for _ in range(3):
                 r = http.post("/v1/predict", content=image)
-                assert r.status_code == 200 and r.json()["prediction"] == "Lemon"
+                # the class it names (a tiny model may refuse a frame as unknown: not what this test is about)
+                assert r.status_code == 200 and r.json()["top5"][0][0] == "Lemon"
             served_while_stalled = not stalled and not trickled
             for t in clients:
                 t.join(timeout=90)
