@@ -217,22 +217,25 @@ def update_views(spark, images, out_dir: str, featurizer, n_views: int) -> tuple
     wanted = images.select("image_id").where("image_id IS NOT NULL").distinct() \
         .crossJoin(spark.range(1, n_views + 1).select(F.col("id").cast("int").alias("view")))
     stored = read_store(spark, store, ("image_id", "view", "features"))
-    todo_keys = wanted if stored is None else wanted.join(stored.select("image_id", "view"), ["image_id", "view"],
-                                                          "left_anti")
-    todo_keys = todo_keys.cache()
+    # One pass over the wanted (id, view) pairs tells how many are stored and which are new, as update_store.
+    flag = F.lit(False) if stored is None else F.col("_stored").isNotNull()
+    if stored is not None:
+        wanted = wanted.join(stored.select("image_id", "view").withColumn("_stored", F.lit(True)),
+                             ["image_id", "view"], "left")
+    wanted = wanted.select("image_id", "view", flag.alias("stored")).cache()
     try:
-        n_new = todo_keys.count()
-        n_all = wanted.count()
+        counts = {r["stored"]: r["count"] for r in wanted.groupBy("stored").count().collect()}
+        n_new, n_reused = counts.get(False, 0), counts.get(True, 0)
         part = None
         if n_new:
             todo = (images.select("image_id", "content").dropDuplicates(["image_id"])
-                    .join(todo_keys, "image_id", "inner")
+                    .join(wanted.where(~F.col("stored")).select("image_id", "view"), "image_id", "inner")
                     .repartition(balanced_partitions(spark, n_new))
                     .mapInPandas(_view_partition, schema=VIEWS_SCHEMA))
             part = _append_part(store, featurizer.transform(todo).select("image_id", "view", "features"), n_new,
                                 featurizer)
     finally:
-        todo_keys.unpersist()
+        wanted.unpersist()
     rows = read_store(spark, store, ("image_id", "view", "features"))
     rows = rows.where(F.col("view") <= n_views) if rows is not None else None
-    return rows, StoreUpdate(store, n_new, n_all - n_new, part)
+    return rows, StoreUpdate(store, n_new, n_reused, part)

@@ -165,9 +165,9 @@ def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFea
     note = ""
     if cfg.augment_views:
         photos = catalog.where((F.col("split") == "train") & F.col("label").endswith(FAMILY_SUFFIX))
-        if photos.limit(1).count():
-            views_df, vupdate = update_views(spark, photos.select("image_id", "content"), out_dir, featurizer,
-                                             cfg.augment_views)
+        views_df, vupdate = update_views(spark, photos.select("image_id", "content"), out_dir, featurizer,
+                                         cfg.augment_views)
+        if vupdate.featurized + vupdate.reused:  # none when no family-labelled photo is trained on
             plabels = photos.select("image_id", "label", "split")
             table = table.unionByName(views_df.join(broadcast(plabels) if small else plabels, "image_id", "inner")
                                       .select("image_id", "label", "split", "view", "features"))
