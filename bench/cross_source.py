@@ -28,11 +28,12 @@ regression with Spark ML's objective, optional row weights), the answer rule is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import benchlib
@@ -191,36 +192,6 @@ def weights(labels: list[str], source: list[str], lv: Lever) -> np.ndarray:
     return w / w.mean()
 
 
-def fit_weighted(X, y, n_classes, lv: Lever, w: np.ndarray, max_iter: int = 100):
-    """The probe of outside_studio.fit_probe with per-row weights (Spark ML's weightCol objective)."""
-    import torch
-
-    X = np.asarray(X, np.float64)
-    mean = X.mean(axis=0)
-    Z = X - mean
-    basis = None
-    if lv.pca_k:
-        basis = os_bench.pca_directions(Z)[:, : lv.pca_k]
-        Z = Z @ basis
-    # float32: 4x faster than the float64 of outside_studio's probe; ranks levers the same.
-    Zt, yt = torch.from_numpy(np.ascontiguousarray(Z, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
-    wt = torch.from_numpy((w / w.sum()).astype(np.float32))
-    W = torch.zeros(Z.shape[1], n_classes, dtype=torch.float32, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=10, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        ce = torch.nn.functional.cross_entropy(Zt @ W + b, yt, reduction="none")
-        loss = (ce * wt).sum() + lv.reg / 2 * (W * W).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return os_bench.Probe(mean, basis, W.detach().numpy().astype(np.float64), b.detach().numpy().astype(np.float64))
-
-
 def with_inet(X: np.ndarray, lv: Lever) -> np.ndarray:
     """``X`` with the ImageNet head's log-probabilities (of the block nearest 224 px) appended, scaled
     to the embedding's spread so that PCA weighs both; the answer rule reads the embedding part only."""
@@ -314,24 +285,19 @@ class Bench:
         y = np.array([labels.index(lb) for lb in rows.labels])
         X = np.concatenate(rows.X)
         t0 = time.perf_counter()
-        probe = fit_weighted(X, y, len(labels), lv, weights(rows.labels, rows.source, lv), self.args.max_iter)
+        probe = os_bench.fit_probe(X, y, len(labels), lv.pca_k, lv.reg, self.args.max_iter,
+                                   weights=weights(rows.labels, rows.source, lv), dtype="float32")
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
-        if lv.profile_q is None:
-            rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
-                                       0.005)
-        else:
-            import canestra.answer.rule as rule_mod
-
-            saved = rule_mod.PROFILE_QUANTILE
-            rule_mod.PROFILE_QUANTILE = lv.profile_q  # build_rule reads it at call time
-            try:
-                rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X),
-                                           cal.labels, 0.005)
-            finally:
-                rule_mod.PROFILE_QUANTILE = saved
-            if lv.profile_q == 0:
-                rule = replace(rule, profile_thresholds={})
+        rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
+                                   0.005, profile_quantile=lv.profile_q)
         return probe, rule
+
+    def family_folds(self) -> list[set[str]]:
+        """The 33 grocery families dealt into FOLDS seeded folds (the "families out" protocol)."""
+        fams = sorted(set(self.sets["grocery"].families))
+        rng = np.random.default_rng(0)
+        fold_of = {f: i % FOLDS for i, f in enumerate(rng.permutation(fams))}
+        return [{f for f in fams if fold_of[f] == k} for k in range(FOLDS)]
 
     def answer(self, probe, rule, X: np.ndarray) -> np.ndarray:
         """The family answered per row ("" for unknown)."""
@@ -379,12 +345,8 @@ class Bench:
         pred = np.array(rule.labels)[probe.margins(self.X("studio", lv)[te]).argmax(axis=1)]
         out["studio 5-block top1"] = float((pred == st.folders[te]).mean())
         # families out: confidently wrong on families with no real training photo
-        fams = sorted(set(g.families))
-        rng = np.random.default_rng(0)
-        fold_of = {f: i % FOLDS for i, f in enumerate(rng.permutation(fams))}
         answered, truth = [], []
-        for k in range(FOLDS):
-            drop = {f for f in fams if fold_of[f] == k}
+        for drop in self.family_folds():
             probe, rule = self.train(lv, ["real", "grocery"], drop)
             m = np.isin(v.families, list(drop))
             answered.append(self.answer(probe, rule, self.X("gval", lv)[m]))
@@ -402,7 +364,7 @@ def refusal_curve(b: Bench, lv: Lever) -> list[dict]:
     energy at quantiles of the known families' right answers."""
     from canestra.answer.rule import decide
 
-    v, g = b.sets["gval"], b.sets["grocery"]
+    v = b.sets["gval"]
 
     def scored(probe, rule, X):
         a = decide(probe.probabilities(X), probe.margins(X), X, rule)
@@ -410,12 +372,8 @@ def refusal_curve(b: Bench, lv: Lever) -> list[dict]:
 
     probe, rule = b.train(lv, ["real", "grocery"])
     fam, fp, en, unk = scored(probe, rule, b.X("gval", lv))
-    fams = sorted(set(g.families))
-    rng = np.random.default_rng(0)
-    fold_of = {f: i % FOLDS for i, f in enumerate(rng.permutation(fams))}
     out_fam, out_truth, out_fp, out_en, out_unk = [], [], [], [], []
-    for k in range(FOLDS):
-        drop = {f for f in fams if fold_of[f] == k}
+    for drop in b.family_folds():
         pr, ru = b.train(lv, ["real", "grocery"], drop)
         m = np.isin(v.families, list(drop))
         f2, p2, e2, u2 = scored(pr, ru, b.X("gval", lv)[m])
@@ -469,15 +427,9 @@ def main() -> None:
         res = b.run(lv)
         results.append(res)
         print(fmt(res), flush=True)
-        benchlib.record("cross_source", {"lever_settings": asdict_lever(lv), **res}, False)
+        benchlib.record("cross_source", {"lever_settings": dataclasses.asdict(lv), **res}, False)
     if args.json:
         print(json.dumps({"machine": benchlib.machine(), "results": results}))
-
-
-def asdict_lever(lv: Lever) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(replace(lv))
 
 
 if __name__ == "__main__":

@@ -297,9 +297,12 @@ def pca_directions(Z: np.ndarray) -> np.ndarray:
 
 
 def fit_probe(X: np.ndarray, y: np.ndarray, n_classes: int, pca_k: int | None, reg: float, max_iter: int,
-              directions: dict | None = None, key=None) -> Probe:
+              directions: dict | None = None, key=None, weights: np.ndarray | None = None,
+              dtype: str = "float64") -> Probe:
     """Fit the probe on (X, y). ``directions[key]`` caches the PCA directions of this training set,
-    so levers that differ only in k or reg share one eigendecomposition."""
+    so levers that differ only in k or reg share one eigendecomposition. ``weights``: per-row weights
+    (Spark ML's weightCol objective: the weighted mean cross-entropy); ``dtype="float32"`` fits ~4x
+    faster and ranks levers the same (bench/cross_source.py)."""
     import torch
 
     X = np.asarray(X, np.float64)
@@ -315,21 +318,26 @@ def fit_probe(X: np.ndarray, y: np.ndarray, n_classes: int, pca_k: int | None, r
                 directions[key] = vecs
         basis = vecs[:, :pca_k]
         Z = Z @ basis
-    Zt, yt = torch.from_numpy(np.ascontiguousarray(Z)), torch.from_numpy(np.asarray(y, np.int64))
-    W = torch.zeros(Z.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    tdt = getattr(torch, dtype)
+    Zt, yt = torch.from_numpy(np.ascontiguousarray(Z, dtype)), torch.from_numpy(np.asarray(y, np.int64))
+    wt = None if weights is None else torch.from_numpy((weights / weights.sum()).astype(dtype))
+    W = torch.zeros(Z.shape[1], n_classes, dtype=tdt, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=tdt, requires_grad=True)
     # Spark's objective (L2 only, standardization off): mean cross-entropy + reg/2 ||W||^2.
     opt = torch.optim.LBFGS([W, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=10, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(Zt @ W + b, yt) + reg / 2 * (W * W).sum()
+        logits = Zt @ W + b
+        ce = (torch.nn.functional.cross_entropy(logits, yt) if wt is None
+              else (torch.nn.functional.cross_entropy(logits, yt, reduction="none") * wt).sum())
+        loss = ce + reg / 2 * (W * W).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return Probe(mean, basis, W.detach().numpy().copy(), b.detach().numpy().copy())
+    return Probe(mean, basis, W.detach().numpy().astype(np.float64), b.detach().numpy().astype(np.float64))
 
 
 def top1(probe: Probe, X: np.ndarray, y: np.ndarray) -> float:
@@ -534,8 +542,10 @@ def imagenet_offset(sizes) -> int:
     return min(range(len(sizes)), key=lambda i: abs(sizes[i] - 224)) * FEATURE_DIM
 
 
-def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_train, X_cal, cal_labels, q: float):
-    """The answer rule as ``canestra.pipeline.train.train`` builds it, from training and held-out rows."""
+def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_train, X_cal, cal_labels, q: float,
+               profile_quantile: float | None = None):
+    """The answer rule as ``canestra.pipeline.train.train`` builds it, from training and held-out rows.
+    ``profile_quantile``: the family-level profile check's quantile (default the product's; 0 turns it off)."""
     import pandas as pd
 
     from canestra.answer.rule import (
@@ -556,7 +566,8 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
     imagenet_classes = imagenet_class_set(means)
     profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(labels)
                 if is_family_label(lb)}
-    profile_thr = {lb: float(np.quantile(inet[y_train == labels.index(lb)][:, cls].sum(axis=1), PROFILE_QUANTILE))
+    pq = PROFILE_QUANTILE if profile_quantile is None else profile_quantile
+    profile_thr = {lb: float(np.quantile(inet[y_train == labels.index(lb)][:, cls].sum(axis=1), pq))
                    for lb, cls in profiles.items()}
     # Calibration: held-out rows scored without thresholds (profile check on), then their quantile.
     plain = AnswerRule(labels, families, None, None, imagenet_classes, offset, profiles, profile_thr)
@@ -564,7 +575,8 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
     rows = pd.DataFrame({"label": cal_labels, "predicted_label": a.prediction, "energy": a.energy,
                          "fruitness": a.fruitness})
     te, tf = evaluation.thresholds(rows, q)
-    return AnswerRule(labels, families, te, tf, imagenet_classes, offset, profiles, profile_thr)
+    return AnswerRule(labels, families, te, tf, imagenet_classes, offset, profiles,
+                      {} if profile_quantile == 0 else profile_thr)
 
 
 def decisions(probe: Probe, rule, X: np.ndarray) -> Decisions:
