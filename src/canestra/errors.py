@@ -21,3 +21,17 @@ class OutputError(CanestraError):
 
 class EnvironmentProblem(CanestraError):
     """The machine lacks something canestra needs (Java, model weights)."""
+
+
+def jvm_gone(exc: BaseException) -> bool:
+    """True when ``exc`` says the connection to Spark's JVM broke (the JVM was killed or crashed)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionRefusedError, ConnectionResetError, BrokenPipeError)):
+            return True
+        if type(e).__name__ == "Py4JNetworkError" or "Answer from Java side is empty" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

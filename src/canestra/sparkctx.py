@@ -117,8 +117,26 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    _quiet_accumulator_server(spark.sparkContext)
     _driver_arrow_pool()
     return spark
+
+
+def _quiet_accumulator_server(sc) -> None:
+    # When the JVM dies mid-job, PySpark's accumulator server thread prints an EOFError trace to the
+    # user's terminal (socketserver's handle_error) before the job's own error arrives. The job's
+    # error says what happened; the trace goes to the log instead.
+    server = getattr(sc, "_accumulatorServer", None)
+    if server is None or getattr(server, "_canestra_quiet", False):
+        return
+    import logging
+
+    def handle_error(request, client_address) -> None:
+        logging.getLogger("canestra.spark").debug("accumulator connection from %s ended", client_address,
+                                                  exc_info=True)
+
+    server.handle_error = handle_error
+    server._canestra_quiet = True
 
 
 def _driver_arrow_pool() -> None:

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from canestra.errors import InputError
+from canestra.errors import InputError, jvm_gone
 from canestra.layout import METRICS_JSON, PREDICTIONS_CSV, REPORT_HTML
 from canestra.pipeline.ingest import QUARANTINE_CSV, cleaned_frame, list_for_ingest, write_quarantine_csv
 from canestra.pipeline.metrics import classification_metrics
@@ -41,6 +41,8 @@ def load_model(path: str):
     try:
         return PipelineModel.load(local)
     except Exception as exc:  # corrupt or foreign model folder
+        if jvm_gone(exc):  # the model is not at fault: say what happened to Spark instead
+            raise
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot load the model in {local} ({first}): re-run `canestra train`") from exc
 

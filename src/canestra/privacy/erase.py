@@ -504,6 +504,10 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
         for src in sources:
             if s3.is_s3(src):  # wrong keys or a dead endpoint fail here, before any table is rewritten
                 s3.exists(src, storage.s3_options())
+    for dirpath, _, _ in os.walk(root):
+        # A table a killed publish left renamed aside comes back (or its publish is finished) before
+        # _staging/ leftovers are cleared below: otherwise both copies would go.
+        storage.recover_publishes(dirpath)
     ids, srcs, named_srcs = resolve_ids(root, ids_in, sources)
     matcher = _Matcher(ids, srcs)
     res = EraseResult(root, len(ids))

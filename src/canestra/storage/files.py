@@ -10,13 +10,18 @@ place, so a crashed run never leaves a half-written table under its final name
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
+import re
 import shutil
+import signal
 import stat
+import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,6 +254,7 @@ def ensure_output_dir(uri: str, spark=None) -> str:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise OutputError(f"cannot write to output folder {out} ({reason}): choose another --out or fix its permissions") from exc
+    recover_publishes(out)  # a table a killed run left renamed aside comes back before anything reads it
     return out
 
 
@@ -261,25 +267,121 @@ def staging_dir(final: str) -> str:
 def publish_dir(staging: str, final: str) -> None:
     """Move a complete staging directory to its final name, replacing the old one.
 
-    The old version is first renamed aside, so at every instant the final name is
-    either the complete old table or the complete new one.
+    Locally the two directories swap names in one atomic step (``renameat2`` with
+    ``RENAME_EXCHANGE``, Linux), so a crash at any instant leaves the complete old table or
+    the complete new one under the final name, never neither. Where the filesystem cannot
+    swap (NFS, macOS), the old table is first renamed aside to ``.<name>-<id>.canestra-old``
+    beside ``final`` (not under ``_staging/``, which lock takeovers clear), Ctrl-C is held
+    back until the new one is in, and a kill in between is repaired by ``recover_publishes``
+    (run by the next run's ``ensure_output_dir``, by the next publish of that table and by
+    ``erase``).
     """
     if s3.is_s3(final):
         s3.replace_tree(staging, final, s3_options())
         return
-    trash = None
-    if os.path.exists(final):
-        trash = staging + ".old"
-        os.replace(final, trash)
-    try:
+    final = final.rstrip("/")
+    parent = os.path.dirname(final)
+    recover_publishes(parent, os.path.basename(final))  # an earlier publish of this table killed halfway
+    if not os.path.lexists(final):
         os.replace(staging, final)
-    except BaseException:
-        if trash:  # put the old table back rather than leave no table at all
-            os.replace(trash, final)
-        raise
-    if trash:
-        shutil.rmtree(trash, ignore_errors=True)
+    elif _exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # the old table, now under the staging name
+    else:
+        aside = _aside_name(staging)
+        with _signals_held():
+            os.replace(final, aside)
+            try:
+                os.replace(staging, final)
+            except BaseException:
+                os.replace(aside, final)  # put the old table back rather than leave no table at all
+                raise
+        shutil.rmtree(aside, ignore_errors=True)
     discard_dir(staging)  # gone already: this removes _staging/ when empty
+
+
+_OLD_SUFFIX = ".canestra-old"
+_ASIDE = re.compile(r"^\.(?P<name>.+)-(?P<tag>[0-9a-f]{12})" + re.escape(_OLD_SUFFIX) + "$")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_renameat2: list = []  # [libc function or None], looked up once
+
+
+def _aside_name(staging: str) -> str:
+    """Where the old table waits during a two-rename publish: beside the final name, hidden."""
+    parent = os.path.dirname(os.path.dirname(staging))  # staging is <parent>/_staging/<name>-<tag>
+    return os.path.join(parent, f".{os.path.basename(staging)}{_OLD_SUFFIX}")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically; False where the OS or filesystem cannot."""
+    if not _renameat2:
+        func = None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                func = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28, musl >= 1.2.4
+        if func is not None:
+            func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            func.restype = ctypes.c_int
+        _renameat2.append(func)
+    func = _renameat2[0]
+    if func is None:
+        return False
+    if func(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False  # this filesystem cannot swap: the caller falls back to two renames
+    raise OSError(code, os.strerror(code), b)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C/SIGTERM back for a few renames and deliver them right after.
+
+    Python-level handlers, not a signal mask: a mask covers one thread, and the kernel hands a
+    process-wide signal to any thread that does not block it (Arrow's, Spark's)."""
+    caught: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not None:  # None: set outside Python, cannot be put back
+                previous[sig] = signal.signal(sig, lambda s, _f: caught.append(s))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            os.kill(os.getpid(), signum)  # now, with the program's own handlers
+
+
+def recover_publishes(folder: str, name: str | None = None) -> list[str]:
+    """Repair the two-rename publishes that a kill interrupted in ``folder`` (only table ``name``
+    when given): finish the publish when its complete new table is still in ``_staging/``, else
+    put the old table back. Returns the tables repaired; call it while holding the --out lock."""
+    repaired: list[str] = []
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError:
+        return repaired
+    for entry in entries:
+        m = _ASIDE.match(entry)
+        if not m or (name is not None and m["name"] != name):
+            continue
+        aside, final = os.path.join(folder, entry), os.path.join(folder, m["name"])
+        staging = os.path.join(folder, STAGING, f"{m['name']}-{m['tag']}")
+        if os.path.lexists(final):  # the publish got through: this is the replaced table
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        if os.path.isdir(staging):
+            # The old table is only renamed aside once the new one is complete: finish the publish.
+            os.replace(staging, final)
+            shutil.rmtree(aside, ignore_errors=True)
+            discard_dir(staging)
+        else:  # the new table is gone (a lock takeover cleared _staging/): the old one comes back
+            os.replace(aside, final)
+        repaired.append(final)
+    return repaired
 
 
 def append_parts(staging: str, final: str) -> int:

@@ -196,28 +196,73 @@ def default_model_path() -> str:
     # Name the cache file after the wheel file's size+mtime-free identity: its sha256
     # would cost ~50 ms per worker, so use the package version + graph version.
     target = cache_dir() / f"{MODEL_NAME}-g{_GRAPH_VERSION}-{os.path.getsize(src)}.onnx"
-    if target.exists():
+    if _intact(target):
         return str(target)
     with _build_lock, _file_lock(target):
-        if target.exists():
+        if _intact(target):
             return str(target)
         from canestra.vision.weights import load_state_dict
 
         model = build_onnx(load_state_dict(src))
-        # Atomic publish: readers never see a half-written graph; a failed write leaves no temp file.
         try:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".onnx.tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(model.SerializeToString())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            _publish(model.SerializeToString(), target)
         except OSError as exc:
             raise cache_not_writable(exc) from None
     return str(target)
+
+
+# Cached graphs whose bytes were checked against their digest in this process: (path, size, mtime).
+_checked: set[tuple[str, int, int]] = set()
+
+
+def _digest_path(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256")
+
+
+def _intact(target: Path) -> bool:
+    """True when the cached graph exists and its bytes match the digest written when it was built.
+
+    A damaged cache file (disk error, a partial copy) can still load and then embed garbage
+    (NaN features, wrong answers) without any error, so it is checked once per process (~30 ms)
+    and rebuilt when it does not match. A cache from before digests existed is rebuilt once.
+    """
+    try:
+        st = target.stat()
+        key = (str(target), st.st_size, st.st_mtime_ns)
+        if key in _checked:
+            return True
+        want = _digest_path(target).read_text().strip()
+    except OSError:
+        return False
+    if model_sha256(str(target)) != want:
+        return False
+    _checked.add(key)
+    return True
+
+
+def _publish(data: bytes | str, target: Path) -> None:
+    """Atomically publish a graph (its bytes, or a finished file to move) and its digest: readers never
+    see a half-written graph, and a failed write leaves no temp file."""
+    tmp = dtmp = None
+    try:
+        if isinstance(data, bytes):
+            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".onnx.tmp")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            data = tmp
+        digest = model_sha256(data)
+        fd, dtmp = tempfile.mkstemp(dir=target.parent, suffix=".sha256.tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(digest + "\n")
+        # Digest first: a crash between the two renames leaves an old graph that fails the check.
+        os.replace(dtmp, _digest_path(target))
+        os.replace(data, target)
+    except BaseException:
+        for leftover in (tmp, dtmp):
+            if leftover:
+                with contextlib.suppress(OSError):
+                    os.unlink(leftover)
+        raise
 
 
 PRECISIONS = ("fp32", "int8")
@@ -295,10 +340,10 @@ def int8_model_path() -> str:
     vnni = has_vnni()
     variant = "" if vnni else "-u8u8"
     target = Path(fp32).with_name(f"{Path(fp32).stem}-int8-q{_QUANT_VERSION}{variant}.onnx")
-    if target.exists():
+    if _intact(target):
         return str(target)
     with _build_lock, _file_lock(target):
-        if target.exists():
+        if _intact(target):
             return str(target)
         import shutil
 
@@ -321,7 +366,7 @@ def int8_model_path() -> str:
                 quantize_static(private, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8 if vnni else QuantType.QUInt8)
-            os.replace(out, target)  # atomic: racing workers publish identical files
+            _publish(out, target)  # atomic: racing workers publish identical files
     return str(target)
 
 
