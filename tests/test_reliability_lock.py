@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from canestra.errors import OutputError
+from canestra.storage import lock
 from canestra.storage.lock import LOCK_NAME, out_lock
 
 FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "model-0.1.0"
@@ -68,8 +69,10 @@ def test_lock_of_a_killed_run_is_taken_over_and_its_staging_cleared(tmp_path):
 def test_reused_pid_does_not_keep_a_stale_lock(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    # This very process, but with another start time: the recorded holder was a previous owner of the pid.
+    # This very process, but with another start time: the recorded holder was a previous owner of the pid
+    # (same boot and PID namespace, so the pid is comparable at all).
     (out / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "proc_start": "1",
+                                             "boot_id": lock._boot_id(), "pid_ns": lock._pid_ns(),
                                              "command": "train", "started_at": "2020-01-01T00:00:00+00:00"}))
     notes: list[str] = []
     with out_lock(str(out), "predict", note=notes.append):

@@ -1,5 +1,6 @@
 """GDPR Art. 5(1)(e) storage limitation: `canestra purge` removes run outputs older than the
-retention period (by file mtime or manifest time), keeps younger ones and the audit log."""
+retention period (by file mtime or manifest time; predictions/ batch by batch), keeps younger
+ones and the audit log."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def test_dry_run_lists_and_removes_nothing(runs, capsys):
     assert cli.main(["purge", "--out", str(runs), "--older-than", "30", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert files_under(runs) - {"_audit/audit.jsonl"} == before - {"_audit/audit.jsonl"}
-    kinds = {"old/catalog": "table", "old/features": "table", "old/predictions": "table", "old/model": "model",
+    kinds = {"old/catalog": "table", "old/features": "table", "old/predictions/part-00000.parquet": "batch",
+             "old/model": "model",
              "old/predictions.csv": "file", "old/quarantine.csv": "file", "old/metrics.json": "file",
              "old/report.html": "file", "old/gallery": "gallery"}
     for unit, kind in kinds.items():
@@ -100,9 +102,11 @@ def test_purge_removes_old_runs_keeps_new_ones_and_the_audit_log(runs, capsys):
     assert records[-1]["details"] == {"older_than_days": 30.0, "dry_run": False}
 
 
-def test_a_table_is_as_young_as_its_newest_part(tmp_path):
-    table = tmp_path / "out" / "predictions"
+def test_a_table_written_whole_is_as_young_as_its_newest_part(tmp_path):
+    table = tmp_path / "out" / "features"
     table.mkdir(parents=True)
+    (tmp_path / "out" / "_audit").mkdir()
+    (tmp_path / "out" / "_audit" / "audit.jsonl").write_text(json.dumps({"command": "train", "status": "ok"}) + "\n")
     for i in range(2):
         pq.write_table(pa.table({"image_id": [str(i)]}), table / f"part-0000{i}.parquet")
     backdate(table, 60)
@@ -144,6 +148,8 @@ def test_no_retention_period_is_a_plain_error(runs, capsys):
 def test_a_gallery_goes_whole_as_old_as_its_newest_thumbnail(tmp_path):
     run = tmp_path / "out" / "run"
     (run / "gallery").mkdir(parents=True)
+    (run / "_audit").mkdir()
+    (run / "_audit" / "audit.jsonl").write_text(json.dumps({"command": "train", "status": "ok"}) + "\n")
     for i in "ab":
         (run / "gallery" / f"{i * 64}.jpg").write_bytes(b"\xff\xd8")
     backdate(run / "gallery", 60)
@@ -152,4 +158,4 @@ def test_a_gallery_goes_whole_as_old_as_its_newest_thumbnail(tmp_path):
     backdate(run / "gallery", 60)
     res = purge(str(tmp_path / "out"), 30)
     assert [(e.path, e.kind) for e in res.removed] == [("run/gallery", "gallery")]
-    assert not (tmp_path / "out" / "run").exists()
+    assert not (run / "gallery").exists() and (run / "_audit" / "audit.jsonl").is_file()

@@ -17,7 +17,7 @@ import traceback
 from canestra import __version__, api, tracking
 from canestra.cli import options as opt
 from canestra.config import Settings
-from canestra.errors import EXIT_USER_ERROR, CanestraError, jvm_gone
+from canestra.errors import EXIT_USER_ERROR, CanestraError
 from canestra.layout import LOGS_DIR, SPARK_LOG
 from canestra.privacy import audit
 from canestra.progress import Progress
@@ -197,11 +197,26 @@ def _gdpr_parsers(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
         [opt.output_parent("output folder (a run, or a folder of runs)"), debug, storage, audit_log]))
 
 
+def _gdpr_locks(out: str, command: str):
+    """The lock of OUT and of every run folder under it: erase and gdpr record read or rewrite them all."""
+    import contextlib
+
+    from canestra.privacy.purge import run_folders
+    from canestra.storage import files as storage
+    from canestra.storage.lock import out_locks
+
+    root = None if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
+    if root is None or not os.path.isdir(root):  # the command's own error says so; no lock may create OUT
+        return contextlib.nullcontext()
+    return out_locks([root, *run_folders(root)], command)
+
+
 def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
     if args.command == "erase":
         from canestra.privacy.erase import erase
 
-        res = erase(args.out, args.image_id, args.source, delete_source=args.delete_source)
+        with _gdpr_locks(args.out, "erase"):  # never beside a run writing there (a watch would lose a batch)
+            res = erase(args.out, args.image_id, args.source, delete_source=args.delete_source)
         audit.note(images=res.image_ids, rows_removed=res.total_rows, files_deleted=len(res.files_deleted),
                    sources_deleted=res.sources_deleted, models_to_retrain=len(res.retrain),
                    outputs=[m for m, _ in res.retrain])
@@ -214,17 +229,20 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
     elif args.command == "purge":
         from canestra.privacy.purge import purge
 
-        purged = purge(args.out, cfg.retention_days, dry_run=args.dry_run)
+        purged = purge(args.out, cfg.retention_days, dry_run=args.dry_run)  # takes the locks itself
         audit.note(removed=len(purged.removed), kept=purged.kept, bytes=purged.bytes,
                    details={"older_than_days": purged.older_than_days, "dry_run": purged.dry_run})
         verb = "would remove" if purged.dry_run else "removed"
         for e in purged.removed:
             print(f"{verb} {e.kind} {e.path} ({e.age_days:g} days old, {e.bytes} bytes)")
+        for path, rows in purged.trimmed:
+            print(f"{verb} {rows} row(s) of expired batches from {path}")
         print(f"{verb} {len(purged.removed)} output(s) older than {purged.older_than_days:g} days; kept {purged.kept}")
     else:
         from canestra.privacy.record import write_record
 
-        md, js, rec = write_record(args.out, cfg)
+        with _gdpr_locks(args.out, "gdpr record"):
+            md, js, rec = write_record(args.out, cfg)
         audit.note(tables=len(rec["categories_of_data"]["tables"]), outputs=[md, js])
         print(f"record of processing -> {md} (and {os.path.basename(js)})")
     return 0
@@ -397,14 +415,6 @@ def _plain_spark_error(exc: BaseException) -> str | None:
             "Python worker exited unexpectedly" in text and ("137" in text or "Killed" in text or "signal 9" in text)):
         return ("a Spark worker ran out of memory: lower --batch-size or --arrow-batch, or give Spark more memory "
                 "(CANESTRA_DRIVER_MEMORY, spark.executor.memory)")
-    if "Python worker exited unexpectedly (crashed)" in text:
-        # A native library (ONNX Runtime, OpenBLAS) that cannot allocate aborts the worker without a
-        # Python MemoryError: memory is the usual cause, and the log has the worker's last words.
-        return ("a Spark Python worker crashed, most often for lack of memory: lower --batch-size, give the "
-                "workers more memory (spark.executor.memory, spark.executor.pyspark.memory), and see the Spark log")
-    if jvm_gone(exc):
-        return ("Spark's Java process stopped during the job (killed, or out of memory: the system log says "
-                "which); outputs already published are complete: run the command again")
     if "InvalidProtobuf" in text or "INVALID_PROTOBUF" in text or ("onnxruntime" in text and "Load model" in text):
         return ("the cached CNN model file is corrupt: delete the canestra cache folder "
                 "(CANESTRA_CACHE_DIR, default ~/.cache/canestra) and run again")
@@ -413,10 +423,6 @@ def _plain_spark_error(exc: BaseException) -> str | None:
     if "No space left on device" in text or "Disk quota exceeded" in text or _errno_in_chain(exc) in (
             errno.ENOSPC, errno.EDQUOT):
         # Python (OSError 28), the JVM (java.io.IOException) and Spark's worker traces all say it so.
-        if "DiskBlockObjectWriter" in text or "blockmgr-" in text or "ShuffleWriter" in text:
-            # Spark's scratch space (shuffle and spill files), not --out, is full.
-            return ("no space left on device in Spark's scratch folder (spark.local.dir, default /tmp): free space "
-                    "there or point SPARK_LOCAL_DIRS at a bigger disk")
         return "no space left on device: free disk space or choose another --out"
     if "Could not parse Master URL" in text or "Invalid master URL" in text:
         return "invalid --master URL: use local[*] or spark://HOST:PORT"

@@ -3,15 +3,21 @@
 Two runs writing the same ``--out`` would interleave their tables (one publishes
 ``predictions/`` while the other rewrites ``predictions.csv``). The lock file is created
 with ``O_CREAT | O_EXCL`` (atomic on local filesystems and NFSv3+) and holds the
-holder's pid, host, process start time, command and start time, so the second run can
-say who has the folder. A lock whose holder is gone (same host, pid dead or reused by
-another process) is taken over with a note: a run killed with ``kill -9`` never blocks
-the next one; taking it over also clears the ``_staging/`` folders the dead run left.
+holder's pid, host, process start time, boot id, PID namespace, command and start time,
+so the second run can say who has the folder. A lock whose holder is provably gone (same
+host, boot and PID namespace; pid dead or reused by another process) is taken over with a
+note: a run killed with ``kill -9`` never blocks the next one; taking it over also clears
+the ``_staging/`` folders the dead run left. A holder in another PID namespace (a container
+sharing the volume under the same host name) or another boot cannot be checked from here:
+its pid means nothing in ours, so such a lock is never taken over; the error says which
+file to remove once that run is known to be gone.
 
 On ``s3://`` outputs the lock is an object written with a conditional put
 (``If-None-Match: *``), which S3 (since 2024) and moto honour; a lock left by a run
 that died on another machine cannot be proven stale and must be removed by hand
-(the error says which object).
+(the error says which object). A run releases an s3:// lock only if the object is still
+its own (same token, deleted with ``If-Match`` on the ETag it read): a lock removed by hand
+and taken by another run meanwhile survives the first run's exit.
 
 Use::
 
@@ -23,13 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import shutil
 import socket
 import sys
 import time
-from typing import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 
 from canestra.errors import OutputError
 from canestra.layout import STAGING
@@ -61,10 +69,45 @@ def _alive(pid: int, start: str | None) -> bool:
     return not (start and now and now != start)
 
 
+@functools.lru_cache(maxsize=1)
+def _boot_id() -> str | None:
+    """This boot of the kernel (Linux): proc_start counts ticks from it, so pids compare only within one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def _pid_ns() -> str | None:
+    """This process's PID namespace (``pid:[4026531836]``): pids of another one mean nothing here."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _holder(command: str) -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "proc_start": _proc_start(pid), "command": command,
-            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return {"pid": pid, "host": socket.gethostname(), "proc_start": _proc_start(pid), "boot_id": _boot_id(),
+            "pid_ns": _pid_ns(), "command": command,
+            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "token": uuid.uuid4().hex}  # tells this run's lock from any other, even one with the same pid
+
+
+def _elsewhere(holder: dict) -> str | None:
+    """Why the holder's pid cannot be checked from this process, or None when it can."""
+    if holder.get("host") != socket.gethostname():
+        return "on another host"
+    # A field missing on one side only is as unknown as a different one; missing on both sides
+    # (no /proc) leaves pid + host, as before.
+    if "pid_ns" not in holder and _pid_ns():
+        return "by a canestra that did not record its PID namespace"
+    if holder.get("pid_ns") != _pid_ns():
+        return "in another PID namespace (a container sharing this folder?)"
+    if holder.get("boot_id") != _boot_id():
+        return "in another boot of this host, or on another machine with the same host name"
+    return None
 
 
 def describe(holder: dict) -> str:
@@ -91,8 +134,8 @@ def _is_stale(holder: dict, path: str) -> bool:
             return time.time() - os.stat(path).st_mtime > _UNREADABLE_GRACE_S
         except FileNotFoundError:
             return True
-    if holder.get("host") != socket.gethostname():
-        return False  # cannot see another machine's processes
+    if _elsewhere(holder):
+        return False  # cannot see that process: only proof of death may take a lock over
     try:
         pid = int(holder["pid"])
     except (KeyError, TypeError, ValueError):
@@ -101,11 +144,13 @@ def _is_stale(holder: dict, path: str) -> bool:
 
 
 def _busy(where: str, holder: dict) -> OutputError:
-    return OutputError(f"{where} is in use by {describe(holder)}: wait for it to finish or use another --out "
-                       f"(if that run is gone, remove {where.rstrip('/')}/{LOCK_NAME})")
+    unsure = _elsewhere(holder) if holder and "host" in holder else None
+    seen = f" {unsure}, which this run cannot check" if unsure and unsure != "on another host" else ""
+    return OutputError(f"{where} is in use by {describe(holder)}{seen}: wait for it to finish or use another "
+                       f"--out (if that run is gone, remove {where.rstrip('/')}/{LOCK_NAME})")
 
 
-def _acquire_local(out_dir: str, holder: dict, note) -> str:
+def _acquire_local(out_dir: str, holder: dict, note, clear_stale_staging: bool = True) -> str:
     path = os.path.join(out_dir, LOCK_NAME)
     body = json.dumps(holder).encode("utf-8")
     stale = False
@@ -143,7 +188,7 @@ def _acquire_local(out_dir: str, holder: dict, note) -> str:
                 os.unlink(path)
             raise OutputError(f"cannot write the lock file {path} ({exc.strerror or exc}): "
                               "free disk space or choose another --out") from exc
-        if stale:
+        if stale and clear_stale_staging:
             _clear_staging(out_dir)
         return path
     raise _busy(out_dir, _read(path) or {})
@@ -175,8 +220,84 @@ def _acquire_s3(out: str, holder: dict) -> str:
     return uri
 
 
+def _release_s3(uri: str, holder: dict) -> None:
+    """Delete the lock object only while it is still ours: read it back, then delete on its ETag."""
+    opts = storage.s3_options()
+    bucket, key = s3.split_uri(uri)
+    c = s3.client(opts)
+    try:
+        got = c.get_object(Bucket=bucket, Key=key)
+        ours = json.loads(got["Body"].read()) == holder
+    except Exception:  # gone, or unreadable: either way not provably ours
+        return
+    if not ours:
+        return  # removed by hand and taken by another run meanwhile: that run's lock stays
+    try:
+        c.delete_object(Bucket=bucket, Key=key, IfMatch=got["ETag"])
+    except Exception as exc:
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code")
+        # A store (or a botocore older than 1.35) without conditional deletes: compared just above.
+        if code == "NotImplemented" or type(exc).__name__ == "ParamValidationError":
+            c.delete_object(Bucket=bucket, Key=key)
+        # else PreconditionFailed: replaced since we read it, so not ours any more
+
+
 def _stderr_note(message: str) -> None:
     print(f"canestra: note: {message}", file=sys.stderr)
+
+
+def _acquire(out: str, holder: dict, note, clear_stale_staging: bool) -> tuple[str, str | None]:
+    """(lock path or URI, local output folder or None for s3://)."""
+    if s3.is_s3(out):
+        return _acquire_s3(out, holder), None
+    out_dir = storage.local_path(out)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {out_dir} ({exc.strerror or exc}): choose another --out") from exc
+    return _acquire_local(out_dir, holder, note, clear_stale_staging), out_dir
+
+
+def _release(path: str, out_dir: str | None, holder: dict) -> None:
+    if out_dir is None:
+        with contextlib.suppress(Exception):
+            _release_s3(path, holder)
+    else:
+        _release_local(path, holder)
+
+
+@contextlib.contextmanager
+def out_locks(outs: Iterable[str], command: str, note=_stderr_note,
+              clear_stale_staging: bool = True) -> Iterator[list[str]]:
+    """Hold the lock of every folder in ``outs`` for the block, or none of them.
+
+    For commands that work on a folder of runs (purge, erase): each run folder under it may
+    have a run of its own going. All are taken before the block starts; one held by another
+    run is an OutputError naming it, and the ones taken so far are released untouched.
+    ``clear_stale_staging=False`` (a dry run) leaves a dead run's staging folders in place.
+    Yields the locks' paths (or URIs).
+    """
+    holder = _holder(command)
+    held: list[tuple[str, str | None]] = []
+    try:
+        for out in dict.fromkeys(outs):
+            held.append(_acquire(out, holder, note, clear_stale_staging))
+    except BaseException:
+        for path, out_dir in reversed(held):
+            _release(path, out_dir, holder)
+        raise
+    try:
+        yield [path for path, _ in held]
+    except BaseException:
+        # A failed run (full disk, Spark error, Ctrl-C) leaves no partial staging tables behind:
+        # published tables are untouched, and the space goes back to the next run.
+        for _, out_dir in held:
+            if out_dir is not None:
+                _clear_staging(out_dir)
+        raise
+    finally:
+        for path, out_dir in reversed(held):
+            _release(path, out_dir, holder)
 
 
 @contextlib.contextmanager
@@ -186,27 +307,5 @@ def out_lock(out: str, command: str, note=_stderr_note) -> Iterator[str]:
     ``note`` receives the one-line notice printed when a dead run's lock is taken over.
     Yields the lock's path (or URI).
     """
-    holder = _holder(command)
-    if s3.is_s3(out):
-        uri = _acquire_s3(out, holder)
-        try:
-            yield uri
-        finally:
-            with contextlib.suppress(Exception):
-                s3.delete(uri, storage.s3_options())
-        return
-    out_dir = storage.local_path(out)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {out_dir} ({exc.strerror or exc}): choose another --out") from exc
-    path = _acquire_local(out_dir, holder, note)
-    try:
-        yield path
-    except BaseException:
-        # A failed run (full disk, Spark error, Ctrl-C) leaves no partial staging tables behind:
-        # published tables are untouched, and the space goes back to the next run.
-        _clear_staging(out_dir)
-        raise
-    finally:
-        _release_local(path, holder)
+    with out_locks([out], command, note) as paths:
+        yield paths[0]
