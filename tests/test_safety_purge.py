@@ -254,3 +254,19 @@ def test_incremental_predictions_expire_by_part_and_the_csv_follows(tmp_path, ca
     assert pq.read_table(out / "predictions").column("image_id").to_pylist() == ["b" * 64]
     with open(out / "predictions.csv", newline="") as fh:
         assert list(csv.reader(fh)) == [["image_id", "prediction"], ["b" * 64, "Lime"]]
+
+
+def test_a_table_left_aside_by_a_killed_publish_is_dated_and_expired_too(tmp_path, capsys):
+    """A publish killed between its two renames leaves the old table hidden beside its name: purge puts
+    it back first (storage.recover_publishes), so its rows expire like any other's instead of lingering."""
+    out = tmp_path / "run"
+    aside = out / ".catalog-0123456789ab.canestra-old"
+    aside.mkdir(parents=True)
+    pq.write_table(pa.table({"image_id": ["a" * 64], "source_path": ["/photos/a.jpg"]}), aside / "part-0.parquet")
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 200 * DAY))
+    (aside / "_canestra.json").write_text(json.dumps({"images": 1, "created_at": created}))
+    (out / "_logs").mkdir()
+    (out / "_logs" / "spark.log").write_text("spark\n")
+    assert cli.main(["purge", "--out", str(out), "--older-than", "180"]) == 0
+    assert "removed table catalog (200 days old" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["_audit", "_logs"]

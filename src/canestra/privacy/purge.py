@@ -328,6 +328,8 @@ def purge(out_dir: str, older_than_days: float | None, *, dry_run: bool = False,
     # A dry run lists only: taking over a dead run's lock then leaves its staging folders to the next run.
     with lock.out_locks([root, *runs], "purge", clear_stale_staging=not dry_run):
         for run in runs:
+            if not dry_run:  # a table a killed publish left renamed aside is a table again, dated as such
+                storage.recover_publishes(run)
             batches: dict[str, list[str]] = {}
             for path, kind in list(_units_of(run)):
                 born = created_at(path, kind)
