@@ -74,3 +74,31 @@ def canestra_wheel(tmp_path_factory) -> Path:
     wheels = sorted(dest.glob("canestra-*.whl"))
     assert wheels, "pip wheel produced no canestra wheel"
     return wheels[-1]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``make(size)``: a real small disk (tmpfs) mounted under tmp_path, for true ENOSPC faults;
+    the test is skipped with its reason where mounting is not allowed (needs root or CAP_SYS_ADMIN)."""
+    import shutil
+    import subprocess
+    import uuid
+
+    mounted = []
+
+    def make(size: str = "8m") -> Path:
+        mnt = tmp_path / f"disk{len(mounted)}"
+        mnt.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no mount command: cannot make a real full disk here")
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", f"canestra-test-{uuid.uuid4().hex[:6]}",
+                              str(mnt)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs ({res.stderr.strip() or res.returncode}; needs root or "
+                        "CAP_SYS_ADMIN)")
+        mounted.append(mnt)
+        return mnt
+
+    yield make
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

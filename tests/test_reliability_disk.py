@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -65,20 +63,8 @@ def test_cli_exits_2_on_enospc_during_the_job(tmp_path, sample_dir, monkeypatch,
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a real full disk here (the mapping tests above still run)")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", f"canestra-test-{uuid.uuid4().hex[:6]}",
-                          str(mnt)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs ({res.stderr.strip() or res.returncode}; needs root or "
-                    "CAP_SYS_ADMIN): the mapping tests above still run")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_disk(small_tmpfs):
+    return small_tmpfs("8m")  # skipped where mounting is not allowed (the mapping tests above still run)
 
 
 def _fill(mnt: Path, leave_kb: int) -> None:

@@ -5,16 +5,15 @@ never in a JVM or Python trace."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import children
 
 FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "model-0.1.0"
 CLI = [sys.executable, "-m", "canestra.cli"]
@@ -107,22 +106,12 @@ def test_python_worker_out_of_memory_is_one_plain_line(tmp_path, sample_dir):
 
 
 @pytest.fixture
-def full_scratch_disk(tmp_path):
-    mnt = tmp_path / "scratch"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command: cannot make a real full disk here")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", f"canestra-scratch-{uuid.uuid4().hex[:6]}",
-                          str(mnt)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs ({res.stderr.strip() or res.returncode}; needs root)")
-    try:
-        st = os.statvfs(mnt)
-        with open(mnt / "filler", "wb") as fh:
-            fh.write(b"\0" * (st.f_bavail * st.f_frsize - 16 * 1024))
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def full_scratch_disk(small_tmpfs):
+    mnt = small_tmpfs("4m")
+    st = os.statvfs(mnt)
+    with open(mnt / "filler", "wb") as fh:
+        fh.write(b"\0" * (st.f_bavail * st.f_frsize - 16 * 1024))
+    return mnt
 
 
 @pytest.mark.slow
@@ -142,19 +131,13 @@ def test_spark_scratch_disk_full_names_the_scratch_folder(tmp_path, sample_dir, 
 
 
 def _java_children(pid: int) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    def is_java(child: int) -> bool:
         try:
-            stat = (proc / "stat").read_text()
-            cmd = (proc / "cmdline").read_bytes()
+            return b"java" in Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid and b"java" in cmd:
-            found.append(int(proc.name))
-    return found
+            return False
+
+    return [c for c in children(pid) if is_java(c)]
 
 
 @pytest.mark.slow
