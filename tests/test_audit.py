@@ -84,7 +84,8 @@ def test_cli_failure_without_any_log_goes_to_the_user_log(tmp_path, capsys):
 
 def test_audit_log_flag_and_every_command_logged(tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    (out / "_logs").mkdir(parents=True)
+    (out / "_logs" / "spark.log").write_text("")  # a canestra output: purge refuses any other folder
     extra = tmp_path / "extra.jsonl"
     assert cli.main(["purge", "--out", str(out), "--older-than", "7", "--audit-log", str(extra)]) == 0
     assert cli.main(["gdpr", "record", "--out", str(out)]) == 0

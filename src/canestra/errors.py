@@ -19,6 +19,11 @@ class OutputError(CanestraError):
     """The output location cannot be written."""
 
 
+class NotAnOutput(InputError):
+    """``--out`` names a folder canestra did not write (e.g. a photo folder): nothing may be written
+    into it, not even the audit record."""
+
+
 class EnvironmentProblem(CanestraError):
     """The machine lacks something canestra needs (Java, model weights)."""
 

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from canestra import __version__
+from canestra.errors import NotAnOutput
 from canestra.layout import AUDIT_DIR, AUDIT_FILE
 
 ENV_LOG = "CANESTRA_AUDIT_LOG"
@@ -155,10 +156,12 @@ def audited(command: str, out: str | None = None, audit_log: str | None = None) 
     token = _current.set(rec)
     started = time.time()
     status, error, code = "ok", None, 0
+    foreign = False
     try:
         yield rec
     except BaseException as exc:
         status, error, code = "error", type(exc).__name__, _exit_code(exc)
+        foreign = isinstance(exc, NotAnOutput)  # refused as not ours: leave no file in it
         raise
     finally:
         _current.reset(token)
@@ -177,7 +180,7 @@ def audited(command: str, out: str | None = None, audit_log: str | None = None) 
             record["error"] = error
         if rec.details:
             record["details"] = rec.details
-        for path in log_paths(out, audit_log):
+        for path in log_paths(None if foreign else out, audit_log):
             try:
                 append_record(path, record)
             except OSError as exc:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from canestra.errors import InputError
+from canestra.errors import InputError, NotAnOutput
 from canestra.layout import (
     AUDIT_DIR,
     AUDIT_FILE,
@@ -303,7 +303,7 @@ def _check(root: str) -> list[str]:
         raise InputError(f"output folder {root} does not exist: pass the --out folder whose old runs to purge")
     runs = run_folders(root)
     if not runs:
-        raise InputError(f"{root} is not a canestra output (no {EXPECTED} in it or in a folder under it): "
+        raise NotAnOutput(f"{root} is not a canestra output (no {EXPECTED} in it or in a folder under it): "
                          "purge only removes what canestra wrote; pass the --out of a canestra run")
     return runs
 
