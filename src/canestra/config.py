@@ -74,6 +74,16 @@ class Settings:
     rate_burst: int = 40
     body_timeout: float = 30.0
     drain_timeout: float = 30.0
+    # Decode bombs and slow clients (docs/serving.md): decoded bytes (width x height x channels after
+    # mode expansion) of one image, and of all the requests one worker has taken on at once (0 = 4 x
+    # an image's), seconds the request headers may take to arrive.
+    max_decoded_mb: float = 128.0
+    worker_decoded_mb: float = 0.0
+    header_timeout: float = 10.0
+    # Proxies and DNS rebinding: proxy addresses/networks whose X-Forwarded-For is believed (none by
+    # default), extra Host names a loopback bind answers (besides IP addresses and localhost).
+    forwarded_allow_ips: str | None = None
+    allowed_hosts: str | None = None
     # S3 (docs/storage.md): endpoint (else AWS_ENDPOINT_URL_S3 / the AWS default), plain-http
     # opt-in for local emulators, GDPR Art. 44 region opt-out, SSE-KMS key (default SSE-S3).
     s3_endpoint_url: str | None = None

@@ -152,6 +152,13 @@ def _serve_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
                    help="seconds a request body may take to arrive before 408 (default 30; slow clients)")
     g.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                    help="seconds SIGTERM waits for in-flight requests before stopping (default 30)")
+    g.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                   help="seconds a request's headers may take to arrive before 408 (default 10; slow clients)")
+    g.add_argument("--max-decoded-mb", type=float, metavar="MB",
+                   help="largest image once decoded, width x height x channels (default 128; larger: 413)")
+    g.add_argument("--worker-decoded-mb", type=float, metavar="MB",
+                   help="decoded MB one worker takes on at once over all its requests, the most one request "
+                        "may carry; more: 503 with Retry-After (default 0 = 4 x --max-decoded-mb)")
     g = p.add_argument_group("access")
     g.add_argument("--api-keys-file", metavar="FILE",
                    help="require `Authorization: Bearer <key>` on /v1/*; one key per line")
@@ -161,6 +168,12 @@ def _serve_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
                    help="requests/s per client address and worker on /v1/* (default 20; 0 = no limit)")
     g.add_argument("--rate-burst", type=int, metavar="N",
                    help="requests a client may send at once above --rate-limit (default 40)")
+    g.add_argument("--forwarded-allow-ips", metavar="IP[,IP]",
+                   help="proxies (addresses or networks) whose X-Forwarded-For names the client for "
+                        "--rate-limit (default none: the connecting address)")
+    g.add_argument("--allowed-hosts", metavar="NAME[,NAME]",
+                   help="Host names a loopback --host answers besides its IP addresses and localhost "
+                        "(DNS rebinding guard; e.g. a local reverse proxy's name)")
     opt.shared_groups_last(p)
 
 

@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 from canestra.config import Settings
 from canestra.errors import EnvironmentProblem, InputError
 from canestra.serve.predictor import ModelSpec, OnlinePredictor, Prediction, default_threads, load_model_spec
-from canestra.serve.security import RateLimiter, is_loopback, key_matches, load_api_keys
-from canestra.vision.images import BadImage
+from canestra.serve.security import KeyRing, RateLimiter, is_loopback, keys_file_warning, load_api_keys
+from canestra.vision import backbone
+from canestra.vision.images import BadImage, decoded_size
 
 try:
     import anyio
@@ -46,6 +49,9 @@ AUDIT_LOGGER = "canestra.serve.audit"
 AUDIT_INTERVAL_S = 60.0
 BATCH_BODY_FACTOR = 4  # a batch request may carry at most 4 x the per-image limit in total
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the image bytes
+# Single images that decode to at most this many bytes (~1.3 MP) are scored on the event loop:
+# a few ms, and the thread hand-over would cost more (docs/serving.md). Larger ones go to a thread.
+INLINE_DECODED_BYTES = 4_000_000
 
 log = logging.getLogger(AUDIT_LOGGER)
 
@@ -104,6 +110,18 @@ class UnknownThresholds(BaseModel):
                                                 "such check")
 
 
+class ModelMetrics(BaseModel):
+    """Held-out quality figures only: aggregates, never an image id, a path or a per-image row."""
+
+    held_out_images: int | None = Field(None, description="images the figures below were measured on")
+    accuracy: float | None = Field(None, description="variety top-1 accuracy on the held-out images")
+    macro_f1: float | None = None
+    weighted_f1: float | None = None
+    family_accuracy: float | None = Field(None, description="family top-1 accuracy on the held-out images")
+    unknown_coverage: float | None = Field(None, description="share of held-out images answered (not `unknown`)")
+    calibration_ece: float | None = Field(None, description="expected calibration error of `probability`")
+
+
 class ModelOut(BaseModel):
     classes: list[str]
     families: list[str] = Field(description="the fruit families the model answers with, sorted")
@@ -120,7 +138,8 @@ class ModelOut(BaseModel):
     pca_k: int
     backbone: str
     spark_version: str | None
-    metrics: dict[str, Any] | None = Field(description="metrics.json written by `canestra train`, if present")
+    metrics: ModelMetrics | None = Field(description="held-out figures from `canestra train`'s metrics.json, "
+                                                     "if present (the file itself stays on the server)")
     requests: dict[str, int] = Field(description="request counts of this worker process")
 
 
@@ -133,18 +152,34 @@ class ErrorOut(BaseModel):
     detail: str
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {413: {"model": ErrorOut, "description": "upload too large"},
-           415: {"model": ErrorOut, "description": "not an image, or an unsupported format"},
-           422: {"model": ErrorOut, "description": "corrupt, truncated, animated image or decompression bomb"}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorOut, "description": "upload too large, or its images decode to more bytes than "
+                                            "`--max-decoded-mb` (one image) or a worker's decode budget (a request)"},
+    415: {"model": ErrorOut, "description": "not an image, or an unsupported format"},
+    422: {"model": ErrorOut, "description": "empty, corrupt, truncated, animated image or decompression bomb; "
+                                            "a malformed multipart body"},
+    503: {"model": ErrorOut, "description": "this worker's decode budget is taken by other requests: "
+                                            "retry after `Retry-After` seconds",
+          "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}},
+}
 
-_BINARY = {"type": "string", "format": "binary"}
-_RAW_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff", "application/octet-stream")
+# An image file: at least one byte (an empty part or body is answered 422). What the bytes must be
+# (a decodable image, answered 415 or 422 otherwise, per image in a batch) is beyond JSON Schema;
+# the part's declared content type says it, and the 4xx responses are documented.
+_BINARY = {"type": "string", "format": "binary", "minLength": 1}
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+# Raw bodies: the format is read from the bytes, whatever the Content-Type (application/octet-stream
+# works too); the image types are the ones documented.
+_RAW_TYPES = _IMAGE_TYPES
 
 
 def _request_body(many: bool) -> dict:
-    file_schema = {"type": "array", "items": _BINARY, "minItems": 1} if many else _BINARY
-    content: dict[str, Any] = {"multipart/form-data": {"schema": {"type": "object", "properties": {"file": file_schema},
-                                                  "required": ["file"]}}}
+    file_schema = {"type": "array", "items": _BINARY, "minItems": 1,
+                   "description": "one part per image, all named `file`; each image gets its own entry in "
+                                  "`results`, with the status that image alone would get"} if many else _BINARY
+    content: dict[str, Any] = {"multipart/form-data": {
+        "schema": {"type": "object", "properties": {"file": file_schema}, "required": ["file"]},
+        "encoding": {"file": {"contentType": ", ".join(_IMAGE_TYPES)}}}}
     if not many:
         content.update({t: {"schema": _BINARY} for t in _RAW_TYPES})
     return {"requestBody": {"required": True, "content": content}}
@@ -295,6 +330,10 @@ def _audit_line(event: str, spec: ModelSpec, counts: dict[str, int]) -> str:
                        "pid": os.getpid(), "model_version": spec.model_version, "counts": counts}, sort_keys=True)
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.4g} MB"
+
+
 class _Service:
     """What the routes of one worker share: the model, its request counters, the limits."""
 
@@ -307,6 +346,38 @@ class _Service:
         self.counts = _Counts()
         self.ready = True  # False while the worker shuts down: /readyz then says 503
         self._limiter: anyio.CapacityLimiter | None = None  # created inside the event loop
+        # Decoded bytes (images.decoded_size): one image at most, and what this worker admits at
+        # once over all its requests (queued and running). Both are read from the headers before any
+        # pixel is decoded, so a few-kB bomb costs a header parse, never its 100+ MB of pixels.
+        self.max_decoded = int(cfg.max_decoded_mb * 1e6)
+        self.worker_decoded = int((cfg.worker_decoded_mb or 4 * cfg.max_decoded_mb) * 1e6)
+        self.admitted = 0  # decoded bytes of the requests admitted now; event loop only, no lock
+
+    @contextmanager
+    def admit(self, cost: int):
+        """Reserve ``cost`` decoded bytes of this worker's budget for one request, or refuse it."""
+        if cost > self.worker_decoded:
+            raise Problem(413, f"request too large when decoded: its images decode to {_mb(cost)}, a request "
+                               f"may decode to at most {_mb(self.worker_decoded)}; send fewer or smaller images")
+        if self.admitted + cost > self.worker_decoded:
+            raise Problem(503, "busy: this worker is decoding other large images; retry after 1 s",
+                          {"Retry-After": "1"})
+        self.admitted += cost
+        try:
+            yield
+        finally:
+            self.admitted -= cost
+
+    def cost(self, data: bytes) -> int:
+        """Decoded bytes of one image from its header (Problem 413/415/422 when it cannot be used)."""
+        try:
+            cost = decoded_size(data, max_pixels=self.predictor.max_pixels, max_bytes=self.max_bytes)
+        except BadImage as err:
+            raise Problem(bad_image_status(err), _bad_image_detail(err, self.limit_mb)) from None
+        if cost > self.max_decoded:
+            raise Problem(413, f"image too large when decoded: {_mb(cost)} (width x height x channels), "
+                               f"the limit is {_mb(self.max_decoded)}")
+        return cost
 
     def compute_limiter(self) -> anyio.CapacityLimiter:
         # One inference at a time per worker: its ORT session already uses `threads` cores.
@@ -326,29 +397,72 @@ class _Service:
             raise Problem(413, "image too large to decode in memory") from None
         return _answer(self.predictor.predict_rgb([rgb])[0])
 
-    def score_many(self, blobs: list[bytes]) -> list[dict]:
+    async def score(self, data: bytes) -> dict:
+        cost = self.cost(data)
+        with self.admit(cost):
+            if cost <= INLINE_DECODED_BYTES:
+                return self.score_one(data)
+            # Off the event loop (health probes and other clients keep being answered), one decode
+            # and inference at a time per worker: peak memory stays a few times max_decoded.
+            return await anyio.to_thread.run_sync(self.score_one, data, limiter=self.compute_limiter())
+
+    async def score_batch(self, blobs: list[bytes]) -> list[dict]:
         items: list[dict] = [{} for _ in blobs]
-        good, rgbs = [], []
+        costs: dict[int, int] = {}
         for i, data in enumerate(blobs):
             try:
-                rgbs.append(self.predictor.decode(data))
-                good.append(i)
+                costs[i] = self.cost(data)
+            except Problem as p:  # this image alone would get that status: the others are still scored
+                items[i] = {"index": i, "status": p.status, "error": p.detail}
+        if not costs:  # nothing to decode: no need to queue behind other requests' inference
+            return items
+        with self.admit(sum(costs.values())):
+            await anyio.to_thread.run_sync(self.score_many, blobs, costs, items, limiter=self.compute_limiter())
+        return items
+
+    def score_many(self, blobs: list[bytes], costs: dict[int, int], items: list[dict]) -> None:
+        """Fill ``items`` for the images in ``costs``, decoded in chunks of at most max_decoded bytes."""
+        held: list[tuple[int, Any]] = []
+        held_cost = 0
+
+        def flush() -> None:
+            nonlocal held_cost
+            for (i, _), p in zip(held, self.predictor.predict_rgb([rgb for _, rgb in held])):
+                items[i] = {"index": i, "status": 200, **_answer(p)}
+            held.clear()
+            held_cost = 0
+
+        for i, cost in costs.items():
+            if held and held_cost + cost > self.max_decoded:
+                flush()  # the pixels held so far are scored and dropped before more are decoded
+            try:
+                held.append((i, self.predictor.decode(blobs[i])))
+                held_cost += cost
             except BadImage as err:
                 items[i] = {"index": i, "status": bad_image_status(err), "error": _bad_image_detail(err, self.limit_mb)}
             except MemoryError:
                 items[i] = {"index": i, "status": 413, "error": "image too large to decode in memory"}
-        for i, p in zip(good, self.predictor.predict_rgb(rgbs)):
-            items[i] = {"index": i, "status": 200, **_answer(p)}
-        return items
+        flush()
 
 
 def create_app(model_dir: str | None = None, settings: Settings | None = None, *,
-               predictor: OnlinePredictor | None = None) -> FastAPI:
-    """The FastAPI app serving one model; loads it now (raises InputError if ``model_dir`` is not one)."""
+               predictor: OnlinePredictor | None = None, keys: KeyRing | None = None,
+               host_check: bool = False) -> FastAPI:
+    """The FastAPI app serving one model; loads it now (raises InputError if ``model_dir`` is not one).
+
+    ``host_check``: on a loopback ``cfg.host``, answer only requests whose Host header is an IP
+    address, ``localhost`` or one of ``cfg.allowed_hosts`` (DNS rebinding); the real server turns it
+    on, in-process test clients (Host ``testserver``) leave it off.
+    """
     cfg = settings or Settings.load()
     svc = _Service(predictor or _load_predictor(model_dir, cfg), cfg)
     app = _new_app(svc)
-    guarded = APIRouter(dependencies=_guards(cfg), responses=_guard_responses(cfg))
+    if keys is None and cfg.api_keys_file:
+        keys = KeyRing(cfg.api_keys_file)
+    app.state.keys = keys
+    if host_check and is_loopback(cfg.host):
+        app.add_middleware(_HostCheck, allowed=_allowed_hosts(cfg), counts=svc.counts)
+    guarded = APIRouter(dependencies=_guards(cfg, keys), responses=_guard_responses(cfg))
     _add_prediction_routes(guarded, svc)
     _add_model_route(guarded, svc)
     app.include_router(guarded)
@@ -378,8 +492,12 @@ def _lifespan(svc: _Service):
                 last = now
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
         svc.ready = True
+        keys: KeyRing | None = app.state.keys
+        hup = getattr(app.state, "reload_keys_on_sighup", False) and keys is not None
+        if hup and keys is not None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_keys, keys)
         log.info(_audit_line("serve.start", svc.spec, svc.counts.snapshot()))
         task = asyncio.create_task(audit_every(AUDIT_INTERVAL_S))
         try:
@@ -387,9 +505,20 @@ def _lifespan(svc: _Service):
         finally:
             svc.ready = False
             task.cancel()
+            if hup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             log.info(_audit_line("serve.stop", svc.spec, svc.counts.snapshot()))
 
     return lifespan
+
+
+def _reload_keys(keys: KeyRing) -> None:
+    n, problem = keys.reload()
+    line = {"event": "serve.keys_reloaded" if problem is None else "serve.keys_not_reloaded", "keys": n,
+            "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if problem is not None:
+        line["reason"] = problem  # the file's path and what is wrong with it: never a key
+    (log.info if problem is None else log.warning)(json.dumps(line, sort_keys=True))
 
 
 def _new_app(svc: _Service) -> FastAPI:
@@ -415,7 +544,57 @@ def _new_app(svc: _Service) -> FastAPI:
     return app
 
 
-def _guards(cfg: Settings) -> list:
+def _allowed_hosts(cfg: Settings) -> frozenset[str]:
+    names = {"localhost", cfg.host.lower()} | {h.strip().lower() for h in (cfg.allowed_hosts or "").split(",")}
+    return frozenset(n for n in names if n)
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header value, without its port (``[::1]:8000`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class _HostCheck:
+    """Pure ASGI middleware: 421 for a Host header that is neither an IP address nor an allowed name.
+
+    A page on evil.example whose name is re-pointed at 127.0.0.1 (DNS rebinding) makes the browser
+    send ``Host: evil.example``; a loopback service that answers it hands that page its responses.
+    """
+
+    def __init__(self, app, allowed: frozenset[str], counts: _Counts):
+        self.app = app
+        self.allowed = allowed
+        self.counts = counts
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            raw = next((v for k, v in scope["headers"] if k == b"host"), None)
+            name = _host_name(raw.decode("latin-1")) if raw is not None else ""
+            if raw is not None and not self._ok(name):
+                self.counts.add(requests=1, rejected_421=1)
+                body = json.dumps({"detail": "Host header not accepted: this service answers requests to its "
+                                             "IP address or localhost only (serve --allowed-hosts NAME adds a name)"})
+                await send({"type": "http.response.start", "status": 421,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body.encode()})
+                return
+        await self.app(scope, receive, send)
+
+    def _ok(self, name: str) -> bool:
+        if name in self.allowed:
+            return True
+        try:
+            ipaddress.ip_address(name)  # an address cannot be re-pointed: only names can
+            return True
+        except ValueError:
+            return False
+
+
+def _guards(cfg: Settings, keys: KeyRing | None) -> list:
     """Dependencies of every /v1 route: the rate limit first (it also slows key guessing), then the key."""
     guards = []
     if cfg.rate_limit > 0:
@@ -428,15 +607,14 @@ def _guards(cfg: Settings) -> list:
                                    f"retry after {wait} s", {"Retry-After": str(wait)})
 
         guards.append(Depends(rate_limit))
-    if cfg.api_keys_file:
-        digests = load_api_keys(cfg.api_keys_file)
+    if keys is not None:
         scheme = HTTPBearer(auto_error=False, description="one of the keys in the server's --api-keys-file")
 
         async def require_key(creds: HTTPAuthorizationCredentials | None = Security(scheme)) -> None:
             if creds is None:
                 raise Problem(401, "this service needs an API key: send the header Authorization: Bearer <key>",
                               {"WWW-Authenticate": "Bearer"})
-            if not key_matches(creds.credentials, digests):
+            if not keys.matches(creds.credentials):
                 raise Problem(401, "API key not accepted", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
         guards.append(Depends(require_key))
@@ -476,15 +654,14 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
         del body
         if not data:
             raise Problem(422, "empty request: send an image as the body or as a form field named file")
-        # Inline, not in a thread: one inference at a time per worker anyway, and the thread
-        # hop (GIL hand-over, wake-up) measured 0.7 ms of the p50 (docs/serving.md).
-        out = svc.score_one(data)
+        out = await svc.score(data)
         svc.counts.add(requests=1, images=1)
         out["model_version"] = spec.model_version
         out["timing_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return _json(out)
 
-    @router.post("/v1/predict/batch", response_model=BatchOut, responses={413: _ERRORS[413], 422: _ERRORS[422]},
+    @router.post("/v1/predict/batch", response_model=BatchOut,
+                 responses={k: _ERRORS[k] for k in (413, 422, 503)},
                  openapi_extra=_request_body(True),
                  summary=f"Classify several images (repeated multipart field `file`, at most {cfg.max_batch})")
     async def predict_batch(request: Request) -> Response:
@@ -498,7 +675,7 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
         del body
         if not files:
             raise Problem(422, "no form field named file: send each image as file=@photo.jpg")
-        items = await anyio.to_thread.run_sync(svc.score_many, files, limiter=svc.compute_limiter())
+        items = await svc.score_batch(files)
         ok = sum(1 for it in items if it["status"] == 200)
         svc.counts.add(requests=1, batch_requests=1, images=ok, images_rejected=len(items) - ok)
         return _json({"results": items, "model_version": spec.model_version,
@@ -506,10 +683,50 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
 
 
 def _add_model_route(router: APIRouter, svc: _Service) -> None:
+    facts = model_facts(svc.spec)
+
     @router.get("/v1/model", response_model=ModelOut,
-                summary="The model served: classes, families, training metrics, version")
+                summary="The model served: classes, families, held-out figures, version")
     async def model_info() -> Response:
-        return _json({**svc.predictor.info(), "requests": svc.counts.snapshot()})
+        return _json({**facts, "requests": svc.counts.snapshot()})
+
+
+def _section(metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    value = metrics.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def model_facts(spec: ModelSpec) -> dict[str, Any]:
+    """What clients may know of the model: no path, no image id, nothing per image of the training data.
+
+    metrics.json also lists training images (``worst_errors``: ids and paths) that an erase may later
+    remove; only aggregate held-out figures are taken from it, by name, so a field added to it later
+    never reaches clients by default.
+    """
+    s, m = spec, spec.metrics or {}
+    metrics = None
+    if spec.metrics is not None:
+        family, unknown, calibration = (_section(m, k) for k in ("family", "unknown", "calibration"))
+        n = _number(m.get("n"))
+        metrics = {"held_out_images": int(n) if n is not None else None, "accuracy": _number(m.get("accuracy")),
+                   "macro_f1": _number(m.get("macro_f1")), "weighted_f1": _number(m.get("weighted_f1")),
+                   "family_accuracy": _number(family.get("accuracy")),
+                   "unknown_coverage": _number(unknown.get("coverage")),
+                   "calibration_ece": _number(calibration.get("ece"))}
+    return {
+        "classes": list(s.labels), "families": s.families, "class_families": list(s.rule.families),
+        "unknown_thresholds": {"energy": s.rule.energy_threshold, "fruitness": s.rule.fruitness_threshold},
+        "created_at": s.created_at, "version": s.version, "model_version": s.model_version,
+        "image_sizes": list(s.image_sizes), "precision": s.precision, "input_fit": s.input_fit,
+        "pca_k": int(s.pca.shape[1]),
+        # a custom graph's file name could be a path or name a person: say only that it is one
+        "backbone": backbone.MODEL_NAME if not s.onnx_path else "custom ONNX graph",
+        "spark_version": s.spark_version, "metrics": metrics,
+    }
 
 
 def _add_health_routes(app: FastAPI, svc: _Service) -> None:
@@ -570,7 +787,12 @@ def app_from_env() -> FastAPI:
         raise InputError(f"{ENV_CONFIG} is not set: start the service with `canestra serve --model DIR/model`")
     conf = json.loads(raw)
     model_dir = conf.pop("model_dir")
-    return create_app(model_dir, Settings.load(**conf))
+    if hasattr(signal, "SIGHUP"):
+        # Until the lifespan installs the reload, a SIGHUP (its default action: exit) is ignored.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    app = create_app(model_dir, Settings.load(**conf), host_check=True)
+    app.state.reload_keys_on_sighup = hasattr(signal, "SIGHUP")
+    return app
 
 
 def log_config(level: str = "INFO") -> dict:
@@ -593,14 +815,36 @@ def check_serve_settings(cfg: Settings) -> None:
         raise InputError("--max-upload-mb and --max-batch must be positive numbers")
     if cfg.rate_limit < 0 or cfg.rate_burst < 1:
         raise InputError("--rate-limit must be 0 (no limit) or more, and --rate-burst a positive number")
-    if cfg.body_timeout <= 0 or cfg.drain_timeout < 0:
-        raise InputError("--body-timeout must be a positive number of seconds, --drain-timeout 0 or more")
+    if cfg.body_timeout <= 0 or cfg.drain_timeout < 0 or cfg.header_timeout <= 0:
+        raise InputError("--body-timeout and --header-timeout must be positive numbers of seconds, "
+                         "--drain-timeout 0 or more")
+    if cfg.max_decoded_mb <= 0 or cfg.worker_decoded_mb < 0:
+        raise InputError("--max-decoded-mb must be a positive number, --worker-decoded-mb 0 (4 x that) or more")
+    if cfg.worker_decoded_mb and cfg.worker_decoded_mb < cfg.max_decoded_mb:
+        raise InputError(f"--worker-decoded-mb {cfg.worker_decoded_mb:g} is below --max-decoded-mb "
+                         f"{cfg.max_decoded_mb:g}: a worker could never take the largest image allowed")
+    for ip in trusted_proxies(cfg):
+        if ip != "*":
+            try:
+                ipaddress.ip_network(ip, strict=False)
+            except ValueError:
+                raise InputError(f"--forwarded-allow-ips: {ip!r} is not an IP address or network "
+                                 "(e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+
+
+def trusted_proxies(cfg: Settings) -> list[str]:
+    """The --forwarded-allow-ips entries: the peers whose X-Forwarded-For names the client."""
+    return [p.strip() for p in (cfg.forwarded_allow_ips or "").split(",") if p.strip()]
 
 
 def check_auth(cfg: Settings) -> int:
     """How many API keys the service will accept (0: none required); refuses an open non-loopback bind."""
     if cfg.api_keys_file:
-        return len(load_api_keys(cfg.api_keys_file))  # InputError: missing, unreadable or empty file
+        n = len(load_api_keys(cfg.api_keys_file))  # InputError: missing, unreadable or empty file
+        warning = keys_file_warning(cfg.api_keys_file)
+        if warning:
+            print(f"canestra: warning: {warning}", file=sys.stderr, flush=True)
+        return n
     if not is_loopback(cfg.host) and not cfg.allow_no_auth:
         raise InputError(f"--host {cfg.host} can be reached from other machines and no API keys are set: pass "
                          "--api-keys-file FILE (one key per line), or --allow-no-auth to serve anyone who can reach it")
@@ -609,6 +853,27 @@ def check_auth(cfg: Settings) -> int:
 
 def _exit_quietly_on_sigterm(_sig: int, _frame: Any) -> None:
     """uvicorn drains, then re-raises SIGTERM with the handler it found: this one makes it exit 0."""
+
+
+def _forward_sighup_to_workers() -> None:
+    """With several workers, SIGHUP reaches uvicorn's supervisor, which would replace every worker
+    (each loads the model again, and one that finds the keys file unusable fails to start). The
+    workers re-read the keys file in place (app_from_env), so the supervisor only passes it on."""
+    import importlib
+
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    # the module, not uvicorn.main the function (uvicorn's __init__ shadows the name with it)
+    uvicorn_main = importlib.import_module("uvicorn.main")
+
+    class _Supervisor(Multiprocess):
+        def handle_hup(self) -> None:
+            for proc in self.processes:
+                pid = getattr(proc, "pid", None)
+                if pid:
+                    os.kill(pid, signal.SIGHUP)
+
+    setattr(uvicorn_main, "Multiprocess", _Supervisor)  # noqa: B010  # uvicorn.run looks it up when called
 
 
 def run_serve(model_dir: str, cfg: Settings) -> int:
@@ -627,6 +892,10 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
                                          "max_upload_mb": cfg.max_upload_mb, "max_batch": cfg.max_batch,
                                          "workers": cfg.workers, "rate_limit": cfg.rate_limit,
                                          "rate_burst": cfg.rate_burst, "body_timeout": cfg.body_timeout,
+                                         "header_timeout": cfg.header_timeout,
+                                         "max_decoded_mb": cfg.max_decoded_mb,
+                                         "worker_decoded_mb": cfg.worker_decoded_mb,
+                                         "host": cfg.host, "allowed_hosts": cfg.allowed_hosts,
                                          # the path only: each worker reads the keys itself
                                          "api_keys_file": os.path.abspath(cfg.api_keys_file)
                                          if n_keys and cfg.api_keys_file else None})
@@ -639,8 +908,17 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
           f"on http://{cfg.host}:{cfg.port}/ with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s), {auth}",
           flush=True)
     signal.signal(signal.SIGTERM, _exit_quietly_on_sigterm)
+    if cfg.workers > 1 and hasattr(signal, "SIGHUP"):
+        _forward_sighup_to_workers()
+    from canestra.serve.protocol import protocol_class
+
+    proxies = trusted_proxies(cfg)
     uvicorn.run("canestra.serve.app:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
                 access_log=False, log_config=log_config(), server_header=False,
+                http=protocol_class() or "auto",  # type: ignore[arg-type]
+                # X-Forwarded-For only from the proxies named: uvicorn's default trusts 127.0.0.1 (any
+                # local client could pick its rate-limit address) and no remote proxy (all share one).
+                proxy_headers=bool(proxies), forwarded_allow_ips=proxies or None,
                 timeout_graceful_shutdown=cfg.drain_timeout,  # type: ignore[arg-type]  # float seconds work
                 # A worker answers the supervisor's health pings only once Python and uvicorn are
                 # imported; uvicorn's 5 s default kills slow starters on a busy machine, in a loop.

@@ -381,22 +381,3 @@ class OnlinePredictor:
         t0 = time.perf_counter()
         self.predict_rgb([np.full((100, 100, 3), 255, np.uint8)])
         return time.perf_counter() - t0
-
-    def info(self) -> dict[str, Any]:
-        s = self.spec
-        return {
-            "classes": list(s.labels),
-            "families": s.families,
-            "class_families": list(s.rule.families),
-            "unknown_thresholds": {"energy": s.rule.energy_threshold, "fruitness": s.rule.fruitness_threshold},
-            "created_at": s.created_at,
-            "version": s.version,
-            "model_version": s.model_version,
-            "image_sizes": list(s.image_sizes),
-            "precision": s.precision,
-            "input_fit": s.input_fit,
-            "pca_k": int(s.pca.shape[1]),
-            "backbone": backbone.MODEL_NAME if not s.onnx_path else os.path.basename(s.onnx_path),
-            "spark_version": s.spark_version,
-            "metrics": s.metrics,
-        }

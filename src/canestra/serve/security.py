@@ -12,6 +12,9 @@ import hashlib
 import hmac
 import ipaddress
 import math
+import os
+import stat
+import threading
 import time
 from pathlib import Path
 
@@ -19,12 +22,14 @@ from canestra.errors import InputError
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 _MAX_CLIENTS = 10_000  # rate-limit buckets kept per worker before idle ones are dropped
+MIN_KEY_LENGTH = 16  # characters: `openssl rand -hex 24` gives 48; shorter keys can be guessed
 
 
 def load_api_keys(path: str) -> list[bytes]:
     """SHA-256 digests of the keys in ``path``: one per line, blank lines and ``#`` comments ignored."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # utf-8-sig: a BOM (Windows editors) would otherwise become part of the first key
+        text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"API keys file {path} does not exist: pass a file with one key per line") from None
     except IsADirectoryError:
@@ -41,7 +46,52 @@ def load_api_keys(path: str) -> list[bytes]:
         raise InputError(f"API keys file {path} holds no key: put one key per line (# starts a comment)")
     if any(any(c.isspace() for c in k) for k in keys):
         raise InputError(f"API keys file {path}: a key contains a space; put one key per line")
+    short = sum(1 for k in keys if len(k) < MIN_KEY_LENGTH)
+    if short:
+        raise InputError(f"API keys file {path}: {short} key(s) shorter than {MIN_KEY_LENGTH} characters; "
+                         "make keys long and random, e.g. `openssl rand -hex 24`")
     return [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
+
+
+def keys_file_warning(path: str) -> str | None:
+    """A warning when others than the owner may read the keys file (mode & 0o077), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # load_api_keys says what is wrong with it
+    if os.name != "posix" or not mode & 0o077:
+        return None
+    return (f"API keys file {path} can be read by other users (mode {stat.filemode(mode)}): "
+            f"run `chmod 600 {path}`")
+
+
+class KeyRing:
+    """The accepted keys (as digests), re-read from the keys file by :meth:`reload` (SIGHUP).
+
+    A reload that fails (file gone, emptied, a short key) keeps the keys in force: a typo while
+    editing the file must neither open the service nor lock every client out.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._digests = load_api_keys(path)
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def matches(self, token: str) -> bool:
+        return key_matches(token, self._digests)
+
+    def reload(self) -> tuple[int, str | None]:
+        """(keys now in force, None) or (keys still in force, why the file was not taken)."""
+        with self._lock:
+            try:
+                digests = load_api_keys(self.path)
+            except InputError as exc:
+                return len(self._digests), str(exc)
+            self._digests = digests  # one reference swap: requests see the old or the new list
+            return len(digests), None
 
 
 def key_matches(token: str, digests: list[bytes]) -> bool:
@@ -75,32 +125,45 @@ class RateLimiter:
     """Token buckets per client address: ``rate`` requests/s on average, bursts up to ``burst``.
 
     One per worker process (no shared state between workers). Used from the event loop only.
+    At most ``_MAX_CLIENTS`` buckets: only a bucket that has refilled completely (the same as no
+    bucket) is ever dropped, so a throttled client never gets a fresh one. While every bucket is
+    still in use, clients without one share a single overflow bucket: a flood of new addresses
+    then throttles itself instead of pushing known clients out.
     """
+
+    _OVERFLOW = "\0overflow"  # not an address: never collides with a client
 
     def __init__(self, rate: float, burst: int, clock=time.monotonic):
         self.rate = rate
         self.burst = max(1, burst)
         self.clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
+        self._overflow = (float(self.burst), clock())
+        self._next_sweep = float("-inf")
 
     def retry_after(self, client: str) -> int:
         """0 when ``client`` may proceed (and charge it one request), else whole seconds to wait."""
         now = self.clock()
-        tokens, last = self._buckets.get(client, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[client] = (tokens - 1.0, now)
-            if len(self._buckets) > _MAX_CLIENTS:
-                self._forget_idle(now)
-            return 0
-        self._buckets[client] = (tokens, now)
-        return max(1, math.ceil((1.0 - tokens) / self.rate))
+        if client not in self._buckets and len(self._buckets) >= _MAX_CLIENTS:
+            self._forget_full(now)
+            if len(self._buckets) >= _MAX_CLIENTS:
+                client = self._OVERFLOW
+        state = self._overflow if client == self._OVERFLOW else self._buckets.get(client, (float(self.burst), now))
+        tokens = min(float(self.burst), state[0] + (now - state[1]) * self.rate)
+        wait = 0 if tokens >= 1.0 else max(1, math.ceil((1.0 - tokens) / self.rate))
+        state = (tokens - 1.0 if not wait else tokens, now)
+        if client == self._OVERFLOW:
+            self._overflow = state
+        else:
+            self._buckets[client] = state
+        return wait
 
-    def _forget_idle(self, now: float) -> None:
-        # A bucket that has refilled completely is the same as no bucket: drop it to bound memory.
+    def _forget_full(self, now: float) -> None:
+        # One pass over the table at most every burst/rate seconds (the time an idle bucket takes
+        # to refill): a flood of new addresses must not turn every request into a full scan.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(self.burst / self.rate, 60.0)
         full = [c for c, (t, last) in self._buckets.items() if t + (now - last) * self.rate >= self.burst]
         for c in full:
             del self._buckets[c]
-        if len(self._buckets) > _MAX_CLIENTS:  # still too many busy clients: forget the oldest half
-            for c, _ in sorted(self._buckets.items(), key=lambda kv: kv[1][1])[: len(self._buckets) // 2]:
-                del self._buckets[c]

@@ -436,6 +436,25 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: 
     return _decode(_as_bytes(data), max_pixels, max_bytes)[3]
 
 
+def decoded_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """Bytes :func:`decode_rgb` works on for ``data``: width x height x channels after mode expansion.
+
+    Read from the header only (nothing is decoded), with the same checks as decode_rgb (BadImage).
+    Channels are those of the array the pixels pass through: 4 when an alpha band or a transparency
+    key makes decode_rgb composite RGBA over white (a 1-byte palette pixel becomes 4 bytes), 4 for
+    4-band modes (CMYK), else 3; times 2 for 16-bit and 4 for 32-bit samples. The decode itself
+    peaks at a few times this (conversion temporaries), so callers budget memory with it.
+    """
+    img = _open(_as_bytes(data), max_pixels, max_bytes)
+    with img:
+        w, h = img.size
+        mode = img.mode
+        alpha = "transparency" in img.info or mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        bands = 4 if alpha or Image.getmodebands(mode) == 4 else 3
+        sample = 2 if mode.startswith("I;16") else 4 if mode in ("I", "F") else 1
+    return w * h * bands * sample
+
+
 def pixel_id(rgb: np.ndarray) -> str:
     """Pseudonymous image id: SHA-256 hex of f"{h}x{w}x3:" + the RGB bytes."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
