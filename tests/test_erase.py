@@ -100,15 +100,18 @@ def test_erase_by_source_leaves_no_trace_and_flags_the_model(spark, case, capsys
     assert "pred/quarantine.csv" in hits[broken]
 
     code = cli.main(["erase", "--out", str(run), "--source", copy, broken, "--delete-source"])
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
     assert code == 0, out
     assert f"the model at {run / 'model'} was trained on 1 erased image(s): retrain it" in out
     assert find(run, [image_id, copy, broken, original]) == {}, "nothing of the image remains under --out"
-    assert not os.path.exists(copy) and not os.path.exists(broken), "--delete-source removed the sources"
+    assert not os.path.exists(copy), "--delete-source removed the source predictions list by path"
+    # Only quarantine.csv knew the broken file: no table lists it as an image read there, so it stays.
+    assert os.path.exists(broken) and f"kept {broken}: no table under {run} lists it" in cap.err
     assert os.path.exists(original) and os.path.exists(chosen["test"]["copy"]), "other files untouched"
     assert not (run / "exports" / "shared-copy.jpg").exists()
     summary = json.loads(out.splitlines()[0])
-    assert summary["images"] == 1 and summary["sources_deleted"] == 2
+    assert summary["images"] == 1 and summary["sources_deleted"] == 1
 
     # Every table lost exactly that image and Spark still reads them (vectors included).
     cat = spark.read.parquet(str(run / "catalog"))
@@ -132,7 +135,7 @@ def test_erase_by_source_leaves_no_trace_and_flags_the_model(spark, case, capsys
     (rec,) = audit.read_records(str(run / "_audit" / "audit.jsonl"))
     assert rec["command"] == "erase" and rec["status"] == "ok"
     assert rec["counts"]["images"] == 1 and rec["counts"]["models_to_retrain"] == 1
-    assert rec["counts"]["sources_deleted"] == 2 and rec["outputs"] == [str(run / "model")]
+    assert rec["counts"]["sources_deleted"] == 1 and rec["outputs"] == [str(run / "model")]
 
 
 def test_erase_by_image_id_finds_its_paths_and_keeps_the_source(case, capsys):

@@ -2,7 +2,7 @@
 
 ``canestra train --mlflow [URI]`` / ``canestra.train(..., mlflow=True)``, or ``MLFLOW_TRACKING_URI``
 set in the environment, logs one MLflow run per training: the settings as parameters, the
-held-out figures as metrics, ``report.html``, ``metrics.json`` and the saved model folder
+held-out figures as metrics, ``report.html`` and ``metrics.json`` (without image ids) and the saved model folder
 (artifact ``model/``, a Spark ``PipelineModel`` directory, without its list of training image ids). ``register_model="NAME"`` adds it to
 the registry as a new version of NAME. ``canestra serve --model models:/NAME/ALIAS`` (or
 ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) downloads that version into canestra's cache
@@ -143,10 +143,7 @@ class _Run:
         items = [Metric(k, v, now, 0) for k, v in flat.items()]
         for i in range(0, len(items), 900):  # MLflow caps a batch at 1,000 metrics
             self.client.log_batch(run_id, metrics=items[i:i + 900])
-        for name in (REPORT_HTML, METRICS_JSON):
-            path = os.path.join(out_dir, name)
-            if os.path.exists(path):
-                self.client.log_artifact(run_id, path)
+        self._log_redacted_report(out_dir)
         from canestra.privacy.erase import TRAINING_IDS
 
         # GDPR Art. 5(1)(c): the model's list of training image ids serves `canestra erase` in the run
@@ -158,6 +155,40 @@ class _Run:
         if register_model:
             self.tracked.model_version = register(self.client, register_model, self.tracked)
         return self.tracked
+
+
+    def _log_redacted_report(self, out_dir: str) -> None:
+        """metrics.json and report.html without image ids: the tracking store has other readers, and
+        ``canestra erase`` rewrites the run folder, not a store it may not reach (GDPR Art. 17, 25).
+        The worst errors keep their labels and scores; their ids and thumbnails stay in the run folder."""
+        import json
+
+        from canestra.pipeline.report import write_report
+
+        try:
+            with open(os.path.join(out_dir, METRICS_JSON), encoding="utf-8") as fh:
+                metrics = json.load(fh)
+        except FileNotFoundError:
+            return
+        metrics = redact_metrics(metrics)
+        with tempfile.TemporaryDirectory(prefix="canestra-mlflow-") as tmp:
+            with open(os.path.join(tmp, METRICS_JSON), "w", encoding="utf-8") as fh:
+                json.dump(metrics, fh, indent=2)
+            if os.path.exists(os.path.join(out_dir, REPORT_HTML)):
+                write_report(metrics, os.path.join(tmp, REPORT_HTML))
+            for name in (REPORT_HTML, METRICS_JSON):
+                if os.path.exists(os.path.join(tmp, name)):
+                    self.client.log_artifact(self.tracked.run_id, os.path.join(tmp, name))
+
+
+def redact_metrics(metrics: dict) -> dict:
+    """A copy of metrics.json without image ids (worst_errors' image_id and thumbnail)."""
+    out = dict(metrics)
+    errors = out.get("worst_errors")
+    if isinstance(errors, list):
+        out["worst_errors"] = [{k: v for k, v in e.items() if k not in ("image_id", "thumbnail")}
+                               if isinstance(e, dict) else e for e in errors]
+    return out
 
 
 def register(client, name: str, tracked: TrackedRun) -> str:

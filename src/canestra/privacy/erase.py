@@ -18,27 +18,40 @@ and image copy under ``out_dir`` and removes what belongs to the erased images:
 * A model keeps the ids it was trained on (``model/canestra_training_ids.txt``):
   erased ids are removed from that list and counted in ``canestra_erasures.json``,
   and the caller is told to retrain (the fitted weights still reflect the image).
-* Optionally the source files themselves are deleted (local files or s3:// objects).
+* ``canestra watch`` state: the path lists in ``_checkpoints/`` (Spark's file-source log) and
+  ``_watch/`` (S3 listings) lose the erased files' entries (an image watched without
+  --include-paths is found there by its pixels); hidden temp files a crashed write left in a
+  table folder (``.batch-*.tmp``) are deleted when they hold an erased image.
+* MLflow: runs that trainings here logged (their audit records name them) are rewritten when
+  MLFLOW_TRACKING_URI is their local file store; a store canestra cannot rewrite that still holds
+  an erased image fails the erasure with the manual step; one it was not told about is noted.
+  (Runs logged since issue 20 hold no image ids: ``tracking`` logs metrics.json without them.)
+* Optionally the source files themselves are deleted (local files or s3:// objects), only those
+  a table of ``out_dir`` lists by path (``_plan_deletion``), never through a link out of the tree;
+  each file deleted or kept is noted on stderr.
 
-Finally every small file is searched for the erased ids and source paths (contents and
-file names), and every table re-checked: an erasure that left a trace raises instead of
-claiming success.
-Run it when no other canestra command writes into ``out_dir``.
+Finally every file is searched for the erased ids and source paths (contents, decoded Parquet
+included, and file names): an erasure that left a trace raises instead of claiming success.
+Run it when no other canestra command writes into ``out_dir`` (the CLI holds the --out locks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import errno
 import io
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+import stat
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from canestra.errors import InputError, OutputError
+from canestra.errors import CanestraError, InputError, OutputError
 from canestra.layout import ERASURES, GOVERNANCE_DIRS, MANIFEST, METRICS_JSON, REPORT_HTML, STAGING, TRAINING_IDS
 from canestra.pipeline.report import write_report
 from canestra.storage import files as storage
@@ -60,6 +73,8 @@ class EraseResult:
     rows_removed: dict[str, int] = field(default_factory=dict)
     files_deleted: list[str] = field(default_factory=list)  # image copies, thumbnails, staging leftovers (relative)
     sources_deleted: int = 0
+    deleted_sources: list[str] = field(default_factory=list)  # exactly the source files/objects deleted
+    kept_sources: list[tuple[str, str]] = field(default_factory=list)  # (path, why it was not deleted)
     retrain: list[tuple[str, int]] = field(default_factory=list)  # (model dir, erased images it was trained on)
     unknown_models: list[str] = field(default_factory=list)  # model dirs that do not list their training ids
 
@@ -192,8 +207,22 @@ def _key_columns(pf) -> list[str]:
     return [c for c in (ID_COLUMN, *PATH_COLUMNS) if c in names]
 
 
+def keyed_tables(out_dir: str) -> list:
+    """The (image_id, path columns) of every table that maps a path to an image id, as pyarrow tables."""
+    import pyarrow.parquet as pq
+
+    keyed = []
+    for table in find_tables(out_dir):
+        for part in _parquet_parts(table):
+            pf = pq.ParquetFile(part)
+            keys = _key_columns(pf)
+            if ID_COLUMN in keys and len(keys) > 1:
+                keyed.append(pf.read(columns=keys))
+    return keyed
+
+
 def resolve_ids(out_dir: str, image_ids: Iterable[str],
-                sources: Iterable[str]) -> tuple[set[str], set[str], set[str]]:
+                sources: Iterable[str], keyed: list | None = None) -> tuple[set[str], set[str], set[str]]:
     """(image ids to erase, source paths to erase, source files of the ids given explicitly).
 
     Ids come from the arguments, from tables that map a source path to an id (the
@@ -202,10 +231,10 @@ def resolve_ids(out_dir: str, image_ids: Iterable[str],
     images that were only predicted are found too. Source paths known for the ids
     (catalog ``source_path``) are added, for the CSVs and path columns. Only the
     named sources and the sources of explicitly named ids are candidates for
-    --delete-source: another file that merely has the same pixels is not deleted.
+    --delete-source: another file that merely has the same pixels is not deleted
+    (``_plan_deletion`` decides which are deleted).
     """
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     ids = set(image_ids)
     named = set(ids)
@@ -216,13 +245,8 @@ def resolve_ids(out_dir: str, image_ids: Iterable[str],
             found = _pixel_id(path)
             if found:
                 ids.add(found)
-    keyed = []  # (id, path) columns of every table that maps paths to ids
-    for table in find_tables(out_dir):
-        for part in _parquet_parts(table):
-            pf = pq.ParquetFile(part)
-            keys = _key_columns(pf)
-            if ID_COLUMN in keys and len(keys) > 1:
-                keyed.append(pf.read(columns=keys))
+    if keyed is None:
+        keyed = keyed_tables(out_dir)
     if srcs:
         by_path = _Matcher(set(), srcs)
         for t in keyed:
@@ -268,11 +292,18 @@ def _looks_like_image(path: str) -> bool:
 
 
 def _pixel_id(path: str) -> str | None:
+    try:
+        return _bytes_id(storage.read_bytes(path))
+    except OSError:
+        return None
+
+
+def _bytes_id(data: bytes) -> str | None:
     from canestra.vision.images import BadImage, clean_image
 
     try:
-        return clean_image(storage.read_bytes(path)).image_id
-    except (BadImage, OSError):
+        return clean_image(data).image_id
+    except BadImage:
         return None
 
 
@@ -440,37 +471,248 @@ def _update_model(model_dir: str, ids: set[str]) -> int | None:
     return len(hit)
 
 
+# ---------------------------------------------------------------------------- watch's stream state, temp files
+
+_STREAM_DIRS = ("_checkpoints", "_watch")  # Spark's checkpoint (file-source path logs), S3 listing files
+
+
+def _is_stream_state(root: str, dirpath: str) -> bool:
+    return any(p in _STREAM_DIRS for p in os.path.relpath(dirpath, root).split(os.sep))
+
+
+def _is_write_leftover(name: str) -> bool:
+    """A hidden temp file of a write that never finished (``.batch-….parquet.<tag>.tmp``, ``.tmp-…``)."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(".tmp-"))
+
+
+def _holds_erased(path: str, matcher: _Matcher, unreadable: bool = True) -> bool:
+    """A file holds an erased image: Parquet is decoded (its pages may be compressed), else its bytes
+    are searched. A Parquet file cut short by a crash cannot be decoded: it counts as holding the
+    image when ``unreadable`` (a temp file to delete), else its bytes are searched."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    if head == b"PAR1":
+        try:
+            pf = pq.ParquetFile(path)
+            keys = _key_columns(pf)
+            return bool(keys) and matcher.count(pf.read(columns=keys)) > 0
+        except Exception:  # unreadable: a write cut short
+            if unreadable:
+                return True
+    if os.path.getsize(path) > _SMALL_FILE:
+        return False
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return any(n in data for n in _needles(matcher))
+
+
+def _stream_path(value: object) -> str | None:
+    """A path as Spark's file source logs it (``file:///x/a%20b.jpg``) -> ``/x/a b.jpg``; URIs unchanged."""
+    if not isinstance(value, str) or not value:
+        return None
+    if value.startswith("file:"):
+        from urllib.parse import unquote
+
+        value = unquote(value[len("file:"):])
+        if value.startswith("//"):
+            value = value[2:]
+    return value
+
+
+def _path_list(path: str) -> tuple[str | None, list[tuple[str, dict]]] | None:
+    """A JSON-lines path list (Spark's file-source log ``v1`` + one object per file, watch's S3
+    listing): (header line, [(line, object)]); None for any other file."""
+    try:
+        if os.path.getsize(path) > _SMALL_FILE:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    header = lines[0] if lines and not lines[0].startswith("{") else None
+    entries = []
+    for line in lines[1:] if header is not None else lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or "path" not in obj:
+            return None
+        entries.append((line, obj))
+    return header, entries
+
+
+def rewrite_path_list(path: str, matcher: _Matcher) -> list[str]:
+    """Drop erased files from a watch path list (atomic rewrite); the paths removed.
+
+    Spark reads its checkpoint through Hadoop's checksummed filesystem, so the stale ``.<name>.crc``
+    beside a rewritten file is removed (a missing checksum is accepted, a wrong one is not)."""
+    parsed = _path_list(path)
+    if parsed is None:
+        return []
+    header, entries = parsed
+    kept, removed = [], []
+    for line, obj in entries:
+        value = _stream_path(obj["path"])
+        if matcher.path_matches(value):
+            removed.append(str(value))
+        else:
+            kept.append(line)
+    if removed:
+        text = "".join(line + "\n" for line in ([header] if header is not None else []) + kept)
+        storage.write_text_atomic(path, text)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.crc"))
+    return removed
+
+
+def _stream_listed(root: str) -> Iterator[tuple[str, str]]:
+    """(path list file, local path it lists) for every watch path list under ``root``."""
+    for dirpath, _, filenames in _walk(root):
+        if not _is_stream_state(root, dirpath):
+            continue
+        for name in filenames:
+            if name.startswith(".") or name.endswith(".parquet"):
+                continue
+            parsed = _path_list(os.path.join(dirpath, name))
+            for _, obj in parsed[1] if parsed else ():
+                value = _stream_path(obj["path"])
+                if value and "://" not in value:
+                    yield os.path.join(dirpath, name), value
+
+
+def _stream_paths_of(root: str, ids: set[str], known: set[str]) -> set[str]:
+    """Local files a watch checkpoint lists whose pixels are an erased image (their path is kept nowhere
+    else when watch ran without --include-paths)."""
+    found: set[str] = set()
+    if not ids:
+        return found
+    seen = set(known)
+    for _, path in _stream_listed(root):
+        if path not in seen:
+            seen.add(path)
+            if os.path.isfile(path) and _pixel_id(path) in ids:
+                found.add(path)
+    return found
+
+
+# ---------------------------------------------------------------------------- MLflow runs
+
+
+def _mlflow_runs(root: str) -> list[str]:
+    """Ids of the MLflow runs that trainings under ``root`` logged (their audit records say)."""
+    from canestra.layout import AUDIT_DIR, AUDIT_FILE
+    from canestra.privacy.audit import read_records
+
+    runs: list[str] = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if AUDIT_DIR in dirnames:
+            for rec in read_records(os.path.join(dirpath, AUDIT_DIR, AUDIT_FILE)):
+                run_id = (rec.get("details") or {}).get("mlflow_run_id")
+                if rec.get("command") == "train" and isinstance(run_id, str) and run_id not in runs:
+                    runs.append(run_id)
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and d != STAGING]
+    return runs
+
+
+def _erase_mlflow(root: str, matcher: _Matcher, res: EraseResult, note: Callable[[str], None]) -> list[str]:
+    """Rewrite the metrics.json/report.html artifacts of the MLflow runs trained from ``root`` when
+    the store is a local folder (MLFLOW_TRACKING_URI, as `train` used it). Returns what could not be
+    reached yet holds an erased image, each with the manual step; a store it cannot check is noted."""
+    runs = _mlflow_runs(root)
+    if not runs:
+        return []
+    from canestra import tracking
+
+    uri = tracking.resolve_uri(None)
+    shown = ", ".join(runs)
+    if uri is None:
+        note(f"MLflow run(s) {shown} were logged by trainings here and not checked: set MLFLOW_TRACKING_URI "
+             "to their store and run erase again (canestra logs no image ids there since issue 20)")
+        return []
+    try:
+        client = tracking._mlflow()(tracking_uri=uri)
+    except CanestraError as exc:  # mlflow not installed
+        note(f"MLflow run(s) {shown} at {uri} not checked: {exc}")
+        return []
+    from mlflow.exceptions import MlflowException
+
+    unreached = []
+    for run_id in runs:
+        manual = (f"delete it by hand: MLFLOW_TRACKING_URI={uri} mlflow runs delete --run-id {run_id}, then "
+                  f"mlflow gc --backend-store-uri {uri} --run-ids {run_id}")
+        try:
+            artifacts = client.get_run(run_id).info.artifact_uri
+        except MlflowException:
+            note(f"MLflow run {run_id} is not in the store at {uri}: not checked")
+            continue
+        local = storage.local_path(artifacts) if artifacts.startswith(("file:", "/")) else None
+        if local is None:
+            if _remote_run_holds(client, run_id, matcher):
+                unreached.append(f"MLflow run {run_id} at {uri} keeps an erased image in artifacts canestra cannot "
+                                 f"rewrite ({artifacts}): {manual}")
+            continue
+        path = os.path.join(local, METRICS_JSON)
+        if os.path.exists(path):
+            n = rewrite_metrics(path, matcher)
+            if n:
+                res.rows_removed[f"mlflow run {run_id}: {METRICS_JSON}"] = n
+        left = [os.path.relpath(os.path.join(d, f), local) for d, _, fs in os.walk(local) for f in fs
+                if _holds_erased(os.path.join(d, f), matcher, unreadable=False)
+                or (f == REPORT_HTML and _holds_short_id(os.path.join(d, f), matcher))]
+        if left:
+            unreached.append(f"MLflow run {run_id} at {uri} still holds an erased image in {', '.join(left[:3])}: "
+                             f"{manual}")
+    return unreached
+
+
+def _remote_run_holds(client, run_id: str, matcher: _Matcher) -> bool:
+    """Whether a run in a store canestra cannot rewrite holds an erased image in its metrics.json or
+    report.html (both downloaded and searched)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="canestra-erase-") as tmp:
+        for name in (METRICS_JSON, REPORT_HTML):
+            try:
+                got = client.download_artifacts(run_id, name, tmp)
+            except Exception:  # absent from the run, or unreachable: nothing to search
+                continue
+            if _holds_erased(got, matcher, unreadable=False) or _holds_short_id(got, matcher):
+                return True
+    return False
+
+
+def _holds_short_id(path: str, matcher: _Matcher) -> bool:
+    """report.html shows ids shortened to 12 characters."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return any(i[:12].encode() in data for i in matcher.ids)
+
+
 # ---------------------------------------------------------------------------- verification
+
+
+def _needles(matcher: _Matcher) -> list[bytes]:
+    # Folder sources are not searched for: a manifest may name the ingest root without naming an image.
+    return [i.encode() for i in matcher.ids] + [p.encode() for p in matcher.paths if not os.path.isdir(p)]
 
 
 def _traces(out_dir: str, matcher: _Matcher) -> list[str]:
     """Files under out_dir that still mention an erased id or source path, in their bytes or their
-    name (a thumbnail is named after its id), as relative paths."""
-    import pyarrow.parquet as pq
-
-    # Folder sources are not searched for: a manifest may name the ingest root without naming an image.
-    needles = [i.encode() for i in matcher.ids] + [p.encode() for p in matcher.paths if not os.path.isdir(p)]
+    name (a thumbnail is named after its id), as relative paths. Every file is read, table folders'
+    hidden ones included; Parquet is decoded."""
     left = []
-    tables = set(find_tables(out_dir))
-    for table in tables:
-        for part in _parquet_parts(table):
-            pf = pq.ParquetFile(part)
-            keys = _key_columns(pf)
-            if keys and matcher.count(pf.read(columns=keys)):
-                left.append(os.path.relpath(part, out_dir))
     for dirpath, _, filenames in os.walk(out_dir):
-        if dirpath in tables:
-            continue
         for name in filenames:
             path = os.path.join(dirpath, name)
-            if any(i in name.lower() for i in matcher.ids):
-                left.append(os.path.relpath(path, out_dir))
-                continue
-            if name.endswith(".parquet") or os.path.getsize(path) > _SMALL_FILE:
-                continue
-            with open(path, "rb") as fh:
-                data = fh.read()
-            if any(n in data for n in needles):
+            if any(i in name.lower() for i in matcher.ids) or _holds_erased(path, matcher, unreadable=False):
                 left.append(os.path.relpath(path, out_dir))
     return left
 
@@ -486,9 +728,15 @@ def validate_ids(image_ids: Iterable[str]) -> list[str]:
     return ids
 
 
+def _stderr_note(message: str) -> None:
+    print(f"canestra: note: {message}", file=sys.stderr)
+
+
 def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = (),
-          delete_source: bool = False) -> EraseResult:
-    """Erase images (by id and/or source path) and everything derived from them under ``out_dir``."""
+          delete_source: bool = False, note: Callable[[str], None] = _stderr_note) -> EraseResult:
+    """Erase images (by id and/or source path) and everything derived from them under ``out_dir``.
+
+    ``note`` receives one line per source file deleted or kept (with the reason)."""
     ids_in = validate_ids(image_ids)
     sources = list(sources)
     if not ids_in and not sources:
@@ -508,20 +756,36 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
         # A table a killed publish left renamed aside comes back (or its publish is finished) before
         # _staging/ leftovers are cleared below: otherwise both copies would go.
         storage.recover_publishes(dirpath)
-    ids, srcs, named_srcs = resolve_ids(root, ids_in, sources)
+    keyed = keyed_tables(root)
+    ids, srcs, _ = resolve_ids(root, ids_in, sources, keyed)
+    # watch without --include-paths keeps an image's path only in its checkpoint: found by pixels.
+    srcs |= _stream_paths_of(root, ids, srcs)
     matcher = _Matcher(ids, srcs)
+    watched: set[str] = set()  # erased paths dropped from watch checkpoints
     res = EraseResult(root, len(ids))
+    # Planned before the tables are rewritten: they are what says which files canestra read where.
+    plan = _plan_deletion(keyed, [normalise_source(s) for s in sources], set(ids_in), root) if delete_source else None
 
-    for table in find_tables(root):
+    tables = find_tables(root)
+    for table in tables:
         n = rewrite_table(table, matcher)
         if n:
             res.rows_removed[os.path.relpath(table, root)] = n
     for dirpath, _, filenames in _walk(root):
         if STAGING in dirpath.split(os.sep):
             continue
+        stream_state = _is_stream_state(root, dirpath)
         for name in filenames:
             path = os.path.join(dirpath, name)
-            if name.endswith(".csv"):
+            if _is_write_leftover(name) and _holds_erased(path, matcher):
+                os.remove(path)  # a crashed write's temp file (watch's .batch-*.tmp): no reader ever sees it
+                res.files_deleted.append(os.path.relpath(path, root))
+            elif stream_state and not name.startswith(".") and not name.endswith(".parquet"):
+                gone = rewrite_path_list(path, matcher)
+                if gone:
+                    res.rows_removed[os.path.relpath(path, root)] = len(gone)
+                    watched.update(p for p in gone if "://" not in p)
+            elif name.endswith(".csv"):
                 n = rewrite_csv(path, matcher)
                 if n:
                     res.rows_removed[os.path.relpath(path, root)] = n
@@ -545,9 +809,15 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
         elif trained_on:
             res.retrain.append((model, trained_on))
 
-    if delete_source:
-        res.sources_deleted = _delete_sources({normalise_source(s) for s in sources} | named_srcs)
+    if plan is not None:
+        _delete_sources(plan, res, note)
+    for path in sorted(p for p in watched if p not in res.deleted_sources and os.path.exists(p)):
+        note(f"{path} is still in a watched folder and no longer in the watch checkpoint: `canestra watch` "
+             "will predict it again unless it is deleted or moved out")
+    unreached = _erase_mlflow(root, matcher, res, note)
     left = _traces(root, matcher)
+    if unreached:
+        raise OutputError("erasure incomplete: " + "; ".join(unreached))
     if left:
         shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
         raise OutputError(f"erasure incomplete: {len(left)} file(s) under {root} still mention an erased image "
@@ -555,19 +825,125 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
     return res
 
 
-def _delete_sources(sources: set[str]) -> int:
-    """Delete the erased images' source files or S3 objects (a folder or prefix itself is never deleted)."""
-    deleted = 0
-    for src in sorted(sources):
-        if s3.is_s3(src):
-            # DeleteObject on exactly this key; a prefix (folder source) is no object and is left alone.
-            deleted += s3.delete(src, storage.s3_options())
+@dataclass
+class _Plan:
+    delete: list[tuple[str, str, set[str]]]  # (path, the tree it must not leave, the ids listed for it)
+    kept: list[tuple[str, str]]  # (path, why)
+
+
+def _plan_deletion(keyed: list, sources: list[str], named_ids: set[str], root: str) -> _Plan:
+    """Which source files --delete-source may delete: only paths a table of ``root`` lists.
+
+    A ``--source`` file is deleted when a table lists exactly that path (the catalog's
+    ``source_path``, or predictions written with --include-paths); a ``--source`` folder deletes
+    the listed paths under it and nothing else in it. ``--image-id`` names an image, not a
+    file: it deletes the files ingested as that image (catalog ``source_path``), never a copy
+    that was only predicted. Nothing is resolved through links here (see ``_unlink_inside``).
+    """
+    listed: dict[str, tuple[set[str], bool]] = {}  # path -> (ids listed for it, ingested)
+    for t in keyed:
+        for col in t.column_names[1:]:
+            for image_id, path in zip(t[ID_COLUMN].to_pylist(), t[col].to_pylist()):
+                if image_id and path:
+                    ids, ingested = listed.get(path, (set(), False))
+                    ids.add(image_id)
+                    listed[path] = (ids, ingested or col == "source_path")
+    plan = _Plan([], [])
+    chosen: set[str] = set()
+    for src in sources:
+        folder = src.rstrip("/") + "/"
+        under = sorted(p for p in listed if p.startswith(folder))
+        if src in listed:
+            hits, tree = [src], (src.rsplit("/", 1)[0] if s3.is_s3(src) else os.path.dirname(src))
+        elif under:
+            hits, tree = under, src.rstrip("/")
+        else:
+            plan.kept.append((src, f"no table under {root} lists it"))
             continue
-        if "://" in src or os.path.isdir(src):
+        for path in hits:
+            if path not in chosen:
+                chosen.add(path)
+                plan.delete.append((path, tree, listed[path][0]))
+    for path, (ids, ingested) in sorted(listed.items()):
+        if not ids & named_ids or path in chosen:
             continue
+        if ingested:
+            chosen.add(path)
+            plan.delete.append((path, path.rsplit("/", 1)[0] if s3.is_s3(path) else os.path.dirname(path), ids))
+        else:
+            plan.kept.append((path, "predicted, not ingested (name it with --source to delete it)"))
+    return plan
+
+
+def _delete_sources(plan: _Plan, res: EraseResult, note: Callable[[str], None]) -> None:
+    """Delete the planned source files or S3 objects whose pixels are still the listed image."""
+    kept = list(plan.kept)
+    for path, tree, ids in plan.delete:
+        if s3.is_s3(path):
+            if _pixel_id(path) not in ids:
+                kept.append((path, "its pixels are no longer the catalogued image (or it is gone)"))
+            elif s3.delete(path, storage.s3_options()):  # DeleteObject on exactly this key
+                res.deleted_sources.append(path)
+            continue
+        if "://" in path:
+            kept.append((path, "not a local file or s3:// object: delete it with your storage tools"))
+            continue
+        why = _unlink_inside(tree, path, ids)
+        if why is None:
+            res.deleted_sources.append(path)
+        elif why:
+            kept.append((path, why))
+    res.sources_deleted = len(res.deleted_sources)
+    res.kept_sources = kept
+    for path in res.deleted_sources:
+        note(f"deleted source {path}")
+    for path, why in kept:
+        note(f"kept {path}: {why}")
+
+
+def _unlink_inside(tree: str, path: str, ids: set[str]) -> str | None:
+    """Delete ``path`` without following a symbolic link out of ``tree``: each folder below ``tree``
+    is opened with O_NOFOLLOW and the file is removed relative to it, so a folder swapped for a link
+    meanwhile is refused too. None when deleted, "" when already gone, else why it was kept."""
+    rel = os.path.relpath(path, tree)
+    parts = rel.split(os.sep)
+    if rel == os.curdir or ".." in parts:
+        return f"outside {tree}"
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(tree, flags)
+    except OSError:
+        return ""  # its folder is gone, and the file with it
+    try:
+        for part in parts[:-1]:
+            try:
+                sub = os.open(part, flags | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                return ""
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    return f"reached through a symbolic link ({os.path.join(tree, part)}): its target was left alone"
+                raise
+            os.close(fd)
+            fd = sub
+        name = parts[-1]
         try:
-            os.remove(src)
-            deleted += 1
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
-            pass
-    return deleted
+            return ""
+        if stat.S_ISLNK(st.st_mode):
+            return "a symbolic link: neither it nor its target was deleted (delete the target by hand)"
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        try:
+            file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+        except OSError as exc:
+            return f"unreadable ({exc.strerror or exc})"
+        with os.fdopen(file_fd, "rb") as fh:
+            current = _bytes_id(fh.read())
+        if current not in ids:
+            return "its pixels are no longer the catalogued image"
+        os.unlink(name, dir_fd=fd)
+        return None
+    finally:
+        os.close(fd)
