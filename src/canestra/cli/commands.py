@@ -17,7 +17,7 @@ import traceback
 from canestra import __version__, api, tracking
 from canestra.cli import options as opt
 from canestra.config import Settings
-from canestra.errors import EXIT_USER_ERROR, CanestraError
+from canestra.errors import EXIT_USER_ERROR, CanestraError, jvm_gone
 from canestra.layout import LOGS_DIR, SPARK_LOG
 from canestra.privacy import audit
 from canestra.progress import Progress
@@ -428,6 +428,14 @@ def _plain_spark_error(exc: BaseException) -> str | None:
             "Python worker exited unexpectedly" in text and ("137" in text or "Killed" in text or "signal 9" in text)):
         return ("a Spark worker ran out of memory: lower --batch-size or --arrow-batch, or give Spark more memory "
                 "(CANESTRA_DRIVER_MEMORY, spark.executor.memory)")
+    if "Python worker exited unexpectedly (crashed)" in text:
+        # A native library (ONNX Runtime, OpenBLAS) that cannot allocate aborts the worker without a
+        # Python MemoryError: memory is the usual cause, and the log has the worker's last words.
+        return ("a Spark Python worker crashed, most often for lack of memory: lower --batch-size, give the "
+                "workers more memory (spark.executor.memory, spark.executor.pyspark.memory), and see the Spark log")
+    if jvm_gone(exc):
+        return ("Spark's Java process stopped during the job (killed, or out of memory: the system log says "
+                "which); outputs already published are complete: run the command again")
     if "InvalidProtobuf" in text or "INVALID_PROTOBUF" in text or ("onnxruntime" in text and "Load model" in text):
         return ("the cached CNN model file is corrupt: delete the canestra cache folder "
                 "(CANESTRA_CACHE_DIR, default ~/.cache/canestra) and run again")
@@ -436,6 +444,10 @@ def _plain_spark_error(exc: BaseException) -> str | None:
     if "No space left on device" in text or "Disk quota exceeded" in text or _errno_in_chain(exc) in (
             errno.ENOSPC, errno.EDQUOT):
         # Python (OSError 28), the JVM (java.io.IOException) and Spark's worker traces all say it so.
+        if "DiskBlockObjectWriter" in text or "blockmgr-" in text or "ShuffleWriter" in text:
+            # Spark's scratch space (shuffle and spill files), not --out, is full.
+            return ("no space left on device in Spark's scratch folder (spark.local.dir, default /tmp): free space "
+                    "there or point SPARK_LOCAL_DIRS at a bigger disk")
         return "no space left on device: free disk space or choose another --out"
     if "Could not parse Master URL" in text or "Invalid master URL" in text:
         return "invalid --master URL: use local[*] or spark://HOST:PORT"
