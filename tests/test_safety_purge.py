@@ -270,3 +270,15 @@ def test_a_table_left_aside_by_a_killed_publish_is_dated_and_expired_too(tmp_pat
     assert cli.main(["purge", "--out", str(out), "--older-than", "180"]) == 0
     assert "removed table catalog (200 days old" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["_audit", "_logs"]
+
+
+def test_an_erased_batch_keeps_its_age_for_retention(tmp_path, capsys):
+    """Erase rewrites the batch that held the image: the rewrite must not make an old batch young
+    again, or retention would keep the stream's other old rows for another full period."""
+    out = tmp_path / "stream"
+    watch_output(out, {0: (["a" * 64, "b" * 64], 40), 1: (["c" * 64], 0)})
+    assert cli.main(["erase", "--out", str(out), "--image-id", "a" * 64]) == 0
+    capsys.readouterr()
+    assert cli.main(["purge", "--out", str(out), "--older-than", "30"]) == 0
+    assert f"removed batch predictions/batch-{QUERY[:8]}-000000000.parquet (40 days old" in capsys.readouterr().out
+    assert pq.read_table(out / "predictions").column("image_id").to_pylist() == ["c" * 64]

@@ -368,6 +368,10 @@ def _write_filtered(src: str, dst: str, matcher: _Matcher) -> None:
         for i in range(pf.num_row_groups):
             group = pf.read_row_group(i)
             writer.write_table(group.filter(pc.invert(matcher.mask(group))))
+    # A stream's batches expire by their own age (privacy/purge.py): the rewrite keeps the part's
+    # times, or an erase would make an old batch young again and retention would keep its other rows.
+    st = os.stat(src)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _update_manifest(src: str, dst: str, removed: int) -> None:
