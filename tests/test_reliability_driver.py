@@ -68,7 +68,7 @@ def test_train_driver_killed_during_featurize_then_rerun_completes(tmp_path, sam
     stored = [i for p in store for i in _table_ids(p)]
     assert len(stored) == len(set(stored)) == 320  # the store holds each embedding once
     assert not (out / "_staging").exists() and not (out / LOCK_NAME).exists()
-    from canestra.pipeline.model_dir import check_model_dir
+    from canestra.model import check_model_dir
 
     check_model_dir(str(out / "model"))
     assert json.loads((out / "metrics.json").read_text())["counts"]["images"] == 320

@@ -1,5 +1,5 @@
 """A corrupt or partial model folder, or one from an incompatible canestra: exit 2 with a line
-naming what is wrong, from predict, evaluate and serve alike (one check: pipeline/model_dir.py)."""
+naming what is wrong, from predict, evaluate and serve alike (one check: canestra.model)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 
 from canestra import __version__
 from canestra.errors import InputError
-from canestra.pipeline import model_dir
-from canestra.pipeline.model_dir import MODEL_FORMAT, MODEL_INFO, check_model_dir
+from canestra.model import folder as model_dir
+from canestra.model.folder import MODEL_FORMAT, MODEL_INFO, check_model_dir
 
 FIXTURE = Path(__file__).parent / "fixtures" / "model-0.1.0"  # written by 0.1.0: no canestra_model.json
 ENV = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable)

@@ -50,10 +50,10 @@ def test_train_and_predict_print_only_canestra_lines(tmp_path, sample_dir):
     assert f"dlopen({MISSING_BLAS}) failed" in log and "Picked up JAVA_TOOL_OPTIONS" in log
     notes = [ln for ln in train.stderr.splitlines() if ln.startswith("canestra: note: no native BLAS")]
     assert len(notes) == 1 and MISSING_BLAS in notes[0], train.stderr
-    # canestra train records which canestra wrote the model (pipeline/model_dir.py).
+    # canestra train records which canestra wrote the model (canestra.model).
     info = json.loads((out / "model" / "canestra_model.json").read_text())
     from canestra import __version__
-    from canestra.pipeline.model_dir import MODEL_FORMAT
+    from canestra.model import MODEL_FORMAT
 
     assert info["canestra_version"] == __version__ and info["model_format"] == MODEL_FORMAT
     assert [c.rsplit(".", 1)[-1] for c in info["stages"]] == [

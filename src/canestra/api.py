@@ -225,7 +225,7 @@ def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | 
 
 def _model_dir(model: str, registry: str | bool | None = None) -> str:
     """A model folder, or ``models:/NAME/ALIAS|VERSION`` fetched from the MLflow registry."""
-    from canestra.pipeline.predict import check_model_dir
+    from canestra.model import check_model_dir
     from canestra.tracking import local_model_dir
 
     return check_model_dir(local_model_dir(str(model), registry))
@@ -394,3 +394,112 @@ def load_model(path: str, *, spark: SparkSession | None = None,
     model_dir = _model_dir(path, registry)
     _spark(Settings.load(), spark)  # PipelineModel.load needs a running session
     return _load(model_dir)
+
+
+# ---------------------------------------------------------------------------- the command line's hooks
+# canestra.cli parses, calls these and the functions above, and formats; it imports no pipeline,
+# vision, storage or Spark module itself (tests/test_architecture.py).
+
+
+def configure_storage(cfg: Settings) -> None:
+    """Apply ``cfg``'s S3 endpoint, encryption and region settings to the storage layer."""
+    from canestra.storage import files as storage
+    from canestra.storage import s3
+
+    storage.configure_s3(s3.S3Options.from_settings(cfg))
+
+
+def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] | None = None,
+             model: str | None = None, eval_images: list[str] | None = None,
+             unknown_images: list[str] | None = None, trigger: str | float | None = None) -> None:
+    """Fail fast on bad paths before paying for a JVM start (the CLI's checks, in this order)."""
+    from canestra.errors import InputError
+    from canestra.pipeline.ingest import list_for_ingest
+    from canestra.storage.files import ensure_output_dir
+
+    if images is None and command in ("ingest", "train", "predict", "evaluate", "watch"):
+        raise InputError(f"{command} needs images (--images)")
+    if model is None and command in ("predict", "evaluate", "watch"):
+        raise InputError(f"{command} needs a model (--model)")
+    roots: str | list[str] = images if images is not None else []
+    if command in ("ingest", "train"):
+        from canestra.answer.taxonomy import load_taxonomy
+        from canestra.pipeline.ingest import list_roots
+
+        taxonomy = load_taxonomy(cfg.taxonomy)
+        list_roots(roots, require_labels=True, taxonomy=taxonomy, unknown_uris=unknown_images or ())
+        if eval_images:
+            from canestra.pipeline.eval_sources import check_eval_roots
+
+            check_eval_roots(eval_images, roots, taxonomy)
+    if command in ("predict", "evaluate", "watch"):
+        from canestra.model import check_model_dir
+
+        check_model_dir(str(model))
+    if command in ("predict", "evaluate"):
+        list_for_ingest(roots, require_labels=command == "evaluate")
+    if command == "watch":  # an empty folder is fine: images may land later
+        from canestra.pipeline.watch import check_images_root, parse_trigger
+
+        check_images_root(str(roots))
+        parse_trigger(trigger if trigger is not None else "10s")
+    ensure_output_dir(out)
+    if command in ("train", "predict", "evaluate", "watch"):
+        # Build (or find) the CNN graph once here: a cache problem is one plain line before Spark
+        # starts, and local workers then find the file instead of racing to build it.
+        from canestra.vision import backbone
+
+        backbone.model_path(cfg.precision)
+
+
+def out_lock(out: str, command: str):
+    """``OUT/.canestra.lock`` for the run (a context manager): one run per --out at a time."""
+    from canestra.storage.lock import out_lock as lock
+
+    return lock(out, command)
+
+
+def gdpr_locks(out: str, command: str):
+    """The lock of OUT and of every run folder under it: erase and gdpr record read or rewrite them all."""
+    import contextlib
+
+    from canestra.privacy.purge import run_folders
+    from canestra.storage import files as storage
+    from canestra.storage.lock import out_locks
+
+    root = None if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
+    if root is None or not os.path.isdir(root):  # the command's own error says so; no lock may create OUT
+        return contextlib.nullcontext()
+    return out_locks([root, *run_folders(root)], command)
+
+
+def spark_log_path(out: str) -> str:
+    """``OUT/_logs/spark.log`` for a local --out; a local temp file for s3:// outputs."""
+    from canestra.storage.files import is_remote, local_path
+
+    if is_remote(out):
+        import tempfile
+
+        return os.path.join(tempfile.gettempdir(), "canestra-logs", f"spark-{os.getpid()}.log")
+    return os.path.join(local_path(out), layout.LOGS_DIR, layout.SPARK_LOG)
+
+
+def log_offset(log_file: str | None) -> int:
+    """Where a run's lines start in an (appended) Spark log."""
+    from canestra.sparkctx import log_size
+
+    return log_size(log_file)
+
+
+def notices(log_file: str | None, start: int = 0) -> list[str]:
+    """Plain lines for JVM notices a user can act on (said once per machine), from a run's log."""
+    from canestra.sparkctx import once_notices
+
+    return once_notices(log_file, start)
+
+
+def format_summary(metrics: dict) -> str:
+    """The few lines ``train`` and ``evaluate`` print about a metrics.json."""
+    from canestra.pipeline.metrics import format_summary as fmt
+
+    return fmt(metrics)

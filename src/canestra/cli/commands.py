@@ -18,7 +18,6 @@ from canestra import __version__, api, tracking
 from canestra.cli import options as opt
 from canestra.config import Settings
 from canestra.errors import EXIT_USER_ERROR, CanestraError, jvm_gone
-from canestra.layout import LOGS_DIR, SPARK_LOG
 from canestra.privacy import audit
 from canestra.progress import Progress
 
@@ -210,25 +209,11 @@ def _gdpr_parsers(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
         [opt.output_parent("output folder (a run, or a folder of runs)"), debug, storage, audit_log]))
 
 
-def _gdpr_locks(out: str, command: str):
-    """The lock of OUT and of every run folder under it: erase and gdpr record read or rewrite them all."""
-    import contextlib
-
-    from canestra.privacy.purge import run_folders
-    from canestra.storage import files as storage
-    from canestra.storage.lock import out_locks
-
-    root = None if storage.is_remote(out) else os.path.abspath(storage.local_path(out))
-    if root is None or not os.path.isdir(root):  # the command's own error says so; no lock may create OUT
-        return contextlib.nullcontext()
-    return out_locks([root, *run_folders(root)], command)
-
-
 def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
     if args.command == "erase":
         from canestra.privacy.erase import erase
 
-        with _gdpr_locks(args.out, "erase"):  # never beside a run writing there (a watch would lose a batch)
+        with api.gdpr_locks(args.out, "erase"):  # never beside a run writing there (a watch would lose a batch)
             res = erase(args.out, args.image_id, args.source, delete_source=args.delete_source)
         audit.note(images=res.image_ids, rows_removed=res.total_rows, files_deleted=len(res.files_deleted),
                    sources_deleted=res.sources_deleted, models_to_retrain=len(res.retrain),
@@ -254,7 +239,7 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
     else:
         from canestra.privacy.record import write_record
 
-        with _gdpr_locks(args.out, "gdpr record"):
+        with api.gdpr_locks(args.out, "gdpr record"):
             md, js, rec = write_record(args.out, cfg)
         audit.note(tables=len(rec["categories_of_data"]["tables"]), outputs=[md, js])
         print(f"record of processing -> {md} (and {os.path.basename(js)})")
@@ -269,61 +254,19 @@ def _settings(args: argparse.Namespace) -> Settings:
 _LOG_FILE: list = []  # [log file, offset of this run's lines]: where this command's Spark/JVM output went
 
 
-def spark_log_path(out: str) -> str:
-    """``OUT/_logs/spark.log`` for a local --out; a local temp file for s3:// outputs."""
-    from canestra.storage.files import is_remote, local_path
-
-    if is_remote(out):
-        import tempfile
-
-        return os.path.join(tempfile.gettempdir(), "canestra-logs", f"spark-{os.getpid()}.log")
-    return os.path.join(local_path(out), LOGS_DIR, SPARK_LOG)
-
-
 def _spark(cfg: Settings, out: str):
     # Normal runs: every Spark/JVM line goes to the log file; --debug shows everything.
-    log_file = None if cfg.debug else spark_log_path(out)
+    log_file = None if cfg.debug else api.spark_log_path(out)
     if log_file:
-        from canestra.sparkctx import log_size
-
-        _LOG_FILE[:] = [log_file, log_size(log_file)]  # the file, and where this run's lines start
+        _LOG_FILE[:] = [log_file, api.log_offset(log_file)]  # the file, and where this run's lines start
     return api.spark_session(cfg, log_file=log_file)
 
 
 def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
     """Fail fast on bad paths before paying for a JVM start."""
-    from canestra.pipeline.ingest import list_for_ingest
-    from canestra.storage.files import ensure_output_dir
-
-    if args.command in ("ingest", "train"):
-        from canestra.answer.taxonomy import load_taxonomy
-        from canestra.pipeline.ingest import list_roots
-
-        taxonomy = load_taxonomy(getattr(args, "taxonomy", None))
-        list_roots(args.images, require_labels=True, taxonomy=taxonomy,
-                   unknown_uris=getattr(args, "unknown_images", None) or ())
-        if getattr(args, "eval_images", None):
-            from canestra.pipeline.eval_sources import check_eval_roots
-
-            check_eval_roots(args.eval_images, args.images, taxonomy)
-    if args.command in ("predict", "evaluate", "watch"):
-        from canestra.pipeline.predict import check_model_dir
-
-        check_model_dir(args.model)
-    if args.command in ("predict", "evaluate"):
-        list_for_ingest(args.images, require_labels=args.command == "evaluate")
-    if args.command == "watch":  # an empty folder is fine: images may land later
-        from canestra.pipeline.watch import check_images_root, parse_trigger
-
-        check_images_root(args.images)
-        parse_trigger(args.trigger)
-    ensure_output_dir(args.out)
-    if args.command in ("train", "predict", "evaluate", "watch"):
-        # Build (or find) the CNN graph once here: a cache problem is one plain line before Spark
-        # starts, and local workers then find the file instead of racing to build it.
-        from canestra.vision import backbone
-
-        backbone.model_path(cfg.precision)
+    api.precheck(args.command, cfg, out=args.out, images=getattr(args, "images", None),
+                 model=getattr(args, "model", None), eval_images=getattr(args, "eval_images", None),
+                 unknown_images=getattr(args, "unknown_images", None), trigger=getattr(args, "trigger", None))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -332,10 +275,7 @@ def run(args: argparse.Namespace) -> int:
 
         return run_cli(args)
     cfg = _settings(args)
-    from canestra.storage import files as storage
-    from canestra.storage import s3
-
-    storage.configure_s3(s3.S3Options.from_settings(cfg))  # S3 endpoint/encryption/region settings
+    api.configure_storage(cfg)  # S3 endpoint/encryption/region settings
     if getattr(args, "model", None):  # models:/NAME/ALIAS -> a local copy of that registered version
         args.model = tracking.local_model_dir(args.model, getattr(args, "mlflow", None))
     if args.command in ("erase", "purge", "gdpr"):
@@ -352,15 +292,11 @@ def run(args: argparse.Namespace) -> int:
         return run_serve(args.model, cfg)
     progress = Progress(quiet=args.quiet)
     _precheck(args, cfg)
-    from canestra.storage.lock import out_lock
-
     # One run per --out at a time: a second one stops here naming the holder (docs/reliability.md).
-    with out_lock(args.out, args.command):
+    with api.out_lock(args.out, args.command):
         code = _run_job(args, cfg, progress)
     if _LOG_FILE:  # JVM notices a user can act on: one plain line, once per machine
-        from canestra.sparkctx import once_notices
-
-        for line in once_notices(*_LOG_FILE):
+        for line in api.notices(*_LOG_FILE):
             print(f"canestra: note: {line}", file=sys.stderr)
     return code
 
@@ -372,13 +308,11 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
         print(json.dumps({"catalog": cat.catalog_path, "images": cat.images, "quarantined": cat.quarantined,
                           "quarantine_csv": cat.quarantine_csv}))
     elif args.command == "train":
-        from canestra.pipeline.metrics import format_summary
-
         tracking.require(tracking.train_option(args.mlflow, args.register_model))  # before Spark starts
         run = api.train(args.images, args.out, spark=_spark(cfg, args.out), settings=cfg, progress=progress,
                         mlflow=args.mlflow, register_model=args.register_model, eval_images=args.eval_images,
                         unknown_images=args.unknown_images)
-        print(format_summary(run.metrics))
+        print(api.format_summary(run.metrics))
         if run.mlflow:
             print(f"mlflow: run {run.mlflow.run_id} at {run.mlflow.tracking_uri}"
                   + (f"; registered {args.register_model} version {run.mlflow.model_version}"
@@ -391,13 +325,11 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
               + f" -> {os.path.join(res.out_dir, 'predictions.csv')}; "
               f"{res.quarantined} quarantined -> {os.path.join(res.out_dir, 'quarantine.csv')}")
     elif args.command == "evaluate":
-        from canestra.pipeline.metrics import format_summary
-
         ev = api.evaluate(args.model, args.images, args.out, spark=_spark(cfg, args.out), settings=cfg,
                           progress=progress)
-        print(format_summary(ev.metrics))
+        print(api.format_summary(ev.metrics))
     elif args.command == "watch":
-        from canestra.pipeline.watch import run_watch_cli
+        from canestra.cli.watch import run_watch_cli
 
         run_watch_cli(args, cfg, _spark, progress)
     return 0

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from canestra.errors import InputError, jvm_gone
 from canestra.layout import METRICS_JSON, PREDICTIONS_CSV, REPORT_HTML
+from canestra.model import check_model_dir  # noqa: F401  (one check for predict, evaluate, serve)
 from canestra.pipeline.ingest import QUARANTINE_CSV, cleaned_frame, list_for_ingest, write_quarantine_csv
 from canestra.pipeline.metrics import classification_metrics
-from canestra.pipeline.model_dir import check_model_dir  # noqa: F401  (one check for predict, evaluate, serve)
 from canestra.pipeline.report import write_report
 from canestra.progress import Progress
 from canestra.storage import files as storage

@@ -267,7 +267,7 @@ def _save_model(out_dir: str, model, train_idx) -> str:
     model_path = os.path.join(out_dir, MODEL)
     staging = storage.staging_dir(model_path)
     model.write().overwrite().save(staging)
-    from canestra.pipeline.model_dir import write_model_info
+    from canestra.model import write_model_info
 
     write_model_info(staging, model.stages)  # version + format: a later canestra can refuse it plainly
     # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.

@@ -167,8 +167,8 @@ class ModelSpec:
 
 
 def check_model_dir(path: str) -> str:
-    """The shared model-folder check (pipeline/model_dir.py), local folders only."""
-    from canestra.pipeline.model_dir import check_model_dir as check
+    """The shared model-folder check (canestra.model), local folders only."""
+    from canestra.model import check_model_dir as check
 
     return check(path, local_only=True)
 

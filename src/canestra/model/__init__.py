@@ -1,0 +1,9 @@
+"""The saved model folder: its format, and the one check predict, evaluate and serve share.
+
+Spark-free (plain files: JSON lines and Parquet footers), so the HTTP service and the GDPR tools
+read a model folder without a JVM; ``canestra.pipeline`` writes it.
+"""
+
+from canestra.model.folder import MODEL_FORMAT, check_model_dir, model_info, write_model_info
+
+__all__ = ["MODEL_FORMAT", "check_model_dir", "model_info", "write_model_info"]
