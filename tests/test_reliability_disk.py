@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from canestra._faults import typed_error
 from canestra.cli import commands
+from canestra.errors import DiskFull
 from canestra.storage.lock import LOCK_NAME
 
 FIXTURE_MODEL = Path(__file__).parent / "fixtures" / "model-0.1.0"
@@ -33,7 +35,7 @@ PLAIN = "no space left on device: free disk space or choose another --out"
     RuntimeError("Python worker failed: OSError: [Errno 122] Disk quota exceeded: '/out/_staging/x'"),
 ])
 def test_enospc_texts_map_to_one_plain_line(exc):
-    assert commands._plain_spark_error(exc) == PLAIN
+    assert str(typed_error(exc)) == PLAIN and isinstance(typed_error(exc), DiskFull)
 
 
 def test_enospc_by_errno_in_the_cause_chain():
@@ -43,8 +45,8 @@ def test_enospc_by_errno_in_the_cause_chain():
         except OSError as inner:
             raise RuntimeError("publishing failed") from inner
     except RuntimeError as exc:
-        assert commands._plain_spark_error(exc) == PLAIN
-    assert commands._plain_spark_error(RuntimeError("something else")) is None
+        assert str(typed_error(exc)) == PLAIN and isinstance(typed_error(exc), DiskFull)
+    assert typed_error(RuntimeError("something else")) is None
 
 
 def test_cli_exits_2_on_enospc_during_the_job(tmp_path, sample_dir, monkeypatch, capsys):

@@ -11,6 +11,7 @@ Importing this module is cheap: Spark, ONNX Runtime and MLflow are imported when
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -187,17 +188,47 @@ def _audit_log(settings: Settings | None, overrides: dict[str, Any]) -> str | No
     return overrides.get("audit_log") or (settings.audit_log if settings is not None else None)
 
 
+@contextlib.contextmanager
+def _boundary(command: str, out: str | None, settings: Settings | None, overrides: dict[str, Any]):
+    """Around every API call: its audit record, its own S3 options (restored after the call, so two
+    calls with different settings never see each other's), and failures from Spark, the JVM or a
+    worker raised as canestra's typed errors (``canestra._faults``), as the CLI prints them."""
+    from canestra._faults import typed_error
+    from canestra.storage import files as storage
+
+    before = storage.current_s3()
+    with audit.audited(command, out=out, audit_log=_audit_log(settings, overrides)):
+        try:
+            yield
+        except Exception as exc:
+            typed = typed_error(exc)
+            if typed is None or typed is exc:
+                raise
+            raise typed from exc
+        finally:
+            storage.configure_s3(before)
+
+
 def spark_session(cfg: Settings, log_file: str | None = None) -> SparkSession:
     """canestra's SparkSession for ``cfg`` (reused when one is running); JVM output to ``log_file`` if given."""
     from canestra.sparkctx import get_spark
 
-    os.environ.setdefault("CANESTRA_DRIVER_MEMORY", cfg.driver_memory)
     return get_spark(cfg.master, conf={"spark.sql.execution.arrow.maxRecordsPerBatch": str(cfg.arrow_batch)},
-                     log_file=log_file)
+                     log_file=log_file, driver_memory=cfg.driver_memory)
 
 
-def _spark(cfg: Settings, spark: SparkSession | None) -> SparkSession:
-    return spark if spark is not None else spark_session(cfg)
+def _spark(cfg: Settings, spark: SparkSession | None, out: str | None = None) -> SparkSession:
+    if spark is not None:
+        return spark
+    # A session started here sends the JVM's output to a log file, as the CLI does: a notebook shows
+    # canestra's lines and typed errors, not log4j lines (``debug=True`` keeps them on the terminal).
+    return spark_session(cfg, log_file=None if cfg.debug else spark_log_path(out) if out else _temp_log())
+
+
+def _temp_log() -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "canestra-logs", f"spark-{os.getpid()}.log")
 
 
 def _progress(progress: Progress | None, quiet: bool) -> Progress:
@@ -207,7 +238,7 @@ def _progress(progress: Progress | None, quiet: bool) -> Progress:
 
 
 def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | None, labelled: bool,
-           cnn: bool = True) -> SparkSession:
+           cnn: bool = True, out: str | None = None) -> SparkSession:
     """The session to run on, after the cheap checks: bad image paths fail before a JVM starts
     (the CLI runs the same checks before it starts its own session). ``images=None``: no listing check."""
     if spark is None and images is not None:
@@ -220,7 +251,7 @@ def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | 
         from canestra.vision import backbone
 
         backbone.model_path(cfg.precision)
-    return _spark(cfg, spark)
+    return _spark(cfg, spark, out)
 
 
 def _model_dir(model: str, registry: str | bool | None = None) -> str:
@@ -249,13 +280,13 @@ def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = No
            progress: Progress | None = None, **overrides: Any) -> IngestRun:
     """Scan ``<root>/<Class>/<image>`` folders into ``out/catalog`` (Parquet, metadata stripped) and
     ``out/quarantine.csv``; ``test_fraction``, ``seed`` and ``taxonomy`` are among the overrides."""
-    with audit.audited("ingest", out=out, audit_log=_audit_log(settings, overrides)):
+    with _boundary("ingest", out, settings, overrides):
         cfg = _settings(settings, overrides)
         from canestra.answer.taxonomy import load_taxonomy
         from canestra.pipeline.ingest import ingest as _ingest
         from canestra.storage.files import ensure_output_dir
 
-        spark = _ready(cfg, spark, images, True, cnn=False)
+        spark = _ready(cfg, spark, images, True, cnn=False, out=out)
         with _progress(progress, quiet).stage("ingest") as st:
             res = _ingest(spark, images, ensure_output_dir(out, spark), test_fraction=cfg.test_fraction,
                           seed=cfg.seed, reuse=reuse, taxonomy=load_taxonomy(cfg.taxonomy))
@@ -280,7 +311,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
     roots of photos that are none of the families, trained as a class answered ``unknown``. Overrides: any
     Settings field, e.g. ``pca_k=32, image_sizes=100``.
     """
-    with audit.audited("train", out=out, audit_log=_audit_log(settings, overrides)):
+    with _boundary("train", out, settings, overrides):
         cfg = _settings(settings, overrides)
         from canestra import tracking
         from canestra.pipeline.train import train as _train
@@ -296,7 +327,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             from canestra.pipeline.eval_sources import check_eval_roots
 
             check_eval_roots(eval_images, images, load_taxonomy(cfg.taxonomy))
-        spark = _ready(cfg, spark, images, True)
+        spark = _ready(cfg, spark, images, True, out=out)
         with tracking.tracked_run(track) as tracked:
             res = _train(spark, images, out, cfg, _progress(progress, quiet), eval_images=eval_images,
                          unknown_images=unknown_images)
@@ -316,12 +347,12 @@ def predict(model: str, images: str, out: str, *, spark: SparkSession | None = N
     ``models:/NAME/ALIAS``); writes ``out/predictions.csv`` and returns a handle to it
     (``.to_pandas()``). ``include_paths`` adds the source path column (GDPR Art. 25: off by default).
     ``incremental`` scores only images not yet in ``out``'s predictions and adds them (``.added``)."""
-    with audit.audited("predict", out=out, audit_log=_audit_log(settings, overrides)):
+    with _boundary("predict", out, settings, overrides):
         cfg = _settings(settings, overrides)
         from canestra.pipeline.predict import predict as _predict
 
         model_dir = _model_dir(model)
-        res = _predict(_ready(cfg, spark, images, False), model_dir, images, out, _progress(progress, quiet),
+        res = _predict(_ready(cfg, spark, images, False, out=out), model_dir, images, out, _progress(progress, quiet),
                        include_paths=include_paths, incremental=incremental)
         csv_path = os.path.join(res.out_dir, layout.PREDICTIONS_CSV)
         audit.note(predicted=res.predicted, quarantined=res.quarantined, details={"include_paths": include_paths},
@@ -334,13 +365,13 @@ def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark
              **overrides: Any) -> Evaluation:
     """Metrics of a saved model on labelled images (``<root>/<Class>/<image>``); writes
     predictions, metrics.json and report.html under ``out``."""
-    with audit.audited("evaluate", out=out, audit_log=_audit_log(settings, overrides)):
+    with _boundary("evaluate", out, settings, overrides):
         cfg = _settings(settings, overrides)
         from canestra.answer.taxonomy import UNKNOWN
         from canestra.pipeline.predict import evaluate as _evaluate
 
         model_dir = _model_dir(model)
-        metrics = _evaluate(_ready(cfg, spark, images, True), model_dir, images, out, _progress(progress, quiet))
+        metrics = _evaluate(_ready(cfg, spark, images, True, out=out), model_dir, images, out, _progress(progress, quiet))
         audit.note(**_ints(metrics.get("counts", {})),
                    outputs=[os.path.join(out, n) for n in (_PREDICTIONS, layout.METRICS_JSON, layout.REPORT_HTML)])
         from canestra.storage.files import is_remote, local_path
@@ -364,7 +395,7 @@ def watch(model: str, images: str, out: str, *, once: bool = False, trigger: str
     it runs, a micro-batch every ``trigger``, until another thread calls ``stop.set()``; a later
     call with the same ``out`` resumes where it stopped.
     """
-    with audit.audited("watch", out=out, audit_log=_audit_log(settings, overrides)):
+    with _boundary("watch", out, settings, overrides):
         cfg = _settings(settings, overrides)
         from canestra.errors import InputError
         from canestra.pipeline.watch import check_images_root, parse_trigger
@@ -375,7 +406,7 @@ def watch(model: str, images: str, out: str, *, once: bool = False, trigger: str
                              "stop.set() from another thread, or use once=True")
         check_images_root(images)  # an empty folder is fine: images may land later
         model_dir = _model_dir(model)
-        res = _watch(_ready(cfg, spark, None, False), model_dir, images, out, trigger=parse_trigger(trigger),
+        res = _watch(_ready(cfg, spark, None, False, out=out), model_dir, images, out, trigger=parse_trigger(trigger),
                      once=once, include_paths=include_paths, progress=_progress(progress, quiet), stop_event=stop)
         audit.note(predicted=res.predicted, quarantined=res.quarantined, batches=res.batches,
                    details={"include_paths": include_paths, "once": once, "trigger": str(trigger)},
@@ -478,10 +509,16 @@ def spark_log_path(out: str) -> str:
     from canestra.storage.files import is_remote, local_path
 
     if is_remote(out):
-        import tempfile
-
-        return os.path.join(tempfile.gettempdir(), "canestra-logs", f"spark-{os.getpid()}.log")
+        return _temp_log()
     return os.path.join(local_path(out), layout.LOGS_DIR, layout.SPARK_LOG)
+
+
+def tune_driver_process() -> None:
+    """Process-wide tuning for a process canestra owns (the CLI): Arrow's system allocator, so the
+    driver's RSS does not keep what a large run freed. Never called for library use."""
+    from canestra.sparkctx import driver_arrow_pool
+
+    driver_arrow_pool()
 
 
 def log_offset(log_file: str | None) -> int:

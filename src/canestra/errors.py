@@ -28,6 +28,18 @@ class EnvironmentProblem(CanestraError):
     """The machine lacks something canestra needs (Java, model weights)."""
 
 
+class OutOfMemory(EnvironmentProblem):
+    """A Spark worker (JVM or Python) ran out of memory."""
+
+
+class SparkStopped(EnvironmentProblem):
+    """Spark's Java process died during the job (killed, or out of memory)."""
+
+
+class DiskFull(OutputError):
+    """No space left on the device a job writes to (--out, or Spark's scratch folder)."""
+
+
 def jvm_gone(exc: BaseException) -> bool:
     """True when ``exc`` says the connection to Spark's JVM broke (the JVM was killed or crashed)."""
     seen: set[int] = set()

@@ -59,13 +59,17 @@ def log4j_config() -> str:
 
 
 def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[str, str] | None = None,
-              log_file: str | None = None):
+              log_file: str | None = None, driver_memory: str | None = None):
     """Create (or reuse) the SparkSession with canestra's defaults.
 
     With ``log_file``, everything the JVM and its Python workers print (log4j at any level,
     native-library notices, worker tracebacks) goes to that file instead of the terminal:
     the JVM is started with its stdout/stderr redirected there. Users see canestra's own
     lines; a failure names the file.
+
+    A session canestra started is reused; one with another driver memory (fixed when its JVM
+    starts) is stopped with its JVM and a new one started, so each call runs with the memory it
+    was given. A session the caller started is always reused as it is.
     """
     # Library use (notebooks, scripts): CANESTRA_SPARK_LOG=FILE sends the JVM's output there too.
     log_file = log_file or os.environ.get("CANESTRA_SPARK_LOG") or None
@@ -78,6 +82,12 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
+
+    memory = driver_memory or "4g"
+    running = SparkContext._active_spark_context
+    if running is not None and running.getConf().get(_OWNED) == "1" and (
+            running.getConf().get("spark.driver.memory") != memory):
+        _stop_with_jvm(running)
 
     log_opt = f"-Dlog4j2.configurationFile=file:{log4j_config()} -Dlog4j.configurationFile=file:{log4j_config()}"
     on_this_machine = master.startswith("local") or "127.0.0.1" in master or "localhost" in master
@@ -95,7 +105,8 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.python.worker.reuse": "true",
         "spark.sql.shuffle.partitions": str(max(4, 2 * (os.cpu_count() or 2))),
-        "spark.driver.memory": os.environ.get("CANESTRA_DRIVER_MEMORY", "4g"),
+        "spark.driver.memory": memory,
+        _OWNED: "1",
         "spark.sql.parquet.compression.codec": "snappy",
         # A features row is ~20 KB (2,560 doubles): the default 4,096-row columnar batch asks the
         # vectorized reader for 80+ MB per task, which ran a 4 GB driver out of heap at 136,800 images.
@@ -118,8 +129,34 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     _quiet_accumulator_server(spark.sparkContext)
-    _driver_arrow_pool()
     return spark
+
+
+_OWNED = "spark.canestra.owned"  # marks sessions canestra started (and may restart)
+
+
+def _stop_with_jvm(sc) -> None:
+    """Stop a SparkContext and its JVM: driver memory is fixed when the JVM starts, so a call that
+    needs another gets a new JVM (PySpark starts one when its gateway is gone)."""
+    from pyspark import SparkContext
+
+    sc.stop()
+    gateway = SparkContext._gateway
+    if gateway is None:
+        return
+    proc = getattr(gateway, "proc", None)
+    try:
+        gateway.shutdown()
+    finally:
+        SparkContext._gateway = None
+        SparkContext._jvm = None
+        if proc is not None:  # the JVM exits when its stdin closes (PythonGatewayServer)
+            if proc.stdin:
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                proc.kill()
 
 
 def _quiet_accumulator_server(sc) -> None:
@@ -139,7 +176,9 @@ def _quiet_accumulator_server(sc) -> None:
     server._canestra_quiet = True
 
 
-def _driver_arrow_pool() -> None:
+def driver_arrow_pool() -> None:
+    """Use the system allocator for this process's Arrow buffers: for the CLI, which owns its process;
+    a library call never changes the allocator of the user's notebook."""
     # The driver converts listings and held-out scores to Arrow once per run. PyArrow's default
     # pool (mimalloc) keeps what it freed: +39 MB of RSS for the rest of a 136,800-image run.
     # The system allocator hands large buffers back (see trim_driver_memory). Workers keep theirs.

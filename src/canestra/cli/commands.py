@@ -7,17 +7,16 @@ code 2; the full Python/Java trace only with ``--debug``.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
-import re
 import sys
 import traceback
 
 from canestra import __version__, api, tracking
+from canestra._faults import typed_error
 from canestra.cli import options as opt
 from canestra.config import Settings
-from canestra.errors import EXIT_USER_ERROR, CanestraError, jvm_gone
+from canestra.errors import EXIT_USER_ERROR, CanestraError
 from canestra.privacy import audit
 from canestra.progress import Progress
 
@@ -251,15 +250,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.load(**{k: getattr(args, k, None) for k in opt.SETTINGS_FIELDS})
 
 
-_LOG_FILE: list = []  # [log file, offset of this run's lines]: where this command's Spark/JVM output went
+class _SparkLog:
+    """Where this command's Spark/JVM output goes, and where its lines start in that (appended) file."""
 
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.start = 0
 
-def _spark(cfg: Settings, out: str):
-    # Normal runs: every Spark/JVM line goes to the log file; --debug shows everything.
-    log_file = None if cfg.debug else api.spark_log_path(out)
-    if log_file:
-        _LOG_FILE[:] = [log_file, api.log_offset(log_file)]  # the file, and where this run's lines start
-    return api.spark_session(cfg, log_file=log_file)
+    def spark(self, cfg: Settings, out: str):
+        # Normal runs: every Spark/JVM line goes to the log file; --debug shows everything.
+        self.path = None if cfg.debug else api.spark_log_path(out)
+        if self.path:
+            self.start = api.log_offset(self.path)
+        return api.spark_session(cfg, log_file=self.path)
 
 
 def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
@@ -269,7 +272,8 @@ def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
                  unknown_images=getattr(args, "unknown_images", None), trigger=getattr(args, "trigger", None))
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, log: _SparkLog | None = None) -> int:
+    log = log or _SparkLog()
     if args.command == "deploy":  # no Spark: plans and creates cloud resources
         from canestra.deploy.aws import run_cli
 
@@ -292,24 +296,25 @@ def run(args: argparse.Namespace) -> int:
         return run_serve(args.model, cfg)
     progress = Progress(quiet=args.quiet)
     _precheck(args, cfg)
+    api.tune_driver_process()  # this process is the command's own
     # One run per --out at a time: a second one stops here naming the holder (docs/reliability.md).
     with api.out_lock(args.out, args.command):
-        code = _run_job(args, cfg, progress)
-    if _LOG_FILE:  # JVM notices a user can act on: one plain line, once per machine
-        for line in api.notices(*_LOG_FILE):
+        code = _run_job(args, cfg, progress, log)
+    if log.path:  # JVM notices a user can act on: one plain line, once per machine
+        for line in api.notices(log.path, log.start):
             print(f"canestra: note: {line}", file=sys.stderr)
     return code
 
 
-def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int:
+def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress, log: _SparkLog) -> int:
     if args.command == "ingest":
         # The library functions (canestra.api) do the work and write the audit counts.
-        cat = api.ingest(args.images, args.out, spark=_spark(cfg, args.out), settings=cfg, progress=progress)
+        cat = api.ingest(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress)
         print(json.dumps({"catalog": cat.catalog_path, "images": cat.images, "quarantined": cat.quarantined,
                           "quarantine_csv": cat.quarantine_csv}))
     elif args.command == "train":
         tracking.require(tracking.train_option(args.mlflow, args.register_model))  # before Spark starts
-        run = api.train(args.images, args.out, spark=_spark(cfg, args.out), settings=cfg, progress=progress,
+        run = api.train(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress,
                         mlflow=args.mlflow, register_model=args.register_model, eval_images=args.eval_images,
                         unknown_images=args.unknown_images)
         print(api.format_summary(run.metrics))
@@ -319,73 +324,20 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress) -> int
                      if run.mlflow.model_version else ""))
         print(f"model: {run.model_path}  report: {run.report_path}")
     elif args.command == "predict":
-        res = api.predict(args.model, args.images, args.out, spark=_spark(cfg, args.out), settings=cfg,
+        res = api.predict(args.model, args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg,
                           progress=progress, include_paths=args.include_paths, incremental=args.incremental)
         print(f"{res.predicted} predictions" + (f" ({res.added} new)" if args.incremental else "")
               + f" -> {os.path.join(res.out_dir, 'predictions.csv')}; "
               f"{res.quarantined} quarantined -> {os.path.join(res.out_dir, 'quarantine.csv')}")
     elif args.command == "evaluate":
-        ev = api.evaluate(args.model, args.images, args.out, spark=_spark(cfg, args.out), settings=cfg,
+        ev = api.evaluate(args.model, args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg,
                           progress=progress)
         print(api.format_summary(ev.metrics))
     elif args.command == "watch":
         from canestra.cli.watch import run_watch_cli
 
-        run_watch_cli(args, cfg, _spark, progress)
+        run_watch_cli(args, cfg, log.spark, progress)
     return 0
-
-
-_WORKER_ERROR = re.compile(r"canestra\.errors\.(?:EnvironmentProblem|InputError|OutputError): (.+)")
-
-
-def _errno_in_chain(exc: BaseException) -> int | None:
-    """The errno of the first OSError in ``exc``'s cause/context chain."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno:
-            return e.errno
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _plain_spark_error(exc: BaseException) -> str | None:
-    """A one-line reading of common Spark/Java/Python-worker failures, or None."""
-    text = str(exc)
-    found = _WORKER_ERROR.search(text)  # a canestra error raised inside a Spark Python worker
-    if found:
-        return found.group(1).strip()
-    if "MemoryError" in text or "java.lang.OutOfMemoryError" in text or (
-            "Python worker exited unexpectedly" in text and ("137" in text or "Killed" in text or "signal 9" in text)):
-        return ("a Spark worker ran out of memory: lower --batch-size or --arrow-batch, or give Spark more memory "
-                "(CANESTRA_DRIVER_MEMORY, spark.executor.memory)")
-    if "Python worker exited unexpectedly (crashed)" in text:
-        # A native library (ONNX Runtime, OpenBLAS) that cannot allocate aborts the worker without a
-        # Python MemoryError: memory is the usual cause, and the log has the worker's last words.
-        return ("a Spark Python worker crashed, most often for lack of memory: lower --batch-size, give the "
-                "workers more memory (spark.executor.memory, spark.executor.pyspark.memory), and see the Spark log")
-    if jvm_gone(exc):
-        return ("Spark's Java process stopped during the job (killed, or out of memory: the system log says "
-                "which); outputs already published are complete: run the command again")
-    if "InvalidProtobuf" in text or "INVALID_PROTOBUF" in text or ("onnxruntime" in text and "Load model" in text):
-        return ("the cached CNN model file is corrupt: delete the canestra cache folder "
-                "(CANESTRA_CACHE_DIR, default ~/.cache/canestra) and run again")
-    if "Permission denied" in text or "AccessDeniedException" in text:
-        return "permission denied while Spark wrote or read a file: check the --out folder's permissions"
-    if "No space left on device" in text or "Disk quota exceeded" in text or _errno_in_chain(exc) in (
-            errno.ENOSPC, errno.EDQUOT):
-        # Python (OSError 28), the JVM (java.io.IOException) and Spark's worker traces all say it so.
-        if "DiskBlockObjectWriter" in text or "blockmgr-" in text or "ShuffleWriter" in text:
-            # Spark's scratch space (shuffle and spill files), not --out, is full.
-            return ("no space left on device in Spark's scratch folder (spark.local.dir, default /tmp): free space "
-                    "there or point SPARK_LOCAL_DIRS at a bigger disk")
-        return "no space left on device: free disk space or choose another --out"
-    if "Could not parse Master URL" in text or "Invalid master URL" in text:
-        return "invalid --master URL: use local[*] or spark://HOST:PORT"
-    if "JAVA_GATEWAY_EXITED" in text or "Java gateway process exited" in text:
-        return "Spark's Java process failed to start: check that Java 17+ is installed and JAVA_HOME is right"
-    return None
 
 
 def _audit_name(args: argparse.Namespace) -> str:
@@ -400,10 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     debug = bool(args.debug) or os.environ.get("CANESTRA_DEBUG", "").lower() in ("1", "true", "yes")
+    log = _SparkLog()
     try:
         # GDPR Art. 30: every command, successful or not, leaves an audit record.
         with audit.audited(_audit_name(args), out=getattr(args, "out", None), audit_log=getattr(args, "audit_log", None)):
-            return run(args)
+            return run(args, log)
     except CanestraError as exc:
         if debug:
             traceback.print_exc()
@@ -415,12 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             traceback.print_exc()
-        plain = _plain_spark_error(exc)
-        if plain:
-            print(f"canestra: error: {plain}", file=sys.stderr)
-            return EXIT_USER_ERROR
+        typed = typed_error(exc)  # a failure outside an API call (those arrive typed already)
+        if typed is not None:
+            print(f"canestra: error: {typed}", file=sys.stderr)
+            return typed.exit_code
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        where = f"see {_LOG_FILE[0]} or " if _LOG_FILE else ""
+        where = f"see {log.path} or " if log.path else ""
         print(f"canestra: error: unexpected failure ({type(exc).__name__}: {first}); "
               f"{where}re-run with --debug for the full trace, and report it", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ executors read the objects with boto3 as batch ``predict`` does.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import io
 import json
@@ -120,8 +121,14 @@ class _BatchWriter:
         self.lock = threading.Lock()
         self.stopping = False
         self.error: BaseException | None = None
+        # Spark calls foreachBatch on its own thread: run each batch in the starting call's context
+        # (its S3 options), not in that thread's empty one.
+        self.context = contextvars.copy_context()
 
     def __call__(self, batch_df, batch_id: int) -> None:
+        self.context.copy().run(self._locked, batch_df, batch_id)
+
+    def _locked(self, batch_df, batch_id: int) -> None:
         with self.lock:
             if self.stopping:  # never return normally here: Spark would commit a batch we did not write
                 raise _Stopped()
@@ -201,6 +208,7 @@ class _S3Lister(threading.Thread):
                 with open(os.path.join(listing_dir, name), encoding="utf-8") as fh:
                     self.known.update(json.loads(line)["path"] for line in fh if line.strip())
         self._warned = False
+        self.context = contextvars.copy_context()  # the starting call's S3 options, for this thread too
 
     def list_once(self) -> int:
         new = [f for f in storage.list_images(self.root) if f.path not in self.known]
@@ -212,6 +220,9 @@ class _S3Lister(threading.Thread):
         return len(new)
 
     def run(self) -> None:
+        self.context.copy().run(self._poll)
+
+    def _poll(self) -> None:
         while not self.halt.wait(self.period):
             try:
                 self.list_once()

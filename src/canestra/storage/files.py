@@ -10,6 +10,7 @@ place, so a crashed run never leaves a half-written table under its final name
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import os
@@ -70,19 +71,27 @@ def unreadable_reason(exc: OSError, path: str | None = None, what: str = "file")
     return f"unreadable {what}: {exc.strerror or exc}"
 
 
-_s3_options: s3.S3Options | None = None
+# The S3 options of the running call: a context variable, so each thread (and each API call, which
+# restores the previous value when it ends) has its own; executors get them explicitly (s3_options_for).
+_s3_options: contextvars.ContextVar[s3.S3Options | None] = contextvars.ContextVar("canestra_s3_options",
+                                                                                  default=None)
 
 
 def configure_s3(options: s3.S3Options | None) -> None:
-    """Set the S3 options of this process (the CLI does, from its flags); None = from env."""
-    global _s3_options
-    _s3_options = options
+    """Set the S3 options of the running call (the CLI's command, or an API call); None = from env."""
+    _s3_options.set(options)
+
+
+def current_s3() -> s3.S3Options | None:
+    """The options ``configure_s3`` set in this context, or None."""
+    return _s3_options.get()
 
 
 def s3_options() -> s3.S3Options:
     """The driver's S3 options: configured, else from ``CANESTRA_*``/``AWS_*`` env vars."""
-    if _s3_options is not None:
-        return _s3_options
+    configured = _s3_options.get()
+    if configured is not None:
+        return configured
     from canestra.config import Settings
 
     return s3.S3Options.from_settings(Settings.load())
