@@ -162,6 +162,8 @@ def test_crashed_publish_never_looks_complete(tmp_path, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash_on_publish)
+    # The two-rename path (filesystems without an atomic swap; test_safety_publish.py covers the swap).
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
     with pytest.raises(OSError, match="simulated crash"):
         storage.publish_dir(staging, final)
     assert (staging, final) in calls  # the fault really hit the publishing rename
