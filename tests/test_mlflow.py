@@ -22,7 +22,7 @@ from canestra import tracking  # noqa: E402
 from canestra.cli.commands import main  # noqa: E402
 from canestra.config import Settings  # noqa: E402
 from canestra.errors import EnvironmentProblem, InputError  # noqa: E402
-from canestra.privacy.erase import TRAINING_IDS  # noqa: E402
+from canestra.layout import TRAINING_IDS  # noqa: E402
 
 MODEL_FIXTURE = Path(__file__).parent / "fixtures" / "model-0.1.0"  # a real saved model (10 classes, 100 px)
 

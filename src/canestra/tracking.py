@@ -144,7 +144,7 @@ class _Run:
         for i in range(0, len(items), 900):  # MLflow caps a batch at 1,000 metrics
             self.client.log_batch(run_id, metrics=items[i:i + 900])
         self._log_redacted_report(out_dir)
-        from canestra.privacy.erase import TRAINING_IDS
+        from canestra.layout import TRAINING_IDS
 
         # GDPR Art. 5(1)(c): the model's list of training image ids serves `canestra erase` in the run
         # folder; the tracking store, another place with other readers, gets the model without it.

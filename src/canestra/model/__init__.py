@@ -4,6 +4,14 @@ Spark-free (plain files: JSON lines and Parquet footers), so the HTTP service an
 read a model folder without a JVM; ``canestra.pipeline`` writes it.
 """
 
-from canestra.model.folder import MODEL_FORMAT, check_model_dir, model_info, write_model_info
+from canestra.model.folder import (
+    MODEL_FORMAT,
+    check_model_dir,
+    model_info,
+    read_training_ids,
+    write_model_info,
+    write_training_ids,
+)
 
-__all__ = ["MODEL_FORMAT", "check_model_dir", "model_info", "write_model_info"]
+__all__ = ["MODEL_FORMAT", "check_model_dir", "model_info", "read_training_ids", "write_model_info",
+           "write_training_ids"]

@@ -14,11 +14,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from canestra import __version__
 from canestra.errors import InputError
-from canestra.layout import MODEL_INFO
+from canestra.layout import MODEL_INFO, TRAINING_IDS
 from canestra.storage import files as storage
 
 # Bump when a saved model stops being readable by older canestra versions.
@@ -132,3 +133,23 @@ def check_model_dir(path: str, *, local_only: bool = False) -> str:
         if cls.rsplit(".", 1)[-1] in _WITH_DATA:
             _check_data(stage_dir, what)
     return local
+
+
+def write_training_ids(model_dir: str, image_ids: Iterable[str], sorted_unique: bool = False) -> str:
+    """List the ids a model was fitted on inside its folder, so erasure can say when to retrain.
+
+    ``sorted_unique``: the ids already come sorted without repeats (e.g. from a Spark sort) and
+    are streamed to the file, never all held in memory."""
+    path = os.path.join(model_dir, TRAINING_IDS)
+    ids = image_ids if sorted_unique else sorted(set(image_ids))
+    storage.write_lines_atomic(path, (i + "\n" for i in ids))
+    return path
+
+
+def read_training_ids(model_dir: str) -> set[str] | None:
+    """The ids a model was trained on; None when the model does not list them (older models)."""
+    try:
+        with open(os.path.join(model_dir, TRAINING_IDS), encoding="ascii") as fh:
+            return {line.strip() for line in fh if line.strip()}
+    except FileNotFoundError:
+        return None

@@ -55,7 +55,7 @@ def featurizer_identity(featurizer) -> dict:
     custom = get(featurizer.modelPath)
     ident = {
         "backbone": get(featurizer.backboneName),
-        "graph_version": backbone._GRAPH_VERSION,
+        "graph_version": backbone.GRAPH_VERSION,
         # A custom ONNX file is named by its bytes; the built-in graph by the weights it is built from.
         "weights": _file_digest(custom) if custom else _file_digest(backbone.weights_path()),
         "custom_graph": bool(custom),
@@ -65,7 +65,7 @@ def featurizer_identity(featurizer) -> dict:
     }
     if precision == "int8" and not custom:
         # The int8 graph depends on the quantization recipe and on the CPU (uint8 weights without VNNI).
-        ident["quantization"] = f"q{backbone._QUANT_VERSION}{'' if backbone.has_vnni() else '-u8u8'}"
+        ident["quantization"] = f"q{backbone.QUANT_VERSION}{'' if backbone.has_vnni() else '-u8u8'}"
     return ident
 
 

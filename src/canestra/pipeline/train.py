@@ -271,7 +271,7 @@ def _save_model(out_dir: str, model, train_idx) -> str:
 
     write_model_info(staging, model.stages)  # version + format: a later canestra can refuse it plainly
     # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.
-    from canestra.privacy.erase import write_training_ids
+    from canestra.model import write_training_ids
 
     # Sorted by Spark and streamed a partition at a time: the driver never holds all the ids.
     ids = train_idx.select("image_id").distinct().orderBy("image_id").toLocalIterator()

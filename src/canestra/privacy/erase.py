@@ -52,7 +52,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from canestra.errors import CanestraError, InputError, OutputError
-from canestra.layout import ERASURES, GOVERNANCE_DIRS, MANIFEST, METRICS_JSON, REPORT_HTML, STAGING, TRAINING_IDS
+from canestra.layout import ERASURES, GOVERNANCE_DIRS, MANIFEST, METRICS_JSON, REPORT_HTML, STAGING
+from canestra.model import read_training_ids, write_training_ids
 from canestra.pipeline.report import write_report
 from canestra.storage import files as storage
 from canestra.storage import s3
@@ -86,26 +87,6 @@ class EraseResult:
 # ---------------------------------------------------------------------------- training ids (model side)
 
 
-def write_training_ids(model_dir: str, image_ids: Iterable[str], sorted_unique: bool = False) -> str:
-    """List the ids a model was fitted on inside its folder, so erasure can say when to retrain.
-
-    ``sorted_unique``: the ids already come sorted without repeats (e.g. from a Spark sort) and
-    are streamed to the file, never all held in memory."""
-    path = os.path.join(model_dir, TRAINING_IDS)
-    ids = image_ids if sorted_unique else sorted(set(image_ids))
-    storage.write_lines_atomic(path, (i + "\n" for i in ids))
-    return path
-
-
-def read_training_ids(model_dir: str) -> set[str] | None:
-    """The ids a model was trained on; None when the model does not list them (older models)."""
-    try:
-        with open(os.path.join(model_dir, TRAINING_IDS), encoding="ascii") as fh:
-            return {line.strip() for line in fh if line.strip()}
-    except FileNotFoundError:
-        return None
-
-
 def read_erasures(model_dir: str) -> dict:
     try:
         with open(os.path.join(model_dir, ERASURES), encoding="utf-8") as fh:
@@ -121,7 +102,7 @@ def is_model_dir(path: str) -> bool:
 # ---------------------------------------------------------------------------- walking the output folder
 
 
-def _walk(out_dir: str) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk_outputs(out_dir: str) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk without governance folders; model dirs are yielded but not descended into."""
     for dirpath, dirnames, filenames in os.walk(out_dir):
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
@@ -130,7 +111,7 @@ def _walk(out_dir: str) -> Iterator[tuple[str, list[str], list[str]]]:
         yield dirpath, dirnames, filenames
 
 
-def _parquet_parts(table_dir: str) -> list[str]:
+def parquet_parts(table_dir: str) -> list[str]:
     return sorted(
         os.path.join(table_dir, f)
         for f in os.listdir(table_dir)
@@ -141,7 +122,7 @@ def _parquet_parts(table_dir: str) -> list[str]:
 def find_tables(out_dir: str) -> list[str]:
     """Folders holding Parquet part files (Spark tables), outside models and staging leftovers."""
     tables = []
-    for dirpath, dirnames, filenames in _walk(out_dir):
+    for dirpath, dirnames, filenames in walk_outputs(out_dir):
         if STAGING in dirpath.split(os.sep) or is_model_dir(dirpath):
             continue
         if any(f.endswith(".parquet") and not f.startswith((".", "_")) for f in filenames):
@@ -151,7 +132,7 @@ def find_tables(out_dir: str) -> list[str]:
 
 
 def find_models(out_dir: str) -> list[str]:
-    return [d for d, _, _ in _walk(out_dir) if is_model_dir(d) and STAGING not in d.split(os.sep)]
+    return [d for d, _, _ in walk_outputs(out_dir) if is_model_dir(d) and STAGING not in d.split(os.sep)]
 
 
 # ---------------------------------------------------------------------------- matching rows
@@ -213,7 +194,7 @@ def keyed_tables(out_dir: str) -> list:
 
     keyed = []
     for table in find_tables(out_dir):
-        for part in _parquet_parts(table):
+        for part in parquet_parts(table):
             pf = pq.ParquetFile(part)
             keys = _key_columns(pf)
             if ID_COLUMN in keys and len(keys) > 1:
@@ -322,7 +303,7 @@ def rewrite_table(table_dir: str, matcher: _Matcher) -> int:
     import pyarrow.parquet as pq
 
     hits: dict[str, int] = {}
-    for part in _parquet_parts(table_dir):
+    for part in parquet_parts(table_dir):
         pf = pq.ParquetFile(part)
         keys = _key_columns(pf)
         if keys:
@@ -579,7 +560,7 @@ def rewrite_path_list(path: str, matcher: _Matcher) -> list[str]:
 
 def _stream_listed(root: str) -> Iterator[tuple[str, str]]:
     """(path list file, local path it lists) for every watch path list under ``root``."""
-    for dirpath, _, filenames in _walk(root):
+    for dirpath, _, filenames in walk_outputs(root):
         if not _is_stream_state(root, dirpath):
             continue
         for name in filenames:
@@ -775,7 +756,7 @@ def erase(out_dir: str, image_ids: Iterable[str] = (), sources: Iterable[str] = 
         n = rewrite_table(table, matcher)
         if n:
             res.rows_removed[os.path.relpath(table, root)] = n
-    for dirpath, _, filenames in _walk(root):
+    for dirpath, _, filenames in walk_outputs(root):
         if STAGING in dirpath.split(os.sep):
             continue
         stream_state = _is_stream_state(root, dirpath)

