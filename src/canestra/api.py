@@ -1,10 +1,11 @@
 """The Python API for notebooks and scripts: ``import canestra; run = canestra.train("fruits/", "runs/1", pca_k=32)``.
 
-Each function takes plain arguments with the CLI's defaults (keyword overrides of any
-``Settings`` field, e.g. ``pca_k=32``, ``image_sizes=100``, or a whole ``settings=``), starts a
-local SparkSession when none is given, and returns a typed result. Every call appends the same
-GDPR audit record as the matching ``canestra`` command (privacy/audit.py); the CLI calls these
-functions too, so the two never drift apart.
+Each function takes plain arguments with the CLI's defaults (keyword overrides of the ``Settings``
+concerns it uses, e.g. ``pca_k=32``, ``image_sizes=100`` for ``train``, typed by ``TrainOptions``
+and friends, a keyword of another concern refused with an ``InputError`` that says where it
+belongs; or a whole ``settings=``), starts a local SparkSession when none is given, and returns a
+typed result. Every call appends the same GDPR audit record as the matching ``canestra`` command
+(privacy/audit.py); the CLI calls these functions too, so the two never drift apart.
 
 Importing this module is cheap: Spark, ONNX Runtime and MLflow are imported when a function runs.
 """
@@ -14,13 +15,20 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import threading
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from canestra import layout
-from canestra.config import Settings
+from canestra import config, layout
+from canestra.config import CONCERNS, Settings
+from canestra.errors import InputError
 from canestra.privacy import audit
+
+if sys.version_info >= (3, 11):  # at run time too, so typing.get_type_hints resolves the signatures
+    from typing import Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 if TYPE_CHECKING:  # the heavy types, for annotations only
     import pandas as pd
@@ -30,7 +38,72 @@ if TYPE_CHECKING:  # the heavy types, for annotations only
     from canestra.progress import Progress
     from canestra.tracking import TrackedRun
 
+__all__ = [
+    "ingest", "train", "predict", "evaluate", "watch", "load_model", "keywords",
+    "IngestRun", "TrainRun", "Predictions", "WatchRun", "Evaluation",
+    "IngestOptions", "TrainOptions", "RunOptions", "TAKES", "OPTIONS",
+    # the command line's hooks
+    "spark_session", "configure_storage", "precheck", "out_lock", "gdpr_locks", "spark_log_path",
+    "tune_driver_process", "log_offset", "notices", "format_summary",
+]
+
 _PREDICTIONS = "predictions"  # predict's Parquet table (pipeline.predict.PREDICTIONS; that module is heavy)
+
+
+# ---------------------------------------------------------------------------- keywords
+# The Settings concerns (config.CONCERNS) each function uses. Anything else would be silently
+# ignored (a serving port, or a PCA size for a saved model), so it is refused.
+TAKES: dict[str, tuple[str, ...]] = {
+    "ingest": ("spark", "data", "storage", "output"),
+    "train": ("spark", "featurizer", "data", "model", "storage", "output"),
+    # the saved model carries its featurizer and model settings, and its class -> family table
+    "predict": ("spark", "storage", "output"),
+    "evaluate": ("spark", "storage", "output"),
+    "watch": ("spark", "storage", "output"),
+}
+
+
+class IngestOptions(config.SparkOptions, config.DataOptions, config.StorageOptions, config.OutputOptions,
+                    total=False):
+    """The Settings keywords of ``ingest``."""
+
+
+class TrainOptions(config.SparkOptions, config.FeaturizerOptions, config.DataOptions, config.ModelOptions,
+                   config.StorageOptions, config.OutputOptions, total=False):
+    """The Settings keywords of ``train``."""
+
+
+class RunOptions(config.SparkOptions, config.StorageOptions, config.OutputOptions, total=False):
+    """The Settings keywords of ``predict``, ``evaluate`` and ``watch``."""
+
+
+OPTIONS: dict[str, type] = {"ingest": IngestOptions, "train": TrainOptions, "predict": RunOptions,
+                            "evaluate": RunOptions, "watch": RunOptions}
+
+
+def keywords(function: str) -> tuple[str, ...]:
+    """The Settings fields ``canestra.<function>`` takes as keywords, concern by concern."""
+    return tuple(name for concern in TAKES[function] for name in CONCERNS[concern])
+
+
+def _check_keywords(function: str, overrides: dict[str, Any]) -> None:
+    """One plain line for a keyword ``function`` would not use: a misspelling, or another concern's."""
+    taken = keywords(function)
+    for name in overrides:
+        if name in taken:
+            continue
+        concern = next((c for c, keys in CONCERNS.items() if name in keys), None)
+        if concern is None:
+            import inspect
+
+            params = [p for p in inspect.signature(globals()[function]).parameters if p != "overrides"]
+            raise InputError(config.unknown_setting(name, [*taken, *params, *(f.name for f in fields(Settings))]))
+        takers = [f"canestra.{fn}" for fn in TAKES if concern in TAKES[fn]]
+        where = ", ".join(takers) + " or " if takers else ""
+        carried = " (the saved model carries it)" if concern in ("featurizer", "model") and function in (
+            "predict", "evaluate", "watch") else ""
+        raise InputError(f"{name} is a {concern} setting, which canestra.{function} does not take{carried}: "
+                         f"it is for {where}{config.cli_home(name)}")
 
 
 # ---------------------------------------------------------------------------- results
@@ -169,8 +242,11 @@ def _read_csv(path: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- plumbing
 
 
-def _settings(settings: Settings | None, overrides: dict[str, Any]) -> Settings:
-    """Keyword overrides on top of ``settings`` (else env vars and defaults), validated like CLI flags."""
+def _settings(function: str, settings: Settings | None, overrides: dict[str, Any]) -> Settings:
+    """Keyword overrides on top of ``settings`` (else env vars and defaults), validated like CLI flags;
+    only the keywords of ``function``'s concerns (``settings`` itself is a whole configuration, as the CLI
+    passes it, and is taken as it is)."""
+    _check_keywords(function, overrides)
     if settings is not None and not overrides:
         cfg = settings
     else:
@@ -277,11 +353,17 @@ def _eval_counts(metrics: dict) -> dict[str, Any]:
 
 def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = None,
            settings: Settings | None = None, reuse: bool = False, quiet: bool = False,
-           progress: Progress | None = None, **overrides: Any) -> IngestRun:
+           progress: Progress | None = None, **overrides: Unpack[IngestOptions]) -> IngestRun:
     """Scan ``<root>/<Class>/<image>`` folders into ``out/catalog`` (Parquet, metadata stripped) and
-    ``out/quarantine.csv``; ``test_fraction``, ``seed`` and ``taxonomy`` are among the overrides."""
-    with _boundary("ingest", out, settings, overrides):
-        cfg = _settings(settings, overrides)
+    ``out/quarantine.csv``.
+
+    Settings keywords (``IngestOptions``; any other raises ``InputError``): Spark ``master``,
+    ``driver_memory``, ``arrow_batch``; data ``test_fraction``, ``seed``, ``taxonomy``; storage
+    ``s3_endpoint_url``, ``allow_http_endpoint``, ``allow_non_eu_region``, ``sse_kms_key_id``,
+    ``s3_max_attempts``; output ``debug``, ``audit_log``.
+    """
+    with _boundary("ingest", out, settings, dict(overrides)):
+        cfg = _settings("ingest", settings, dict(overrides))
         from canestra.answer.taxonomy import load_taxonomy
         from canestra.pipeline.ingest import ingest as _ingest
         from canestra.storage.files import ensure_output_dir
@@ -301,18 +383,25 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
           settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
           mlflow: str | bool | None = None, register_model: str | None = None,
           eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
-          **overrides: Any) -> TrainRun:
+          **overrides: Unpack[TrainOptions]) -> TrainRun:
     """Ingest, featurize, fit PCA + logistic regression, calibrate "unknown", evaluate and save.
 
     ``mlflow``: True (MLFLOW_TRACKING_URI, else ./mlruns), a tracking URI or folder, False (off);
     None logs only when MLFLOW_TRACKING_URI is set. ``register_model="NAME"`` also registers the
     model in MLflow's registry. ``eval_images``: labelled roots never trained on, scored by the
     final model into ``metrics["by_source"]`` (one entry per root, in order). ``unknown_images``:
-    roots of photos that are none of the families, trained as a class answered ``unknown``. Overrides: any
-    Settings field, e.g. ``pca_k=32, image_sizes=100``.
+    roots of photos that are none of the families, trained as a class answered ``unknown``.
+
+    Settings keywords (``TrainOptions``; any other raises ``InputError``), e.g. ``pca_k=32,
+    image_sizes=100``: Spark ``master``, ``driver_memory``, ``arrow_batch``; featurizer
+    ``image_sizes``, ``batch_size``, ``threads``, ``precision``; data ``test_fraction``, ``seed``,
+    ``taxonomy``; model ``pca_k``, ``pca_variance``, ``reg_param``, ``elastic_net``, ``max_iter``,
+    ``augment_views``, ``unknown_quantile``, ``shift_eval``; storage ``s3_endpoint_url``,
+    ``allow_http_endpoint``, ``allow_non_eu_region``, ``sse_kms_key_id``, ``s3_max_attempts``;
+    output ``debug``, ``audit_log``.
     """
-    with _boundary("train", out, settings, overrides):
-        cfg = _settings(settings, overrides)
+    with _boundary("train", out, settings, dict(overrides)):
+        cfg = _settings("train", settings, dict(overrides))
         from canestra import tracking
         from canestra.pipeline.train import train as _train
 
@@ -342,13 +431,20 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
 
 def predict(model: str, images: str, out: str, *, spark: SparkSession | None = None,
             settings: Settings | None = None, include_paths: bool = False, quiet: bool = False,
-            progress: Progress | None = None, incremental: bool = False, **overrides: Any) -> Predictions:
+            progress: Progress | None = None, incremental: bool = False,
+            **overrides: Unpack[RunOptions]) -> Predictions:
     """Classify every image under ``images`` with a saved model (a ``model/`` folder or
     ``models:/NAME/ALIAS``); writes ``out/predictions.csv`` and returns a handle to it
     (``.to_pandas()``). ``include_paths`` adds the source path column (GDPR Art. 25: off by default).
-    ``incremental`` scores only images not yet in ``out``'s predictions and adds them (``.added``)."""
-    with _boundary("predict", out, settings, overrides):
-        cfg = _settings(settings, overrides)
+    ``incremental`` scores only images not yet in ``out``'s predictions and adds them (``.added``).
+
+    Settings keywords (``RunOptions``; any other raises ``InputError``: the saved model carries
+    its featurizer and model settings): Spark ``master``, ``driver_memory``, ``arrow_batch``;
+    storage ``s3_endpoint_url``, ``allow_http_endpoint``, ``allow_non_eu_region``,
+    ``sse_kms_key_id``, ``s3_max_attempts``; output ``debug``, ``audit_log``.
+    """
+    with _boundary("predict", out, settings, dict(overrides)):
+        cfg = _settings("predict", settings, dict(overrides))
         from canestra.pipeline.predict import predict as _predict
 
         model_dir = _model_dir(model)
@@ -362,11 +458,17 @@ def predict(model: str, images: str, out: str, *, spark: SparkSession | None = N
 
 def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark: SparkSession | None = None,
              settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
-             **overrides: Any) -> Evaluation:
+             **overrides: Unpack[RunOptions]) -> Evaluation:
     """Metrics of a saved model on labelled images (``<root>/<Class>/<image>``); writes
-    predictions, metrics.json and report.html under ``out``."""
-    with _boundary("evaluate", out, settings, overrides):
-        cfg = _settings(settings, overrides)
+    predictions, metrics.json and report.html under ``out``.
+
+    Settings keywords (``RunOptions``; any other raises ``InputError``: the saved model carries
+    its featurizer and model settings): Spark ``master``, ``driver_memory``, ``arrow_batch``;
+    storage ``s3_endpoint_url``, ``allow_http_endpoint``, ``allow_non_eu_region``,
+    ``sse_kms_key_id``, ``s3_max_attempts``; output ``debug``, ``audit_log``.
+    """
+    with _boundary("evaluate", out, settings, dict(overrides)):
+        cfg = _settings("evaluate", settings, dict(overrides))
         from canestra.answer.taxonomy import UNKNOWN
         from canestra.pipeline.predict import evaluate as _evaluate
 
@@ -387,16 +489,21 @@ def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark
 def watch(model: str, images: str, out: str, *, once: bool = False, trigger: str | float = "10s",
           stop: threading.Event | None = None, include_paths: bool = False, spark: SparkSession | None = None,
           settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
-          **overrides: Any) -> WatchRun:
+          **overrides: Unpack[RunOptions]) -> WatchRun:
     """Predict images as they land under ``images`` (a folder or ``s3://`` prefix) into
     ``out/predictions``, each exactly once (Spark Structured Streaming, checkpointed in ``out``).
 
     ``once=True`` predicts what is there and returns (cron, EMR steps, a notebook cell). Otherwise
     it runs, a micro-batch every ``trigger``, until another thread calls ``stop.set()``; a later
     call with the same ``out`` resumes where it stopped.
+
+    Settings keywords (``RunOptions``; any other raises ``InputError``: the saved model carries
+    its featurizer and model settings): Spark ``master``, ``driver_memory``, ``arrow_batch``;
+    storage ``s3_endpoint_url``, ``allow_http_endpoint``, ``allow_non_eu_region``,
+    ``sse_kms_key_id``, ``s3_max_attempts``; output ``debug``, ``audit_log``.
     """
-    with _boundary("watch", out, settings, overrides):
-        cfg = _settings(settings, overrides)
+    with _boundary("watch", out, settings, dict(overrides)):
+        cfg = _settings("watch", settings, dict(overrides))
         from canestra.errors import InputError
         from canestra.pipeline.watch import check_images_root, parse_trigger
         from canestra.pipeline.watch import watch as _watch

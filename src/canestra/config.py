@@ -1,13 +1,26 @@
-"""All settings in one typed place. Precedence: CLI flags > ``CANESTRA_*`` env vars > defaults."""
+"""All settings in one typed place. Precedence: CLI flags > ``CANESTRA_*`` env vars > defaults.
+
+The fields are grouped by concern (``CONCERNS``: Spark, featurizer, labelled data, model, serving,
+storage, privacy, output), each with a ``TypedDict`` of its keyword types (``OPTIONS``): the API
+functions take only the concerns they use (``canestra.api.TAKES``). ``Settings`` itself stays flat
+(``cfg.pca_k``), so the modules that read it need not know the grouping; ``cfg.concern("model")``
+is one concern's values.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypedDict
 
 from canestra.errors import InputError
+
+__all__ = ["CONCERNS", "FLAGS", "OPTIONS", "DataOptions", "FeaturizerOptions", "ModelOptions", "OutputOptions",
+           "PrivacyOptions", "ServingOptions", "Settings", "SparkOptions", "StorageOptions", "cli_home",
+           "cli_names", "parse_sizes", "unknown_setting"]
 
 
 def parse_sizes(value: str | int | list | tuple) -> tuple[int, ...]:
@@ -25,39 +38,138 @@ def parse_sizes(value: str | int | list | tuple) -> tuple[int, ...]:
     return sizes
 
 
+# ---------------------------------------------------------------------------- concerns
+# One TypedDict per concern: the keywords an API call may pass for it, with the types it accepts
+# (looser than the fields': ``image_sizes=100``). Same names and order as the fields of Settings.
+
+
+class SparkOptions(TypedDict, total=False):
+    """Spark: where the jobs run and the driver's resources (every Spark call)."""
+
+    master: str
+    driver_memory: str
+    arrow_batch: int
+
+
+class FeaturizerOptions(TypedDict, total=False):
+    """The CNN featurizer (train; a saved model carries its own)."""
+
+    image_sizes: int | str | Sequence[int]
+    batch_size: int
+    threads: int
+    precision: str
+
+
+class DataOptions(TypedDict, total=False):
+    """Labelled images: the held-out split and the class -> family table (ingest, train)."""
+
+    test_fraction: float
+    seed: int
+    taxonomy: str | None
+
+
+class ModelOptions(TypedDict, total=False):
+    """PCA, logistic regression, augmentation and the "unknown" rule (train)."""
+
+    pca_k: int | None
+    pca_variance: float | None
+    reg_param: float
+    elastic_net: float
+    max_iter: int
+    augment_views: int
+    unknown_quantile: float
+    shift_eval: bool
+
+
+class ServingOptions(TypedDict, total=False):
+    """``canestra serve``: bind, workers, limits, access (docs/serving.md)."""
+
+    host: str
+    port: int
+    workers: int
+    serve_threads: int | None
+    max_upload_mb: float
+    max_batch: int
+    api_keys_file: str | None
+    allow_no_auth: bool
+    rate_limit: float
+    rate_burst: int
+    body_timeout: float
+    drain_timeout: float
+    max_decoded_mb: float
+    worker_decoded_mb: float
+    header_timeout: float
+    forwarded_allow_ips: str | None
+    allowed_hosts: str | None
+
+
+class StorageOptions(TypedDict, total=False):
+    """S3 for images and outputs (docs/storage.md; every call that reads or writes them)."""
+
+    s3_endpoint_url: str | None
+    allow_http_endpoint: bool
+    allow_non_eu_region: bool
+    sse_kms_key_id: str | None
+    s3_max_attempts: int
+
+
+class PrivacyOptions(TypedDict, total=False):
+    """GDPR documents and retention (``canestra purge``, ``canestra gdpr record``)."""
+
+    retention_days: float | None
+    controller: str | None
+
+
+class OutputOptions(TypedDict, total=False):
+    """What a run shows and logs besides its outputs (every call)."""
+
+    debug: bool
+    audit_log: str | None
+
+
+OPTIONS: dict[str, type] = {"spark": SparkOptions, "featurizer": FeaturizerOptions, "data": DataOptions,
+                            "model": ModelOptions, "serving": ServingOptions, "storage": StorageOptions,
+                            "privacy": PrivacyOptions, "output": OutputOptions}
+# concern -> its Settings fields, in declaration order (tests/test_settings.py: every field exactly once)
+CONCERNS: dict[str, tuple[str, ...]] = {name: tuple(td.__annotations__) for name, td in OPTIONS.items()}
+
+
 @dataclass
 class Settings:
+    # -- spark
     master: str = "local[*]"
+    driver_memory: str = "4g"
+    arrow_batch: int = 256  # rows per Arrow batch into the UDF: bounds worker memory
+
+    # -- featurizer
     # 224 px, one pass (1,280-d), PCA 512, L2 1e-5: on the cross-source bench (bench/cross_source.py,
     # docs/outside-the-studio.md section 7) as good as 160 + 224 on real photos from other sources for
     # 1.6x less featurizing; int8 is no default: 3-6x slower than fp32 on CPUs without VNNI.
     image_sizes: tuple[int, ...] = (224,)
-    # Augmented views (crop, mirror, light, blur) of each family-labelled training photo: +7-15 points
-    # of family top-1 on photos of other sources (docs/outside-the-studio.md section 7); 0 = off.
-    augment_views: int = 4
     batch_size: int = 64  # images per ONNX Runtime call
-    arrow_batch: int = 256  # rows per Arrow batch into the UDF: bounds worker memory
     threads: int = 1  # ONNX Runtime threads per Spark task
     precision: str = "fp32"  # or "int8": ~2x faster with VNNI, 3-4x slower without (docs/performance.md)
-    pca_k: int | None = 512
-    pca_variance: float | None = None
+
+    # -- data: the held-out split, and the class -> family table (default: the shipped Fruits-360
+    # one; docs/outside-the-studio.md)
     test_fraction: float = 0.2
     seed: int = 42
+    taxonomy: str | None = None
+
+    # -- model
+    pca_k: int | None = 512
+    pca_variance: float | None = None
     reg_param: float = 1e-5
     elastic_net: float = 0.0
     max_iter: int = 50
-    driver_memory: str = "4g"
-    # Outside the studio (docs/outside-the-studio.md): class -> family table (default: the shipped
-    # Fruits-360 one), share of held-out images the "unknown" rule may refuse, and the shift evaluation.
-    taxonomy: str | None = None
+    # Augmented views (crop, mirror, light, blur) of each family-labelled training photo: +7-15 points
+    # of family top-1 on photos of other sources (docs/outside-the-studio.md section 7); 0 = off.
+    augment_views: int = 4
+    # Outside the studio: share of held-out images the "unknown" rule may refuse, and the shift evaluation.
     unknown_quantile: float = 0.005
     shift_eval: bool = True
-    debug: bool = False
-    # GDPR: retention (purge default, record of processing), controller name, extra audit log.
-    retention_days: float | None = None
-    controller: str | None = None
-    audit_log: str | None = None
-    # canestra serve: bind address, worker processes, ONNX Runtime threads per worker
+
+    # -- serving (canestra serve): bind address, worker processes, ONNX Runtime threads per worker
     # (None = cores // workers), upload limit per image and images per batch request.
     host: str = "127.0.0.1"
     port: int = 8000
@@ -84,7 +196,8 @@ class Settings:
     # default), extra Host names a loopback bind answers (besides IP addresses and localhost).
     forwarded_allow_ips: str | None = None
     allowed_hosts: str | None = None
-    # S3 (docs/storage.md): endpoint (else AWS_ENDPOINT_URL_S3 / the AWS default), plain-http
+
+    # -- storage: S3 (docs/storage.md): endpoint (else AWS_ENDPOINT_URL_S3 / the AWS default), plain-http
     # opt-in for local emulators, GDPR Art. 44 region opt-out, SSE-KMS key (default SSE-S3).
     s3_endpoint_url: str | None = None
     allow_http_endpoint: bool = False
@@ -92,44 +205,58 @@ class Settings:
     sse_kms_key_id: str | None = None
     s3_max_attempts: int = 4  # tries per S3 request, the first included (throttling/5xx retried, standard mode)
 
+    # -- privacy (GDPR): retention (purge default, record of processing), controller name.
+    retention_days: float | None = None
+    controller: str | None = None
+
+    # -- output: full tracebacks and JVM lines on the terminal, an extra audit log (JSON Lines).
+    debug: bool = False
+    audit_log: str | None = None
+
     _ENV_PREFIX = "CANESTRA_"
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
-        """Defaults, then env vars, then non-None overrides (the CLI flags)."""
+        """Defaults, then env vars, then non-None overrides (the CLI flags, or API keywords)."""
         s = cls()
         for f in fields(cls):
             env = os.environ.get(cls._ENV_PREFIX + f.name.upper())
             if env is not None:
                 s._set(f.name, env)
         for key, value in overrides.items():
+            if key not in _FIELDS:  # before the None test: a misspelled keyword is never silently dropped
+                raise InputError(unknown_setting(key, _FIELDS))
             if value is not None:
                 s._set(key, value)
+        # Each message names the field's flag and its variable: the bad value may have come from either.
         if s.pca_variance is not None:
             if not 0.0 < s.pca_variance <= 1.0:
-                raise InputError(f"--pca-variance must be in (0, 1], got {s.pca_variance}")
+                raise InputError(f"{cli_names('pca_variance')} must be in (0, 1], got {s.pca_variance}")
             s.pca_k = None
         if not 0.0 < s.test_fraction < 1.0:
-            raise InputError(f"--test-fraction must be between 0 and 1 (exclusive), got {s.test_fraction}")
+            raise InputError(f"{cli_names('test_fraction')} must be between 0 and 1 (exclusive), "
+                             f"got {s.test_fraction}")
         if not 0 <= s.augment_views <= 32:
-            raise InputError(f"--augment-views must be between 0 and 32, got {s.augment_views}")
-        if s.batch_size < 1 or s.threads < 1 or s.arrow_batch < 1:
-            raise InputError("--batch-size, --threads and --arrow-batch must be positive numbers")
+            raise InputError(f"{cli_names('augment_views')} must be between 0 and 32, got {s.augment_views}")
+        for name in ("batch_size", "threads", "arrow_batch"):
+            if getattr(s, name) < 1:
+                raise InputError(f"{cli_names(name)} must be a positive number, got {getattr(s, name)}")
         if s.precision not in ("fp32", "int8"):
-            raise InputError(f"--precision must be fp32 or int8, got {s.precision!r}")
+            raise InputError(f"{cli_names('precision')} must be fp32 or int8, got {s.precision!r}")
         if not 0.0 <= s.unknown_quantile < 0.5:
-            raise InputError(f"--unknown-quantile must be in [0, 0.5), got {s.unknown_quantile}")
+            raise InputError(f"{cli_names('unknown_quantile')} must be in [0, 0.5), got {s.unknown_quantile}")
         if s.s3_max_attempts < 1:
-            raise InputError(f"CANESTRA_S3_MAX_ATTEMPTS must be at least 1, got {s.s3_max_attempts}")
+            raise InputError(f"{cli_names('s3_max_attempts')} must be at least 1, got {s.s3_max_attempts}")
         if s.pca_k is not None and s.pca_k < 1:
-            raise InputError(f"--pca-k must be a positive number of components, got {s.pca_k}")
+            raise InputError(f"{cli_names('pca_k')} must be a positive number of components, got {s.pca_k}")
         if s.retention_days is not None and s.retention_days < 0:
-            raise InputError(f"retention must be a number of days >= 0 (--older-than / CANESTRA_RETENTION_DAYS), got {s.retention_days}")
+            raise InputError(f"retention must be a number of days >= 0 ({cli_names('retention_days')}), "
+                             f"got {s.retention_days}")
         return s
 
     def _set(self, name: str, value: Any) -> None:
-        if not hasattr(self, name):
-            raise InputError(f"unknown setting {name}")
+        if name not in _FIELDS:  # not hasattr: methods and class constants are no settings
+            raise InputError(unknown_setting(name, _FIELDS))
         default = self.__dataclass_fields__[name].default
         try:
             if name == "image_sizes":
@@ -147,10 +274,71 @@ class Settings:
                 elif kind is float:
                     value = float(value)
         except ValueError:
-            raise InputError(f"setting {name}={value!r} is not a valid {type(default).__name__}") from None
+            kind_name = ("int" if name in ("pca_k", "serve_threads") else "float"
+                         if name in ("pca_variance", "retention_days") else type(default).__name__)
+            raise InputError(f"setting {name}={value!r} is not a valid {kind_name} ({cli_names(name)})") from None
         setattr(self, name, value)
+
+    def concern(self, name: str) -> dict[str, Any]:
+        """One concern's values (``cfg.concern("serving")``), in declaration order."""
+        if name not in CONCERNS:
+            raise InputError(f"unknown concern {name!r}: one of {', '.join(CONCERNS)}")
+        return {key: getattr(self, key) for key in CONCERNS[name]}
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_sizes"] = list(self.image_sizes)
         return d
+
+
+_FIELDS = tuple(f.name for f in fields(Settings))
+
+# ---------------------------------------------------------------------------- names in messages
+# Each field's command-line flag and the command that shows it in --help (tests/test_settings.py
+# checks this table against the parser, hidden aliases excluded); fields missing here have no
+# flag and are set by their CANESTRA_<FIELD> variable.
+FLAGS: dict[str, tuple[str, str]] = {
+    "master": ("train", "--master"), "arrow_batch": ("train", "--arrow-batch"),
+    "image_sizes": ("train", "--image-size"), "batch_size": ("train", "--batch-size"),
+    "threads": ("train", "--task-threads"), "precision": ("train", "--precision"),
+    "test_fraction": ("train", "--test-fraction"), "seed": ("train", "--seed"), "taxonomy": ("train", "--taxonomy"),
+    "pca_k": ("train", "--pca-k"), "pca_variance": ("train", "--pca-variance"), "reg_param": ("train", "--reg-param"),
+    "max_iter": ("train", "--max-iter"), "augment_views": ("train", "--augment-views"),
+    "unknown_quantile": ("train", "--unknown-quantile"), "shift_eval": ("train", "--no-shift-eval"),
+    **{name: ("serve", "--" + name.replace("_", "-")) for name in ServingOptions.__annotations__},
+    "serve_threads": ("serve", "--worker-threads"),
+    **{name: ("train", "--" + name.replace("_", "-")) for name in StorageOptions.__annotations__
+       if name != "s3_max_attempts"},
+    "retention_days": ("purge", "--older-than"),
+    "debug": ("train", "--debug"), "audit_log": ("train", "--audit-log"),
+}
+# The command a concern's settings belong to, for a keyword sent to the wrong call; privacy's two
+# fields belong to different commands.
+_HOME = {"spark": "train", "featurizer": "train", "data": "train", "model": "train", "serving": "serve",
+         "storage": "train", "output": "train", "retention_days": "purge", "controller": "gdpr record"}
+
+
+def _concern_of(name: str) -> str:
+    return next(c for c, keys in CONCERNS.items() if name in keys)
+
+
+def cli_names(name: str) -> str:
+    """How the command line sets field ``name``: ``--pca-k / CANESTRA_PCA_K``, or only its variable."""
+    env = Settings._ENV_PREFIX + name.upper()
+    return f"{FLAGS[name][1]} / {env}" if name in FLAGS else env
+
+
+def cli_home(name: str) -> str:
+    """The command line that sets field ``name``: "`canestra serve --port` (or CANESTRA_PORT)", or
+    "`canestra gdpr record` with CANESTRA_CONTROLLER" for a field without a flag."""
+    env = Settings._ENV_PREFIX + name.upper()
+    if name in FLAGS:
+        command, flag = FLAGS[name]
+        return f"`canestra {command} {flag}` (or {env})"
+    return f"`canestra {_HOME.get(name) or _HOME[_concern_of(name)]}` with {env}"
+
+
+def unknown_setting(name: str, choices: Iterable[str]) -> str:
+    """"unknown setting pca_kk (did you mean pca_k?)": the closest of ``choices``, when one is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"unknown setting {name}" + (f" (did you mean {close[0]}?)" if close else "")
