@@ -185,7 +185,7 @@ class Server:
     def _ready(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 return b" 200 " in s.recv(1024)
         except OSError:
             return False

@@ -127,4 +127,6 @@ def test_four_processes_build_the_int8_graph_at_once_into_an_empty_cache(tmp_pat
     paths = {out.strip() for out, _ in results}
     assert len(paths) == 1 and os.path.isfile(paths.pop())
     left = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert all(n.endswith(".onnx") or n.endswith(".onnx.lock") for n in left), left
+    # The graphs, their build locks and digests (checked on load): no temporary file left behind.
+    assert all(n.endswith((".onnx", ".onnx.lock", ".onnx.sha256")) for n in left), left
+    assert sum(n.endswith(".onnx.sha256") for n in left) == 2, left  # fp32 and int8
