@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # the heavy types, for annotations only
     from pyspark.ml import PipelineModel
     from pyspark.sql import SparkSession
 
+    from canestra.pipeline.ingest import Listing
     from canestra.progress import Progress
     from canestra.tracking import TrackedRun
 
@@ -314,20 +315,25 @@ def _progress(progress: Progress | None, quiet: bool) -> Progress:
 
 
 def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | None, labelled: bool,
-           cnn: bool = True, out: str | None = None) -> SparkSession:
+           cnn: bool = True, out: str | None = None, listing: Listing | None = None, families: bool = False,
+           unknown_images: str | list[str] | None = None) -> tuple[SparkSession, Listing | None]:
     """The session to run on, after the cheap checks: bad image paths fail before a JVM starts
-    (the CLI runs the same checks before it starts its own session). ``images=None``: no listing check."""
-    if spark is None and images is not None:
+    (the CLI runs the same checks before it starts its own session), and the listing they made
+    goes on to the run, which lists nothing again. ``images=None``: no listing check.
+    ``families``: read family-level roots through the taxonomy (ingest, train)."""
+    if listing is None and spark is None and images is not None:
         from canestra.answer.taxonomy import load_taxonomy
-        from canestra.pipeline.ingest import list_roots
+        from canestra.pipeline.ingest import make_listing
 
-        list_roots(images, require_labels=labelled, taxonomy=load_taxonomy(cfg.taxonomy) if labelled else None)
+        listing = make_listing(images, require_labels=labelled,
+                               taxonomy=load_taxonomy(cfg.taxonomy) if families else None,
+                               unknown_uris=unknown_images or ())
     if cnn:
         # The CNN graph is built once here, so that local Spark workers find it instead of racing to build it.
         from canestra.vision import backbone
 
         backbone.model_path(cfg.precision)
-    return _spark(cfg, spark, out)
+    return _spark(cfg, spark, out), listing
 
 
 def _model_dir(model: str, registry: str | bool | None = None) -> str:
@@ -353,7 +359,8 @@ def _eval_counts(metrics: dict) -> dict[str, Any]:
 
 def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = None,
            settings: Settings | None = None, reuse: bool = False, quiet: bool = False,
-           progress: Progress | None = None, **overrides: Unpack[IngestOptions]) -> IngestRun:
+           progress: Progress | None = None, listing: Listing | None = None,
+           **overrides: Unpack[IngestOptions]) -> IngestRun:
     """Scan ``<root>/<Class>/<image>`` folders into ``out/catalog`` (Parquet, metadata stripped) and
     ``out/quarantine.csv``.
 
@@ -368,10 +375,10 @@ def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = No
         from canestra.pipeline.ingest import ingest as _ingest
         from canestra.storage.files import ensure_output_dir
 
-        spark = _ready(cfg, spark, images, True, cnn=False, out=out)
+        spark, listing = _ready(cfg, spark, images, True, cnn=False, out=out, listing=listing, families=True)
         with _progress(progress, quiet).stage("ingest") as st:
             res = _ingest(spark, images, ensure_output_dir(out, spark), test_fraction=cfg.test_fraction,
-                          seed=cfg.seed, reuse=reuse, taxonomy=load_taxonomy(cfg.taxonomy))
+                          seed=cfg.seed, reuse=reuse, taxonomy=load_taxonomy(cfg.taxonomy), listing=listing)
             st.note(res.note())
         audit.note(images=res.images, classes=res.classes, quarantined=res.quarantined,
                    outputs=[res.catalog_path, res.quarantine_csv])
@@ -383,7 +390,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
           settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
           mlflow: str | bool | None = None, register_model: str | None = None,
           eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
-          **overrides: Unpack[TrainOptions]) -> TrainRun:
+          listing: Listing | None = None, **overrides: Unpack[TrainOptions]) -> TrainRun:
     """Ingest, featurize, fit PCA + logistic regression, calibrate "unknown", evaluate and save.
 
     ``mlflow``: True (MLFLOW_TRACKING_URI, else ./mlruns), a tracking URI or folder, False (off);
@@ -416,10 +423,11 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             from canestra.pipeline.eval_sources import check_eval_roots
 
             check_eval_roots(eval_images, images, load_taxonomy(cfg.taxonomy))
-        spark = _ready(cfg, spark, images, True, out=out)
+        spark, listing = _ready(cfg, spark, images, True, out=out, listing=listing, families=True,
+                                unknown_images=unknown_images)
         with tracking.tracked_run(track) as tracked:
             res = _train(spark, images, out, cfg, _progress(progress, quiet), eval_images=eval_images,
-                         unknown_images=unknown_images)
+                         unknown_images=unknown_images, listing=listing)
             logged = tracked.log_training(res.out_dir, res.metrics, cfg, register_model) if tracked else None
         written = (layout.MODEL, layout.CATALOG, layout.FEATURES, layout.METRICS_JSON, layout.REPORT_HTML,
                    layout.QUARANTINE_CSV) + ((layout.EVAL_CATALOG, layout.EVAL_QUARANTINE_CSV) if eval_images else ())
@@ -431,7 +439,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
 
 def predict(model: str, images: str, out: str, *, spark: SparkSession | None = None,
             settings: Settings | None = None, include_paths: bool = False, quiet: bool = False,
-            progress: Progress | None = None, incremental: bool = False,
+            progress: Progress | None = None, incremental: bool = False, listing: Listing | None = None,
             **overrides: Unpack[RunOptions]) -> Predictions:
     """Classify every image under ``images`` with a saved model (a ``model/`` folder or
     ``models:/NAME/ALIAS``); writes ``out/predictions.csv`` and returns a handle to it
@@ -448,8 +456,9 @@ def predict(model: str, images: str, out: str, *, spark: SparkSession | None = N
         from canestra.pipeline.predict import predict as _predict
 
         model_dir = _model_dir(model)
-        res = _predict(_ready(cfg, spark, images, False, out=out), model_dir, images, out, _progress(progress, quiet),
-                       include_paths=include_paths, incremental=incremental)
+        spark, listing = _ready(cfg, spark, images, False, out=out, listing=listing)
+        res = _predict(spark, model_dir, images, out, _progress(progress, quiet), include_paths=include_paths,
+                       incremental=incremental, listing=listing)
         csv_path = os.path.join(res.out_dir, layout.PREDICTIONS_CSV)
         audit.note(predicted=res.predicted, quarantined=res.quarantined, details={"include_paths": include_paths},
                    outputs=[res.predictions_path, csv_path, os.path.join(res.out_dir, layout.QUARANTINE_CSV)])
@@ -458,7 +467,7 @@ def predict(model: str, images: str, out: str, *, spark: SparkSession | None = N
 
 def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark: SparkSession | None = None,
              settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
-             **overrides: Unpack[RunOptions]) -> Evaluation:
+             listing: Listing | None = None, **overrides: Unpack[RunOptions]) -> Evaluation:
     """Metrics of a saved model on labelled images (``<root>/<Class>/<image>``); writes
     predictions, metrics.json and report.html under ``out``.
 
@@ -473,7 +482,8 @@ def evaluate(model: str, images: str, out: str = "canestra-evaluation", *, spark
         from canestra.pipeline.predict import evaluate as _evaluate
 
         model_dir = _model_dir(model)
-        metrics = _evaluate(_ready(cfg, spark, images, True, out=out), model_dir, images, out, _progress(progress, quiet))
+        spark, listing = _ready(cfg, spark, images, True, out=out, listing=listing)
+        metrics = _evaluate(spark, model_dir, images, out, _progress(progress, quiet), listing=listing)
         audit.note(**_ints(metrics.get("counts", {})),
                    outputs=[os.path.join(out, n) for n in (_PREDICTIONS, layout.METRICS_JSON, layout.REPORT_HTML)])
         from canestra.storage.files import is_remote, local_path
@@ -513,7 +523,7 @@ def watch(model: str, images: str, out: str, *, once: bool = False, trigger: str
                              "stop.set() from another thread, or use once=True")
         check_images_root(images)  # an empty folder is fine: images may land later
         model_dir = _model_dir(model)
-        res = _watch(_ready(cfg, spark, None, False, out=out), model_dir, images, out, trigger=parse_trigger(trigger),
+        res = _watch(_ready(cfg, spark, None, False, out=out)[0], model_dir, images, out, trigger=parse_trigger(trigger),
                      once=once, include_paths=include_paths, progress=_progress(progress, quiet), stop_event=stop)
         audit.note(predicted=res.predicted, quarantined=res.quarantined, batches=res.batches,
                    details={"include_paths": include_paths, "once": once, "trigger": str(trigger)},
@@ -549,10 +559,13 @@ def configure_storage(cfg: Settings) -> None:
 
 def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] | None = None,
              model: str | None = None, eval_images: list[str] | None = None,
-             unknown_images: list[str] | None = None, trigger: str | float | None = None) -> None:
-    """Fail fast on bad paths before paying for a JVM start (the CLI's checks, in this order)."""
+             unknown_images: list[str] | None = None, trigger: str | float | None = None) -> Listing | None:
+    """Fail fast on bad paths before paying for a JVM start (the CLI's checks, in this order).
+
+    Returns the listing of ``images`` it made (ingest, train, predict, evaluate): pass it on as
+    ``listing=`` and the run lists the tree once, not twice (one S3 listing)."""
     from canestra.errors import InputError
-    from canestra.pipeline.ingest import list_for_ingest
+    from canestra.pipeline.ingest import make_listing
     from canestra.storage.files import ensure_output_dir
 
     if images is None and command in ("ingest", "train", "predict", "evaluate", "watch"):
@@ -560,12 +573,12 @@ def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] |
     if model is None and command in ("predict", "evaluate", "watch"):
         raise InputError(f"{command} needs a model (--model)")
     roots: str | list[str] = images if images is not None else []
+    listing = None
     if command in ("ingest", "train"):
         from canestra.answer.taxonomy import load_taxonomy
-        from canestra.pipeline.ingest import list_roots
 
         taxonomy = load_taxonomy(cfg.taxonomy)
-        list_roots(roots, require_labels=True, taxonomy=taxonomy, unknown_uris=unknown_images or ())
+        listing = make_listing(roots, require_labels=True, taxonomy=taxonomy, unknown_uris=unknown_images or ())
         if eval_images:
             from canestra.pipeline.eval_sources import check_eval_roots
 
@@ -575,7 +588,7 @@ def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] |
 
         check_model_dir(str(model))
     if command in ("predict", "evaluate"):
-        list_for_ingest(roots, require_labels=command == "evaluate")
+        listing = make_listing(roots, require_labels=command == "evaluate")
     if command == "watch":  # an empty folder is fine: images may land later
         from canestra.pipeline.watch import check_images_root, parse_trigger
 
@@ -588,6 +601,7 @@ def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] |
         from canestra.vision import backbone
 
         backbone.model_path(cfg.precision)
+    return listing
 
 
 def out_lock(out: str, command: str):

@@ -265,9 +265,9 @@ class _SparkLog:
         return api.spark_session(cfg, log_file=self.path)
 
 
-def _precheck(args: argparse.Namespace, cfg: Settings) -> None:
-    """Fail fast on bad paths before paying for a JVM start."""
-    api.precheck(args.command, cfg, out=args.out, images=getattr(args, "images", None),
+def _precheck(args: argparse.Namespace, cfg: Settings):
+    """Fail fast on bad paths before paying for a JVM start; the listing it made goes on to the run."""
+    return api.precheck(args.command, cfg, out=args.out, images=getattr(args, "images", None),
                  model=getattr(args, "model", None), eval_images=getattr(args, "eval_images", None),
                  unknown_images=getattr(args, "unknown_images", None), trigger=getattr(args, "trigger", None))
 
@@ -295,28 +295,29 @@ def run(args: argparse.Namespace, log: _SparkLog | None = None) -> int:
 
         return run_serve(args.model, cfg)
     progress = Progress(quiet=args.quiet)
-    _precheck(args, cfg)
+    listing = _precheck(args, cfg)
     api.tune_driver_process()  # this process is the command's own
     # One run per --out at a time: a second one stops here naming the holder (docs/reliability.md).
     with api.out_lock(args.out, args.command):
-        code = _run_job(args, cfg, progress, log)
+        code = _run_job(args, cfg, progress, log, listing)
     if log.path:  # JVM notices a user can act on: one plain line, once per machine
         for line in api.notices(log.path, log.start):
             print(f"canestra: note: {line}", file=sys.stderr)
     return code
 
 
-def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress, log: _SparkLog) -> int:
+def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress, log: _SparkLog, listing=None) -> int:
     if args.command == "ingest":
         # The library functions (canestra.api) do the work and write the audit counts.
-        cat = api.ingest(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress)
+        cat = api.ingest(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress,
+                         listing=listing)
         print(json.dumps({"catalog": cat.catalog_path, "images": cat.images, "quarantined": cat.quarantined,
                           "quarantine_csv": cat.quarantine_csv}))
     elif args.command == "train":
         tracking.require(tracking.train_option(args.mlflow, args.register_model))  # before Spark starts
         run = api.train(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress,
                         mlflow=args.mlflow, register_model=args.register_model, eval_images=args.eval_images,
-                        unknown_images=args.unknown_images)
+                        unknown_images=args.unknown_images, listing=listing)
         print(api.format_summary(run.metrics))
         if run.mlflow:
             print(f"mlflow: run {run.mlflow.run_id} at {run.mlflow.tracking_uri}"
@@ -325,13 +326,14 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress, log: _
         print(f"model: {run.model_path}  report: {run.report_path}")
     elif args.command == "predict":
         res = api.predict(args.model, args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg,
-                          progress=progress, include_paths=args.include_paths, incremental=args.incremental)
+                          progress=progress, include_paths=args.include_paths, incremental=args.incremental,
+                          listing=listing)
         print(f"{res.predicted} predictions" + (f" ({res.added} new)" if args.incremental else "")
               + f" -> {os.path.join(res.out_dir, 'predictions.csv')}; "
               f"{res.quarantined} quarantined -> {os.path.join(res.out_dir, 'quarantine.csv')}")
     elif args.command == "evaluate":
         ev = api.evaluate(args.model, args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg,
-                          progress=progress)
+                          progress=progress, listing=listing)
         print(api.format_summary(ev.metrics))
     elif args.command == "watch":
         from canestra.cli.watch import run_watch_cli

@@ -249,6 +249,42 @@ def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None,
     return files, info
 
 
+@dataclass(frozen=True)
+class Listing:
+    """One listing of image roots: made by the pre-checks, then reused by the run, so an ``s3://``
+    tree is listed once, not twice. It fits a later request only for the same roots, unknown roots
+    and family-level reading (a taxonomy or not); otherwise the run lists again."""
+
+    roots: tuple[str, ...]
+    unknown: tuple[str, ...]
+    families: bool
+    files: list[storage.ListedFile]
+    info: list[dict]
+
+    def fits(self, images_uri: str | list[str], unknown_uris=(), taxonomy=None) -> bool:
+        unknown = (unknown_uris,) if isinstance(unknown_uris, str) else tuple(unknown_uris or ())
+        return (self.roots, self.unknown, self.families) == (tuple(as_roots(images_uri)), unknown,
+                                                            taxonomy is not None)
+
+
+def make_listing(images_uri: str | list[str], require_labels: bool, taxonomy=None,
+                 unknown_uris: str | list[str] | tuple[str, ...] = ()) -> Listing:
+    """``list_roots`` kept as a ``Listing`` for the run to reuse."""
+    files, info = list_roots(images_uri, require_labels, taxonomy, unknown_uris)
+    unknown = (unknown_uris,) if isinstance(unknown_uris, str) else tuple(unknown_uris or ())
+    return Listing(tuple(as_roots(images_uri)), unknown, taxonomy is not None, files, info)
+
+
+def _listed(listing: Listing | None, images_uri: str | list[str], require_labels: bool, taxonomy=None,
+            unknown_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
+    """The pre-checks' listing when it fits this request, else a new one."""
+    if listing is not None and listing.fits(images_uri, unknown_uris, taxonomy):
+        if require_labels:
+            _check_labelled(listing.files, ", ".join(storage.display(r) for r in listing.roots))
+        return listing.files, listing.info
+    return list_roots(images_uri, require_labels, taxonomy, unknown_uris)
+
+
 def _check_labelled(files: list[storage.ListedFile], root: str) -> None:
     labelled = [f for f in files if f.label is not None and f.error is None]
     if not labelled:
@@ -281,18 +317,20 @@ def ingest(
     quarantine_name: str = QUARANTINE_CSV,
     taxonomy=None,
     unknown_images: str | list[str] | tuple[str, ...] = (),
+    listing: Listing | None = None,
 ) -> IngestResult:
     """Build (or reuse, when the listing is unchanged) ``out_dir/<table_name>``.
 
     ``images_uri`` may list several roots; with a ``taxonomy``, family-level roots are
     recognised (see ``list_roots``); ``unknown_images`` roots hold photos of none of the families.
+    ``listing``: the pre-checks' listing of the same roots (``make_listing``), reused when it fits.
     """
     from pyspark.sql import functions as F
 
     from canestra.vision.images import DEFAULT_MAX_PIXELS
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    files, roots = list_roots(images_uri, require_labels, taxonomy, unknown_images)
+    files, roots = _listed(listing, images_uri, require_labels, taxonomy, unknown_images)
     if require_labels:
         files_unlabelled = [f for f in files if f.label is None]
         files = [f for f in files if f.label is not None]

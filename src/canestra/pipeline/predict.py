@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from canestra.errors import InputError, jvm_gone
 from canestra.layout import METRICS_JSON, PREDICTIONS_CSV, REPORT_HTML
 from canestra.model import check_model_dir  # noqa: F401  (one check for predict, evaluate, serve)
-from canestra.pipeline.ingest import QUARANTINE_CSV, cleaned_frame, list_for_ingest, write_quarantine_csv
+from canestra.pipeline.ingest import QUARANTINE_CSV, Listing, cleaned_frame, list_for_ingest, write_quarantine_csv
 from canestra.pipeline.metrics import classification_metrics
 from canestra.pipeline.report import write_report
 from canestra.progress import Progress
@@ -109,7 +109,7 @@ def _not_predicted_yet(spark, valid, final: str, include_paths: bool):
 
 
 def predict(spark, model_path: str, images: str, out: str, progress: Progress | None = None,
-            include_paths: bool = False, incremental: bool = False) -> PredictResult:
+            include_paths: bool = False, incremental: bool = False, listing: Listing | None = None) -> PredictResult:
     """Score every image under ``images``; write predictions/ + predictions.csv (+ quarantine.csv).
 
     GDPR Art. 25: predictions are shared beyond the catalog, so they carry the
@@ -123,7 +123,8 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
     model = load_model(model_path)
     out_dir = storage.ensure_output_dir(out, spark)
     with progress.stage("read images") as st:
-        files = list_for_ingest(images, require_labels=False)
+        files = (listing.files if listing is not None and listing.fits(images)
+                 else list_for_ingest(images, require_labels=False))  # the pre-checks' listing when it fits
         labelled = any(f.label is not None for f in files)
         from canestra.vision.images import DEFAULT_MAX_PIXELS
 
@@ -195,9 +196,10 @@ def _csv_lines(rows, header: list[str], written: list[int]):
         yield line([f"{row[c]:.6f}" if c in ("probability", "family_probability") else row[c] for c in header])
 
 
-def evaluate(spark, model_path: str, images: str, out: str, progress: Progress | None = None) -> dict:
+def evaluate(spark, model_path: str, images: str, out: str, progress: Progress | None = None,
+             listing: Listing | None = None) -> dict:
     progress = progress or Progress()
-    res = predict(spark, model_path, images, out, progress)
+    res = predict(spark, model_path, images, out, progress, listing=listing)
     if not res.labelled:
         raise InputError("evaluate needs labelled images: put them in class folders, e.g. <root>/Banana/x.jpg")
     table = spark.read.parquet(res.predictions_path).where("label IS NOT NULL")

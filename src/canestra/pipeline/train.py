@@ -125,9 +125,9 @@ class _Fitted:
     profile_thr: dict
 
 
-def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=()):
+def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=(), listing=None):
     res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy,
-                 unknown_images=unknown_images or ())
+                 unknown_images=unknown_images or (), listing=listing)
     fam_roots = [r for r in res.roots if r["level"] == "family"]
     st.note(
         res.note()
@@ -331,7 +331,8 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
 
 
 def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Progress | None = None,
-          eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None) -> TrainResult:
+          eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
+          listing=None) -> TrainResult:
     """Ingest one or several roots, featurize (only images the feature store lacks), fit PCA +
     logistic regression, calibrate the "unknown" rule on held-out images, evaluate (also under
     shift, and on the ``eval_images`` roots, never trained on) and save one PipelineModel."""
@@ -346,7 +347,7 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
     t_start = time.perf_counter()
 
     with progress.stage("ingest") as st:
-        res = _ingest_step(spark, images, out_dir, cfg, taxonomy, st, unknown_images)
+        res = _ingest_step(spark, images, out_dir, cfg, taxonomy, st, unknown_images, listing)
     timings["ingest"] = st.seconds
 
     featurizer = make_featurizer(cfg)
