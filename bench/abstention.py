@@ -72,7 +72,8 @@ def predictions(spark, run: str, images: str, out: str):
     """predictions.csv of ``canestra predict`` as a DataFrame (family "" when unknown)."""
     import pandas as pd
 
-    from canestra.pipeline.predict import PREDICTIONS_CSV, predict
+    from canestra.layout import PREDICTIONS_CSV
+    from canestra.pipeline.predict import predict
 
     predict(spark, os.path.join(run, "model"), images, out)
     return pd.read_csv(os.path.join(out, PREDICTIONS_CSV), keep_default_na=False)
@@ -112,7 +113,7 @@ def main() -> None:
     benchlib.setup_env()
     from canestra.answer.taxonomy import load_taxonomy
     from canestra.config import Settings
-    from canestra.pipeline.ingest import CATALOG
+    from canestra.layout import CATALOG
     from canestra.pipeline.train import train
     from canestra.sparkctx import get_spark
 

@@ -57,7 +57,7 @@ def spark_speed(spark, files, sizes: tuple[int, ...], per_class: int = 10) -> fl
     """Spark featurizer img/s on a class-balanced subset (read bytes -> vectors written)."""
     import pandas as pd
 
-    from canestra.vision.featurizer import ImageFeaturizer
+    from canestra.featurizer import ImageFeaturizer
 
     seen: dict[str, int] = {}
     subset = []

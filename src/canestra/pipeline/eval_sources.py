@@ -31,6 +31,8 @@ from canestra.storage import files as storage
 if TYPE_CHECKING:  # pandas loads with Spark, not at import
     import pandas as pd
 
+__all__ = ["check_eval_roots", "evaluate_sources"]
+
 FLAG = "--eval-images"
 GAP_POINTS = 3.0  # the held-out figure more than this above the other sources' mean: say so
 _BROADCAST_MAX_IMAGES = 500_000  # (id, label, path) rows sent to each executor: at most ~100 MB

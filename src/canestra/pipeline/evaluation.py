@@ -20,6 +20,10 @@ from canestra.answer.rule import quantile_threshold
 from canestra.answer.taxonomy import OTHER_LABEL, UNKNOWN, is_family_label, is_variety_label
 from canestra.layout import GALLERY
 
+# perturb_jpeg is a hook for the benches (bench/outside_studio.py).
+__all__ = ["SCORED_COLUMNS", "held_out_report", "imagenet_class_means", "perturb_jpeg", "perturbed",
+           "profile_thresholds", "shift_report", "thresholds", "write_gallery"]
+
 SCORED_COLUMNS = ["image_id", "label", "predicted_label", "predicted_probability", "family", "family_probability",
                   "energy", "fruitness"]
 QUANTILE_GRID = (0.0, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)

@@ -34,6 +34,8 @@ from typing import Any
 from canestra.layout import MANIFEST
 from canestra.storage import files as storage
 
+__all__ = ["PART_PREFIX", "STORE", "store_of", "update_store", "update_views"]
+
 STORE = "feature_store"
 PART_PREFIX = "part-"
 KEY_CHARS = 16  # 64 bits of the identity hash: collisions between featurizers are not a concern

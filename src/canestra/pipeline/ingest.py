@@ -23,6 +23,9 @@ from canestra.layout import CATALOG, MANIFEST, QUARANTINE_CSV
 from canestra.pipeline.split import assign_splits, frame_number
 from canestra.storage import files as storage
 
+__all__ = ["QUARANTINE_CSV", "Listing", "as_roots", "balanced_partitions", "cleaned_frame", "ingest",
+           "list_for_ingest", "list_roots", "make_listing", "read_manifest", "write_quarantine_csv"]
+
 # Columns of the catalog table. source_size and source_mtime let the next ingest of a changed
 # tree keep the rows of files that did not change instead of reading them again.
 CATALOG_COLUMNS = ["image_id", "label", "split", "frame", "width", "height", "format", "content", "source_path",

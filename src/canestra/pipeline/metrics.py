@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+__all__ = ["classification_metrics", "format_summary"]
+
 TOP_CONFUSIONS = 20
 
 

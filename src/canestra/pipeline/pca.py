@@ -11,6 +11,8 @@ import numpy as np
 
 from canestra.config import Settings
 
+__all__ = ["fit_pca"]
+
 _DRIVER_PCA_MAX_VALUES = 16_000_000  # rows x dims (128 MB of float64) under which PCA runs on the driver
 
 

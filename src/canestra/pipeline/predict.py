@@ -16,6 +16,8 @@ from canestra.pipeline.report import write_report
 from canestra.progress import Progress
 from canestra.storage import files as storage
 
+__all__ = ["PREDICTIONS", "evaluate", "load_model", "predict", "score_images"]
+
 PREDICTIONS = "predictions"
 # Columns of the predictions table and CSV; ``path`` comes first with --include-paths, ``label`` last
 # for images in class folders.

@@ -24,6 +24,8 @@ from typing import Any, TypeGuard
 
 from canestra.layout import GALLERY
 
+__all__ = ["write_report"]
+
 # Colour ramps (ColorBrewer): green for the diagonal (correct share of the
 # row = recall), red for off-diagonal cells (share of the row going there).
 _GREENS = ("#e5f5e0", "#a1d99b", "#41ab5d", "#006d2c")

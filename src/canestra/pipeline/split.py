@@ -17,6 +17,8 @@ import numpy as np
 
 from canestra.errors import InputError
 
+__all__ = ["DEFAULT_BLOCKS", "METHOD", "assign_splits", "frame_number"]
+
 METHOD = "contiguous frame-number blocks per class"
 # 5 blocks (one held out at the default 20 %): the test frames sit further from any training
 # frame than with 10 blocks. Measured: 10 blocks read 99.52 % where unseen capture sessions

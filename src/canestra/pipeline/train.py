@@ -31,6 +31,9 @@ from canestra.vision.featurizer import ImageFeaturizer
 if TYPE_CHECKING:  # pandas loads with Spark, not at import
     import pandas as pd
 
+# featurize_table, make_classifier and make_featurizer are hooks for the benches (bench/*.py).
+__all__ = ["featurize_table", "make_classifier", "make_featurizer", "train"]
+
 PREDICTION_COL = "predicted_label"  # written by the AnswerModel stage
 
 

@@ -37,6 +37,8 @@ from canestra.progress import Progress
 from canestra.storage import files as storage
 from canestra.storage import s3
 
+__all__ = ["check_images_root", "parse_trigger", "watch"]
+
 CHECKPOINT = os.path.join("_checkpoints", "watch")
 WATCH_DIR = "_watch"  # staging and the S3 listing; never read by users
 # Columns: those of `canestra predict` on a tree of class folders (score_images, labelled=True);

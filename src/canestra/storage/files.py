@@ -30,6 +30,11 @@ from canestra.errors import InputError, OutputError
 from canestra.layout import STAGING
 from canestra.storage import s3
 
+__all__ = ["ListedFile", "append_parts", "configure_s3", "current_s3", "discard_dir", "display", "ensure_output_dir",
+           "exists", "is_dir", "is_junk", "is_remote", "list_images", "local_path", "publish_dir", "read_bytes",
+           "read_text", "recover_publishes", "s3_options", "s3_options_for", "staging_dir", "unreadable_reason",
+           "write_lines_atomic", "write_text_atomic"]
+
 # OS leftovers that are never images and must not flood quarantine.csv (besides dot-files
 # such as .DS_Store and AppleDouble ._x): compared in lower case, files and folders alike.
 JUNK_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "@eadir", "$recycle.bin",

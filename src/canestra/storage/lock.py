@@ -44,6 +44,8 @@ from canestra.layout import STAGING
 from canestra.storage import files as storage
 from canestra.storage import s3
 
+__all__ = ["out_lock", "out_locks"]
+
 LOCK_NAME = ".canestra.lock"
 _UNREADABLE_GRACE_S = 10.0
 

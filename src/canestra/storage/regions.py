@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from canestra.errors import InputError
 
+__all__ = ["EU_EEA_REGIONS", "check_region", "is_eu_eea"]
+
 # AWS region codes physically inside an EU/EEA member state.
 # Deliberately NOT listed: eu-west-2 (London, UK) and eu-central-2 (Zurich,
 # Switzerland). Both are outside the EU/EEA and only covered by Commission

@@ -29,6 +29,9 @@ from urllib.parse import urlparse
 
 from canestra.errors import CanestraError, EnvironmentProblem, InputError
 
+__all__ = ["S3Options", "check_bucket", "check_endpoint", "client", "delete", "exists", "is_s3", "join",
+           "list_objects", "probe_writable", "put_if_absent", "read_bytes", "replace_tree", "split_uri", "write_bytes"]
+
 SCHEMES = ("s3://", "s3a://")
 _ACCESS_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken",
                  "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "InvalidSecurity"}

@@ -26,6 +26,11 @@ import numpy as np
 
 from canestra.errors import EnvironmentProblem, InputError
 
+# resize_rgb is a hook for the benches (bench/serve_latency.py).
+__all__ = ["FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION", "cache_dir", "cpu_flags",
+           "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "resize_rgb", "session",
+           "weights_path"]
+
 MODEL_NAME = "efficientnet_lite0"
 FEATURE_DIM = 1280
 MEAN, STD = 127.0, 128.0

@@ -21,6 +21,8 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 
 from canestra.vision import backbone
 
+__all__ = ["ImageFeaturizer"]
+
 DEFAULT_IMAGE_SIZES = [224]  # see docs/outside-the-studio.md section 7
 DEFAULT_BATCH_SIZE = 64
 

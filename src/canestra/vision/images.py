@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError, features
 
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "BadImage", "clean_image", "decode_rgb", "decoded_size",
+           "pixel_id", "sniff_format"]
+
 DEFAULT_MAX_PIXELS = 40_000_000  # per frame; larger = decompression bomb
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 

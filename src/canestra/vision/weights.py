@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+__all__ = ["load_state_dict"]
+
 _MAGIC = 0x1950A86A20F9469CFC6C
 _DTYPES = {
     "FloatStorage": np.float32,
