@@ -888,6 +888,9 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
 
         backbone.default_model_path()  # build the ONNX graph once, not once per worker
     threads = cfg.serve_threads or default_threads(cfg.workers)
+    # uvicorn starts its workers from an import string, so the settings travel in the environment
+    # the workers inherit; it is put back as it was when the service stops (a notebook's too).
+    previous = os.environ.get(ENV_CONFIG)
     os.environ[ENV_CONFIG] = json.dumps({"model_dir": spec.model_dir, "serve_threads": threads,
                                          "max_upload_mb": cfg.max_upload_mb, "max_batch": cfg.max_batch,
                                          "workers": cfg.workers, "rate_limit": cfg.rate_limit,
@@ -910,9 +913,19 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     signal.signal(signal.SIGTERM, _exit_quietly_on_sigterm)
     if cfg.workers > 1 and hasattr(signal, "SIGHUP"):
         _forward_sighup_to_workers()
+    try:
+        _run_uvicorn(uvicorn, cfg, trusted_proxies(cfg))
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_CONFIG, None)
+        else:
+            os.environ[ENV_CONFIG] = previous
+    return 0
+
+
+def _run_uvicorn(uvicorn, cfg: Settings, proxies) -> None:
     from canestra.serve.protocol import protocol_class
 
-    proxies = trusted_proxies(cfg)
     uvicorn.run("canestra.serve.app:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
                 access_log=False, log_config=log_config(), server_header=False,
                 http=protocol_class() or "auto",  # type: ignore[arg-type]
@@ -923,4 +936,3 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
                 # A worker answers the supervisor's health pings only once Python and uvicorn are
                 # imported; uvicorn's 5 s default kills slow starters on a busy machine, in a loop.
                 timeout_worker_healthcheck=60)
-    return 0
