@@ -369,8 +369,14 @@ def _update_manifest(src: str, dst: str, removed: int) -> None:
         json.dump(info, fh, indent=2)
 
 
-def rewrite_csv(path: str, matcher: _Matcher) -> int:
-    """Drop CSV rows whose image_id / path / source_path matches; atomic rewrite; rows removed."""
+def id_matcher(ids: set[str]) -> _Matcher:
+    """Rows of these image ids only (retention drops expired batches' rows with it)."""
+    return _Matcher(ids, set())
+
+
+def rewrite_csv(path: str, matcher: _Matcher, *, dry_run: bool = False) -> int:
+    """Drop CSV rows whose image_id / path / source_path matches; atomic rewrite; rows removed
+    (``dry_run``: counted, nothing written)."""
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     if not rows:
@@ -388,7 +394,7 @@ def rewrite_csv(path: str, matcher: _Matcher) -> int:
 
     kept = [header] + [r for r in rows[1:] if not erased(r)]
     removed = len(rows) - len(kept)
-    if removed:
+    if removed and not dry_run:
         buf = io.StringIO()
         csv.writer(buf).writerows(kept)
         storage.write_text_atomic(path, buf.getvalue())

@@ -26,9 +26,7 @@ run, makes purge refuse), so no live run's files or staging are touched; ``dry_r
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
-import io
 import json
 import os
 import re
@@ -60,6 +58,7 @@ from canestra.layout import (
     TRAINING_IDS,
 )
 from canestra.pipeline.features import PART_PREFIX, STORE
+from canestra.privacy import erase
 from canestra.storage import files as storage
 
 DAY = 86400.0
@@ -274,22 +273,6 @@ def _expired_ids(table: str, expired: list[str]) -> set[str]:
     return ids(expired) - ids(p for p in _data_files(table) if p not in gone)
 
 
-def _trim_csv(path: str, ids: set[str], dry_run: bool) -> int:
-    """Drop the rows of ``ids`` from a predictions CSV (rewritten whole, atomically); rows dropped."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    if not rows or "image_id" not in rows[0]:
-        return 0
-    col = rows[0].index("image_id")
-    kept = [rows[0]] + [r for r in rows[1:] if len(r) <= col or r[col] not in ids]
-    dropped = len(rows) - len(kept)
-    if dropped and not dry_run:
-        buf = io.StringIO()
-        csv.writer(buf).writerows(kept)  # as predict writes it
-        storage.write_text_atomic(path, buf.getvalue())
-    return dropped
-
-
 def _remove_emptied(folders: list[str], root: str) -> None:
     """Remove folders canestra created that the purge left empty (never ``root``, never a user's)."""
     for folder in sorted(folders, key=lambda f: -len(f)):
@@ -347,7 +330,7 @@ def purge(out_dir: str, older_than_days: float | None, *, dry_run: bool = False,
                 # A predictions.csv that expired itself goes whole; a young one loses the expired rows.
                 if os.path.basename(table) == PREDICTIONS and _isfile(csv_path) and \
                         created_at(csv_path, "file") >= limit:
-                    dropped = _trim_csv(csv_path, _expired_ids(table, expired), dry_run)
+                    dropped = erase.rewrite_csv(csv_path, erase.id_matcher(_expired_ids(table, expired)), dry_run=dry_run)
                     if dropped:
                         res.trimmed.append((os.path.relpath(csv_path, root), dropped))
                 if dry_run:
