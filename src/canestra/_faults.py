@@ -19,6 +19,7 @@ from canestra.errors import (
     OutOfMemory,
     OutputError,
     SparkStopped,
+    causes,
     jvm_gone,
 )
 
@@ -30,14 +31,7 @@ _BY_NAME: dict[str, type[CanestraError]] = {"EnvironmentProblem": EnvironmentPro
 
 def _errno_in_chain(exc: BaseException) -> int | None:
     """The errno of the first OSError in ``exc``'s cause/context chain."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno:
-            return e.errno
-        e = e.__cause__ or e.__context__
-    return None
+    return next((e.errno for e in causes(exc) if isinstance(e, OSError) and e.errno), None)
 
 
 def typed_error(exc: BaseException) -> CanestraError | None:

@@ -40,15 +40,18 @@ class DiskFull(OutputError):
     """No space left on the device a job writes to (--out, or Spark's scratch folder)."""
 
 
-def jvm_gone(exc: BaseException) -> bool:
-    """True when ``exc`` says the connection to Spark's JVM broke (the JVM was killed or crashed)."""
+def causes(exc: BaseException):
+    """``exc`` and every exception in its cause/context chain, each once."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (ConnectionRefusedError, ConnectionResetError, BrokenPipeError)):
-            return True
-        if type(e).__name__ == "Py4JNetworkError" or "Answer from Java side is empty" in str(e):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def jvm_gone(exc: BaseException) -> bool:
+    """True when ``exc`` says the connection to Spark's JVM broke (the JVM was killed or crashed)."""
+    return any(isinstance(e, (ConnectionRefusedError, ConnectionResetError, BrokenPipeError))
+               or type(e).__name__ == "Py4JNetworkError" or "Answer from Java side is empty" in str(e)
+               for e in causes(exc))
