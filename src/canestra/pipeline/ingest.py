@@ -24,7 +24,7 @@ from canestra.pipeline.split import assign_splits, frame_number
 from canestra.storage import files as storage
 
 __all__ = ["QUARANTINE_CSV", "Listing", "as_roots", "balanced_partitions", "cleaned_frame", "ingest",
-           "list_for_ingest", "list_roots", "make_listing", "read_manifest", "write_quarantine_csv"]
+           "list_roots", "listed", "make_listing", "read_manifest", "write_quarantine_csv"]
 
 # Columns of the catalog table. source_size and source_mtime let the next ingest of a changed
 # tree keep the rows of files that did not change instead of reading them again.
@@ -229,7 +229,7 @@ def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None,
     from canestra.answer.taxonomy import OTHER_LABEL, family_label
 
     roots = as_roots(images_uri)
-    unknown = [unknown_uris] if isinstance(unknown_uris, str) else list(unknown_uris or ())
+    unknown = list(_uris(unknown_uris))
     files: list[storage.ListedFile] = []
     info: list[dict] = []
     for uri in roots + unknown:
@@ -265,20 +265,22 @@ class Listing:
     info: list[dict]
 
     def fits(self, images_uri: str | list[str], unknown_uris=(), taxonomy=None) -> bool:
-        unknown = (unknown_uris,) if isinstance(unknown_uris, str) else tuple(unknown_uris or ())
-        return (self.roots, self.unknown, self.families) == (tuple(as_roots(images_uri)), unknown,
+        return (self.roots, self.unknown, self.families) == (tuple(as_roots(images_uri)), _uris(unknown_uris),
                                                             taxonomy is not None)
+
+
+def _uris(uris: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    return (uris,) if isinstance(uris, str) else tuple(uris or ())
 
 
 def make_listing(images_uri: str | list[str], require_labels: bool, taxonomy=None,
                  unknown_uris: str | list[str] | tuple[str, ...] = ()) -> Listing:
     """``list_roots`` kept as a ``Listing`` for the run to reuse."""
     files, info = list_roots(images_uri, require_labels, taxonomy, unknown_uris)
-    unknown = (unknown_uris,) if isinstance(unknown_uris, str) else tuple(unknown_uris or ())
-    return Listing(tuple(as_roots(images_uri)), unknown, taxonomy is not None, files, info)
+    return Listing(tuple(as_roots(images_uri)), _uris(unknown_uris), taxonomy is not None, files, info)
 
 
-def _listed(listing: Listing | None, images_uri: str | list[str], require_labels: bool, taxonomy=None,
+def listed(listing: Listing | None, images_uri: str | list[str], require_labels: bool, taxonomy=None,
             unknown_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
     """The pre-checks' listing when it fits this request, else a new one."""
     if listing is not None and listing.fits(images_uri, unknown_uris, taxonomy):
@@ -299,11 +301,6 @@ def _check_labelled(files: list[storage.ListedFile], root: str) -> None:
         raise InputError(
             f"only one class ({next(iter(classes))!r}) under {root}: a classifier needs at least 2 class folders"
         )
-
-
-def list_for_ingest(images_uri: str | list[str], require_labels: bool) -> list[storage.ListedFile]:
-    """Listed files of one or several roots (no family-level detection: that needs a taxonomy)."""
-    return list_roots(images_uri, require_labels)[0]
 
 
 def ingest(
@@ -333,7 +330,7 @@ def ingest(
     from canestra.vision.images import DEFAULT_MAX_PIXELS
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    files, roots = _listed(listing, images_uri, require_labels, taxonomy, unknown_images)
+    files, roots = listed(listing, images_uri, require_labels, taxonomy, unknown_images)
     if require_labels:
         files_unlabelled = [f for f in files if f.label is None]
         files = [f for f in files if f.label is not None]

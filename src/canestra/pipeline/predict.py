@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from canestra.errors import InputError, jvm_gone
 from canestra.layout import METRICS_JSON, PREDICTIONS_CSV, REPORT_HTML
 from canestra.model import check_model_dir  # noqa: F401  (one check for predict, evaluate, serve)
-from canestra.pipeline.ingest import QUARANTINE_CSV, Listing, cleaned_frame, list_for_ingest, write_quarantine_csv
+from canestra.pipeline.ingest import QUARANTINE_CSV, Listing, cleaned_frame, listed, write_quarantine_csv
 from canestra.pipeline.metrics import classification_metrics
 from canestra.pipeline.report import write_report
 from canestra.progress import Progress
@@ -125,8 +125,7 @@ def predict(spark, model_path: str, images: str, out: str, progress: Progress | 
     model = load_model(model_path)
     out_dir = storage.ensure_output_dir(out, spark)
     with progress.stage("read images") as st:
-        files = (listing.files if listing is not None and listing.fits(images)
-                 else list_for_ingest(images, require_labels=False))  # the pre-checks' listing when it fits
+        files = listed(listing, images, require_labels=False)[0]  # the pre-checks' listing when it fits
         labelled = any(f.label is not None for f in files)
         from canestra.vision.images import DEFAULT_MAX_PIXELS
 
