@@ -1,6 +1,7 @@
-"""`canestra deploy aws`: the CloudFormation kit (src/canestra/deploy/aws_kit/) lints clean (cfn-lint,
-checkov, parliament), keeps data in the EU/EEA, and creates its resources against a
-local AWS emulator (moto server on 127.0.0.1) without ever printing the credentials."""
+"""`canestra deploy aws`: the CloudFormation kit (src/canestra/deploy/aws_kit/, both templates) lints clean
+(cfn-lint, checkov, parliament), keeps data in the EU/EEA, and creates its resources against a
+local AWS emulator (moto server on 127.0.0.1) without ever printing the credentials. The online
+service's stack (--serve), status and destroy: tests/test_deploy_aws_serve.py."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ import pytest
 
 from canestra.cli import main
 from canestra.deploy import aws as deploy_aws
+from canestra.deploy import aws_serve
 from canestra.errors import InputError
 from canestra.storage.regions import EU_EEA_REGIONS, check_region
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "src" / "canestra" / "deploy" / "aws_kit"
 TEMPLATE = KIT / "canestra-emr.yaml"
+SERVE_TEMPLATE = KIT / "canestra-serve.yaml"
+TEMPLATES = [TEMPLATE, SERVE_TEMPLATE]
+# checks checkov must pass on each template (so a check that silently stops running is noticed)
+CHECKOV_MIN_PASSED = {TEMPLATE.name: 30, SERVE_TEMPLATE.name: 25}
 REGION = "eu-west-3"
 KMS_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"
 
@@ -28,6 +34,13 @@ KMS_ID = "1234abcd-12ab-34cd-56ef-1234567890ab"
 def _params(**kw) -> deploy_aws.DeployParams:
     base = dict(region=REGION, bucket="canestra-demo-bucket", subnet_id="subnet-0123abcd")
     return deploy_aws.DeployParams(**{**base, **kw})
+
+
+def _serve_params(**kw) -> aws_serve.ServeParams:
+    base = dict(region=REGION, bucket="canestra-demo-bucket", image=f"123456789012.dkr.ecr.{REGION}.amazonaws.com/canestra:0.1.0",
+                certificate_arn=f"arn:aws:acm:{REGION}:123456789012:certificate/12345678-1234-1234-1234-123456789012",
+                vpc_id="vpc-0123abcd", lb_subnets=("subnet-0123abcd", "subnet-4567cdef"))
+    return aws_serve.ServeParams(**{**base, **kw})
 
 
 # --------------------------------------------------------------------------- regions
@@ -173,28 +186,34 @@ def _linter(name: str) -> str:
     return found
 
 
-def test_cfn_lint_is_clean():
-    proc = subprocess.run([_linter("cfn-lint"), str(TEMPLATE)], capture_output=True, text=True, timeout=300)
+def test_the_kit_templates_are_the_ones_linted():
+    assert sorted(KIT.glob("*.yaml")) == sorted([*TEMPLATES, KIT / "parliament-suppressions.yaml"])
+
+
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_cfn_lint_is_clean(template):
+    proc = subprocess.run([_linter("cfn-lint"), str(template)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == ""
 
 
-def test_checkov_is_clean_and_every_skip_is_justified(tmp_path):
+@pytest.mark.parametrize("template", TEMPLATES, ids=lambda p: p.name)
+def test_checkov_is_clean_and_every_skip_is_justified(tmp_path, template):
     import yaml
 
     env = dict(os.environ, BC_SKIP_MAPPING="TRUE", CHECKOV_RUN_SCA_PACKAGE_SCAN_V2="false")
     proc = subprocess.run(
-        [_linter("checkov"), "-f", str(TEMPLATE), "--framework", "cloudformation", "--skip-download", "--quiet",
+        [_linter("checkov"), "-f", str(template), "--framework", "cloudformation", "--skip-download", "--quiet",
          "-o", "json"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     report = json.loads(proc.stdout)
     summary = report["summary"]
     failed = [(c["check_id"], c["resource"]) for c in report["results"]["failed_checks"]]
     assert summary["failed"] == 0 and not failed, failed
     assert summary["parsing_errors"] == 0
-    template = yaml.load(TEMPLATE.read_text(), Loader=deploy_aws._cfn_loader())
-    assert summary["resource_count"] == len(template["Resources"])  # every resource was checked
-    assert summary["passed"] >= 30
-    skips = [(lid, s) for lid, r in template["Resources"].items()
+    template_doc = yaml.load(template.read_text(), Loader=deploy_aws._cfn_loader())
+    assert summary["resource_count"] == len(template_doc["Resources"])  # every resource was checked
+    assert summary["passed"] >= CHECKOV_MIN_PASSED[template.name]
+    skips = [(lid, s) for lid, r in template_doc["Resources"].items()
              for s in r.get("Metadata", {}).get("checkov", {}).get("skip", [])]
     assert summary["skipped"] == len(skips)
     for lid, skip in skips:
@@ -209,8 +228,10 @@ def test_parliament_is_clean_on_every_policy_document(tmp_path):
         assert all(len(e.get("why", "")) > 30 for e in entries), f"{name}: suppression without a reason"
     used: set[tuple[str, str]] = set()
     names: dict[str, str] = {}
+    serve_template = deploy_aws.load_template(KIT, aws_serve.SERVE_TEMPLATE_NAME)
     for kms in ("", KMS_ID):
         docs = deploy_aws.policy_documents(deploy_aws.render(_params(kms_key_id=kms)))
+        docs.update(deploy_aws.policy_documents(deploy_aws.render(_serve_params(kms_key_id=kms), serve_template)))
         for name, doc in docs.items():
             if name.endswith(".AssumeRolePolicy"):
                 continue  # trust policies: see parliament-suppressions.yaml (checkov covers them)
@@ -229,7 +250,7 @@ def test_parliament_is_clean_on_every_policy_document(tmp_path):
                  and ("actions" not in e or sorted(e["actions"]) == sorted(f["location"].get("actions", [])))]
         assert rules, f"{name}: {f}"
         used.add((name, f["issue"]))
-    assert linted >= 9  # identity, bucket and key policies of both encryption modes
+    assert linted >= 13  # identity, bucket and key policies of both templates and both encryption modes
     stale = {(n, e["issue"]) for n, es in accepted.items() for e in es} - used
     assert not stale, f"suppressions that no longer match a finding: {stale}"
 

@@ -1,5 +1,6 @@
 """``canestra deploy aws``: render the CloudFormation kit in ``aws_kit/`` (shipped in the package), print the plan
-and a cost estimate, and (with AWS credentials) create the stack.
+and a cost estimate, and (with AWS credentials) create the stack; with ``--serve`` also the online
+service's stack (``aws_serve``); ``canestra deploy aws status|destroy`` are in ``aws_ops``.
 
 Two passes, because the cluster's bootstrap action reads the wheel from the bucket
 the stack creates: (1) stack with ``DeployCluster=false`` (bucket, roles, EMR security
@@ -23,12 +24,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from canestra import __version__
 from canestra.config import Settings
+from canestra.deploy import aws_serve
 from canestra.errors import EnvironmentProblem, InputError, OutputError
 from canestra.storage.regions import check_region
 from canestra.storage.s3 import check_endpoint  # the same TLS rule as s3:// data paths
@@ -195,15 +198,15 @@ def _cfn_loader():
     return CfnLoader
 
 
-def template_text(kit: Path | None = None) -> str:
-    return ((kit or kit_dir()) / TEMPLATE_NAME).read_text()
+def template_text(kit: Path | None = None, name: str = TEMPLATE_NAME) -> str:
+    return ((kit or kit_dir()) / name).read_text()
 
 
-def load_template(kit: Path | None = None) -> dict:
+def load_template(kit: Path | None = None, name: str = TEMPLATE_NAME) -> dict:
     loader = _cfn_loader()
     import yaml
 
-    return yaml.load(template_text(kit), Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(template_text(kit, name), Loader=loader)  # noqa: S506 - a SafeLoader subclass
 
 
 _NO_VALUE = object()
@@ -215,6 +218,7 @@ class _Context:
     pseudo: dict[str, str]
     resources: dict[str, dict]
     conditions: dict[str, bool] = field(default_factory=dict)
+    mappings: dict[str, dict] = field(default_factory=dict)
 
     def ref(self, name: str) -> Any:
         if name == "AWS::NoValue":
@@ -228,6 +232,11 @@ class _Context:
             raise KeyError(f"template refers to unknown {name!r}")
         if res["Type"] == "AWS::S3::Bucket":
             return resolve(res["Properties"]["BucketName"], self)
+        if res["Type"] == "AWS::SecretsManager::Secret":  # Ref is the ARN
+            part, region, account = (self.pseudo[k] for k in ("AWS::Partition", "AWS::Region", "AWS::AccountId"))
+            return f"arn:{part}:secretsmanager:{region}:{account}:secret:{self.pseudo['AWS::StackName']}-{name}-AbCdEf"
+        if res["Type"] == "AWS::Logs::LogGroup" and "LogGroupName" in res.get("Properties", {}):
+            return resolve(res["Properties"]["LogGroupName"], self)
         return f"{self.pseudo['AWS::StackName']}-{name}"  # a stand-in physical id
 
     def getatt(self, name: str, attr: str) -> str:
@@ -284,6 +293,16 @@ def resolve(node: Any, ctx: _Context) -> Any:
             return str(a) == str(b)
         if key == "Fn::Not":
             return not resolve(val[0], ctx)
+        if key == "Fn::Or":
+            return any(resolve(v, ctx) for v in val)
+        if key == "Fn::And":
+            return all(resolve(v, ctx) for v in val)
+        if key == "Fn::FindInMap":
+            m, top, second = resolve(val, ctx)
+            return ctx.mappings[m][top][second]
+        if key == "Fn::Select":
+            index, items = resolve(val, ctx)
+            return items[int(index)]
         if key == "Condition":
             return ctx.conditions[val]
     out = {}
@@ -294,21 +313,24 @@ def resolve(node: Any, ctx: _Context) -> Any:
     return out
 
 
-def render(params: DeployParams, template: dict | None = None, account_id: str = "123456789012") -> dict:
+def render(params: DeployParams | aws_serve.ServeParams, template: dict | None = None,
+           account_id: str = "123456789012") -> dict:
     """The template with parameters filled in, conditions applied and intrinsics evaluated.
 
     Returns ``{"Resources": {logical id: resource}, "Outputs": {...}, "Conditions": {...}}``:
-    what the plan prints, what the IAM linter reads, what the step test compares.
+    what the plan prints, what the IAM linter reads, what the step test compares. ``params``
+    is the data/EMR stack's (canestra-emr.yaml, the default) or the service's (canestra-serve.yaml).
     """
     template = template or load_template()
     values: dict[str, Any] = {}
     given = params.cfn_parameters()
     for name, spec in template["Parameters"].items():
         raw = given.get(name, spec.get("Default", ""))
-        values[name] = [v.strip() for v in str(raw).split(",")] if spec["Type"] == "CommaDelimitedList" else raw
+        is_list = spec["Type"] == "CommaDelimitedList" or spec["Type"].startswith("List<")
+        values[name] = [v.strip() for v in str(raw).split(",")] if is_list else raw
     pseudo = {"AWS::Region": params.region, "AWS::AccountId": account_id, "AWS::Partition": "aws",
               "AWS::URLSuffix": "amazonaws.com", "AWS::StackName": params.stack_name}
-    ctx = _Context(values, pseudo, template["Resources"])
+    ctx = _Context(values, pseudo, template["Resources"], mappings=template.get("Mappings", {}))
     for name, expr in template.get("Conditions", {}).items():
         ctx.conditions[name] = bool(resolve(expr, ctx))
     resources = {
@@ -487,9 +509,31 @@ class DeployResult:
     status: str
     outputs: dict[str, str]
     uploaded: list[str]
+    serve: dict[str, Any] | None = None  # {"stack", "status", "outputs"} of the service stack (--serve)
 
 
-def _stack_status(cfn, name: str) -> str | None:
+@contextmanager
+def aws_errors() -> Iterator[None]:
+    """AWS failures as one plain line (canestra's error types, exit 2), never a boto3 traceback."""
+    import botocore.exceptions
+
+    try:
+        yield
+    except botocore.exceptions.NoCredentialsError:
+        raise EnvironmentProblem("no AWS credentials found: run `aws configure`, set AWS_PROFILE, or attach an IAM role") from None
+    except botocore.exceptions.ClientError as exc:
+        err = exc.response.get("Error", {})
+        raise OutputError(f"AWS refused {exc.operation_name}: {err.get('Code', '?')}: {err.get('Message', '')[:200]}") from None
+    except botocore.exceptions.EndpointConnectionError as exc:
+        raise OutputError(f"cannot reach AWS ({exc.kwargs.get('endpoint_url', 'endpoint')}): check the network or --endpoint-url") from None
+    except botocore.exceptions.WaiterError as exc:
+        raise OutputError(f"AWS did not finish in time ({exc.kwargs.get('reason') or exc}): see the CloudFormation console") from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise OutputError(f"AWS call failed: {exc}") from None
+
+
+def describe_stack(cfn, name: str) -> dict[str, Any] | None:
+    """The stack's description, or None when there is none (never created, or deleted)."""
     import botocore.exceptions
 
     try:
@@ -498,22 +542,29 @@ def _stack_status(cfn, name: str) -> str | None:
         if "does not exist" in str(exc):
             return None
         raise
-    return stacks[0]["StackStatus"] if stacks else None
+    if not stacks or stacks[0]["StackStatus"] == "DELETE_COMPLETE":
+        return None
+    return stacks[0]
 
 
-def _apply_stack(cfn, params: DeployParams, body: str, poll_s: int) -> str:
+def _stack_status(cfn, name: str) -> str | None:
+    stack = describe_stack(cfn, name)
+    return stack["StackStatus"] if stack else None
+
+
+def _apply_stack(cfn, stack_name: str, parameters: dict[str, str], body: str, poll_s: int) -> str:
     """Create the stack, or update it; wait; return the final status."""
     import botocore.exceptions
 
-    cfn_params = [{"ParameterKey": k, "ParameterValue": v} for k, v in params.cfn_parameters().items()]
-    common = dict(StackName=params.stack_name, TemplateBody=body, Parameters=cfn_params,
+    cfn_params = [{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()]
+    common = dict(StackName=stack_name, TemplateBody=body, Parameters=cfn_params,
                   Capabilities=["CAPABILITY_IAM"], Tags=[{"Key": "app", "Value": "canestra"}])
     waiter_cfg = {"Delay": poll_s, "MaxAttempts": max(1, 3600 // poll_s)}
-    status = _stack_status(cfn, params.stack_name)
+    status = _stack_status(cfn, stack_name)
     try:
         if status is None:
             cfn.create_stack(OnFailure="ROLLBACK", **common)
-            cfn.get_waiter("stack_create_complete").wait(StackName=params.stack_name, WaiterConfig=waiter_cfg)
+            cfn.get_waiter("stack_create_complete").wait(StackName=stack_name, WaiterConfig=waiter_cfg)
         else:
             try:
                 cfn.update_stack(**common)
@@ -521,13 +572,13 @@ def _apply_stack(cfn, params: DeployParams, body: str, poll_s: int) -> str:
                 if "No updates are to be performed" not in str(exc):
                     raise
             else:
-                cfn.get_waiter("stack_update_complete").wait(StackName=params.stack_name, WaiterConfig=waiter_cfg)
+                cfn.get_waiter("stack_update_complete").wait(StackName=stack_name, WaiterConfig=waiter_cfg)
     except botocore.exceptions.WaiterError:
         raise OutputError(
-            f"stack {params.stack_name} did not complete (status {_stack_status(cfn, params.stack_name)}): "
+            f"stack {stack_name} did not complete (status {_stack_status(cfn, stack_name)}): "
             f"see its events in the CloudFormation console"
         ) from None
-    return _stack_status(cfn, params.stack_name) or "UNKNOWN"
+    return _stack_status(cfn, stack_name) or "UNKNOWN"
 
 
 def _put(s3, bucket: str, key: str, body: bytes, kms_key_id: str) -> None:
@@ -537,21 +588,21 @@ def _put(s3, bucket: str, key: str, body: bytes, kms_key_id: str) -> None:
 
 
 def deploy(params: DeployParams, *, session, endpoint_url: str | None = None, wheel: Path | None = None,
-           tls_certs_zip: Path | None = None, echo: Callable[[str], None] = print) -> DeployResult:
-    """Create or update the stack in two passes (see the module docstring)."""
-    import botocore.exceptions
-
+           tls_certs_zip: Path | None = None, echo: Callable[[str], None] = print,
+           serve: aws_serve.ServeParams | None = None) -> DeployResult:
+    """Create or update the stack in two passes (see the module docstring); with ``serve``, then
+    the online service's stack (after checking the trained model is in the bucket)."""
     kit = kit_dir()
     body = template_text(kit)
     client = dict(endpoint_url=endpoint_url, region_name=params.region)
     cfn = session.client("cloudformation", **client)
     s3 = session.client("s3", **client)
     poll_s = 1 if endpoint_url and endpoint_url.startswith("http://") else 15
-    try:
+    with aws_errors():
         storage_only = dataclasses.replace(params, deploy_cluster=False)
         if _stack_status(cfn, params.stack_name) is None:
             echo(f"creating stack {params.stack_name} (storage, roles, security configuration) ...")
-            status = _apply_stack(cfn, storage_only, body, poll_s)
+            status = _apply_stack(cfn, storage_only.stack_name, storage_only.cfn_parameters(), body, poll_s)
         else:
             status = _stack_status(cfn, params.stack_name) or "UNKNOWN"
         if not status.endswith("_COMPLETE") or "ROLLBACK" in status:
@@ -572,36 +623,40 @@ def deploy(params: DeployParams, *, session, endpoint_url: str | None = None, wh
                 echo(f"uploaded s3://{params.bucket}/{key}")
         if params.deploy_cluster:
             echo(f"updating stack {params.stack_name}: EMR cluster + steps ...")
-        status = _apply_stack(cfn, params, body, poll_s)
+        status = _apply_stack(cfn, params.stack_name, params.cfn_parameters(), body, poll_s)
         stack = cfn.describe_stacks(StackName=params.stack_name)["Stacks"][0]
-    except botocore.exceptions.NoCredentialsError:
-        raise EnvironmentProblem("no AWS credentials found: run `aws configure`, set AWS_PROFILE, or attach an IAM role") from None
-    except botocore.exceptions.ClientError as exc:
-        err = exc.response.get("Error", {})
-        raise OutputError(f"AWS refused {exc.operation_name}: {err.get('Code', '?')}: {err.get('Message', '')[:200]}") from None
-    except botocore.exceptions.EndpointConnectionError as exc:
-        raise OutputError(f"cannot reach AWS ({exc.kwargs.get('endpoint_url', 'endpoint')}): check the network or --endpoint-url") from None
+        served = None
+        if serve is not None:
+            serve_status, serve_outputs = aws_serve.apply(
+                serve, cfn=cfn, s3=s3, sts=session.client("sts", **client),
+                body=template_text(kit, aws_serve.SERVE_TEMPLATE_NAME), poll_s=poll_s, apply_stack=_apply_stack,
+                echo=echo)
+            served = {"stack": serve.stack_name, "status": serve_status, "outputs": serve_outputs}
     outputs = {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
-    return DeployResult(params.stack_name, status, outputs, uploaded)
+    return DeployResult(params.stack_name, status, outputs, uploaded, served)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def add_cli_arguments(p) -> None:
-    """Flags of ``canestra deploy aws`` (the parser itself lives in cli/commands.py)."""
+    """Flags of ``canestra deploy aws [status|destroy]`` (the parser itself lives in cli/commands.py)."""
+    p.add_argument("action", nargs="?", choices=("status", "destroy"), metavar="ACTION",
+                   help="none: plan and deploy; `status`: what the stacks, cluster, service and runs are doing; "
+                        "`destroy`: delete the stacks (the data bucket stays unless --delete-data)")
     g = p.add_argument_group("where (GDPR Art. 44: EU/EEA regions)")
     g.add_argument("--region", required=True, metavar="REGION",
                    help="AWS region, EU/EEA only unless --allow-non-eu-region (e.g. eu-west-3)")
-    g.add_argument("--bucket", required=True, metavar="NAME",
-                   help="data bucket name to create (access logs go to <bucket>-logs)")
+    g.add_argument("--bucket", metavar="NAME",
+                   help="data bucket name to create (access logs go to <bucket>-logs); needed to deploy")
     g.add_argument("--allow-non-eu-region", action="store_true", default=None,
                    help="allow a region outside the EU/EEA (GDPR Art. 44: only with a transfer safeguard)")
     g = p.add_argument_group("what")
     g.add_argument("--dry-run", action="store_true",
                    help="print the plan and cost estimate; no AWS call, no credentials needed")
     g.add_argument("--storage-only", action="store_true", help="bucket, roles and security configuration, no EMR cluster")
-    g.add_argument("--stack-name", default="canestra", metavar="NAME", help="CloudFormation stack name (default canestra)")
+    g.add_argument("--stack-name", default="canestra", metavar="NAME",
+                   help="CloudFormation stack name (default canestra; the service's stack is <name>-serve)")
     g.add_argument("--kms-key-id", default="", metavar="KEY_ID", help="KMS key id for SSE-KMS (default: SSE-S3)")
     g.add_argument("--subnet-id", default="", metavar="SUBNET",
                    help="subnet for the cluster, tagged for-use-with-amazon-emr-managed-policies=true")
@@ -619,13 +674,51 @@ def add_cli_arguments(p) -> None:
     g.add_argument("--tls-certs-zip", metavar="FILE",
                    help="zip of privateKey.pem/certificateChain.pem[/trustedCertificates.pem] for "
                         "EMR in-transit TLS (default: a generated self-signed certificate)")
+    g = p.add_argument_group("online service (--serve: canestra serve on ECS Fargate behind an HTTPS load balancer)")
+    g.add_argument("--serve", action="store_true",
+                   help="also create or update the service's stack <stack-name>-serve (needs a trained model in the bucket)")
+    g.add_argument("--image", default="", metavar="URI",
+                   help="the serve image in this account's ECR, with a tag or digest "
+                        "(<account>.dkr.ecr.<region>.amazonaws.com/canestra:0.1.0)")
+    g.add_argument("--certificate-arn", default="", metavar="ARN",
+                   help="ACM certificate of the service's DNS name, in --region (HTTPS, TLS 1.2+)")
+    g.add_argument("--vpc-id", default="", metavar="VPC", help="VPC of the subnets below")
+    g.add_argument("--lb-subnets", default="", metavar="SUBNET,SUBNET",
+                   help="two or more public subnets in different zones, for the load balancer")
+    g.add_argument("--task-subnets", default="", metavar="SUBNET[,SUBNET]",
+                   help="subnets for the tasks (default: the load balancer's); private ones need a NAT gateway")
+    g.add_argument("--task-public-ip", action="store_true",
+                   help="give tasks a public IPv4 address for their outbound calls (public subnets without NAT, "
+                        "e.g. the default VPC); inbound still only from the load balancer")
+    g.add_argument("--allowed-cidr", default="0.0.0.0/0", metavar="CIDR",
+                   help="who may reach the load balancer (default 0.0.0.0/0)")
+    g.add_argument("--model-prefix", default="runs/train/model/", metavar="PREFIX",
+                   help="the model the service loads, in the bucket (default runs/train/model/)")
+    g.add_argument("--task-cpu", type=int, default=1024, metavar="UNITS",
+                   help="Fargate CPU units per task, 1024 = 1 vCPU (default 1024)")
+    g.add_argument("--task-memory", type=int, default=2048, metavar="MIB", help="memory per task in MiB (default 2048)")
+    g.add_argument("--min-tasks", type=int, default=2, metavar="N", help="tasks always running (default 2)")
+    g.add_argument("--max-tasks", type=int, default=6, metavar="N", help="most tasks autoscaling starts (default 6)")
+    g.add_argument("--cpu-target", type=int, default=60, metavar="PERCENT",
+                   help="average CPU the service scales to (default 60)")
+    g.add_argument("--requests-per-task", type=int, default=600, metavar="N",
+                   help="requests per task per minute the service scales to (default 600)")
     g = p.add_argument_group("retention (days before objects expire)")
     g.add_argument("--raw-retention-days", type=int, default=365, metavar="DAYS", help="images/ and inbox/ (default 365)")
     g.add_argument("--output-retention-days", type=int, default=180, metavar="DAYS", help="runs/ (default 180)")
-    g.add_argument("--log-retention-days", type=int, default=90, metavar="DAYS", help="access and EMR logs (default 90)")
+    g.add_argument("--log-retention-days", type=int, default=90, metavar="DAYS",
+                   help="access, EMR and service logs (default 90)")
     g = p.add_argument_group("cost estimate")
     g.add_argument("--hours", type=float, default=1.0, metavar="HOURS",
                    help="expected job hours, for the cost estimate (default 1)")
+    g.add_argument("--lcu", type=float, default=1.0, metavar="N",
+                   help="average load-balancer capacity units, for the service's estimate (default 1)")
+    g = p.add_argument_group("status and destroy")
+    g.add_argument("--json", action="store_true", help="status: one JSON object instead of lines")
+    g.add_argument("--delete-data", action="store_true",
+                   help="destroy: also delete the data bucket and its log bucket, with every object (asks first)")
+    g.add_argument("--yes", action="store_true",
+                   help="destroy --delete-data: do not ask (for scripts); without it a terminal must type the bucket name")
     g = p.add_argument_group("AWS access")
     g.add_argument("--profile", metavar="NAME", help="AWS profile (default: the standard credential chain)")
     g.add_argument("--endpoint-url", metavar="URL", help="AWS endpoint override, e.g. a local emulator")
@@ -645,11 +738,34 @@ def params_from_cli(args) -> DeployParams:
     )
 
 
+def _subnets(value: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in value.split(",") if s.strip())
+
+
+def serve_params_from_cli(args, params: DeployParams) -> aws_serve.ServeParams:
+    return aws_serve.ServeParams(
+        region=params.region, bucket=params.bucket, stack_name=aws_serve.serve_stack_name(params.stack_name),
+        kms_key_id=params.kms_key_id, image=args.image, certificate_arn=args.certificate_arn, vpc_id=args.vpc_id,
+        lb_subnets=_subnets(args.lb_subnets), task_subnets=_subnets(args.task_subnets),
+        task_public_ip=args.task_public_ip, allowed_cidr=args.allowed_cidr, model_prefix=args.model_prefix,
+        task_cpu=args.task_cpu, task_memory=args.task_memory, min_tasks=args.min_tasks, max_tasks=args.max_tasks,
+        cpu_target=args.cpu_target, requests_per_task=args.requests_per_task,
+        log_retention_days=args.log_retention_days, allow_non_eu_region=bool(args.allow_non_eu_region),
+    )
+
+
 def run_cli(args) -> int:
-    """``canestra deploy aws``: validate, print the plan; unless --dry-run, deploy."""
+    """``canestra deploy aws``: validate, print the plan; unless --dry-run, deploy. ``status`` and
+    ``destroy`` go to :mod:`canestra.deploy.aws_ops`."""
     # The two GDPR opt-ins follow the usual precedence (flag > CANESTRA_* env > off), as for s3:// paths.
     cfg = Settings.load(allow_non_eu_region=args.allow_non_eu_region, allow_http_endpoint=args.allow_http_endpoint)
     args.allow_non_eu_region, args.allow_http_endpoint = cfg.allow_non_eu_region, cfg.allow_http_endpoint
+    if args.action in ("status", "destroy"):
+        from canestra.deploy import aws_ops
+
+        return aws_ops.run_cli(args)
+    if not args.bucket:
+        raise InputError("canestra deploy aws needs --bucket NAME (the data bucket to create or update)")
     params = params_from_cli(args)
     params.validate()
     check_endpoint(args.endpoint_url, args.allow_http_endpoint, flag="--endpoint-url")
@@ -658,11 +774,16 @@ def run_cli(args) -> int:
             raise InputError("retention days must be at least 1")
     if args.hours < 0:
         raise InputError(f"--hours must not be negative, got {args.hours}")
+    if args.lcu < 0:
+        raise InputError(f"--lcu must not be negative, got {args.lcu}")
     if params.deploy_cluster and not params.subnet_id and not args.dry_run:
         raise InputError(
             "the EMR cluster needs --subnet-id: a subnet with internet access, tagged "
             "for-use-with-amazon-emr-managed-policies=true (or pass --storage-only first)"
         )
+    serve = serve_params_from_cli(args, params) if args.serve else None
+    if serve is not None:
+        serve.validate(complete=not args.dry_run)
     wheel = Path(args.wheel) if args.wheel else None
     certs = Path(args.tls_certs_zip) if args.tls_certs_zip else None
     for path, flag in ((wheel, "--wheel"), (certs, "--tls-certs-zip")):
@@ -674,10 +795,19 @@ def run_cli(args) -> int:
     rendered = render(params, load_template(kit))
     for line in plan_lines(params, rendered, estimate_cost(params, args.hours, kit)):
         print(line)
+    if serve is not None:
+        serve_rendered = render(serve, load_template(kit, aws_serve.SERVE_TEMPLATE_NAME))
+        cost = aws_serve.estimate_service_cost(serve, aws_serve.load_prices(kit, PRICES_NAME), args.lcu)
+        for line in aws_serve.plan_lines(serve, serve_rendered, cost):
+            print(line)
     if args.dry_run:
         print("dry run: nothing created")
         return 0
     session = aws_session(params.region, args.profile)
-    result = deploy(params, session=session, endpoint_url=args.endpoint_url, wheel=wheel, tls_certs_zip=certs)
-    print(json.dumps({"stack": result.stack_name, "status": result.status, "outputs": result.outputs}, sort_keys=True))
+    result = deploy(params, session=session, endpoint_url=args.endpoint_url, wheel=wheel, tls_certs_zip=certs,
+                    serve=serve)
+    summary: dict[str, Any] = {"stack": result.stack_name, "status": result.status, "outputs": result.outputs}
+    if result.serve is not None:
+        summary["serve"] = result.serve
+    print(json.dumps(summary, sort_keys=True))
     return 0
