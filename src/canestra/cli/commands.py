@@ -113,16 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     _gdpr_parsers(sub, debug, audit_log, storage)
     _serve_parser(sub, debug, audit_log)
 
-    p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, EU regions)",
+    p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, the HTTPS service, EU regions)",
                        formatter_class=opt.HelpFormatter,
                        epilog=opt.example("canestra deploy aws --region eu-west-3 --bucket my-canestra-data --dry-run"))
     cloud = p.add_subparsers(dest="cloud", metavar="CLOUD", required=True)
     from canestra.deploy.aws import add_cli_arguments
 
     add_cli_arguments(_command(
-        cloud, "aws", "CloudFormation stack: encrypted S3 bucket, IAM roles, EMR 7 cluster",
+        cloud, "aws", "CloudFormation stacks: encrypted S3 bucket, IAM roles, EMR 7 cluster; --serve: "
+        "the HTTPS service on ECS Fargate; status; destroy",
         ("canestra deploy aws --region eu-west-3 --bucket my-canestra-data --dry-run",
-         "canestra deploy aws --region eu-west-3 --bucket my-canestra-data --subnet-id subnet-0123abcd"),
+         "canestra deploy aws --region eu-west-3 --bucket my-canestra-data --subnet-id subnet-0123abcd",
+         "canestra deploy aws --region eu-west-3 --bucket my-canestra-data --storage-only --serve --image "
+         "123456789012.dkr.ecr.eu-west-3.amazonaws.com/canestra:0.1.0 --certificate-arn arn:aws:acm:... "
+         "--vpc-id vpc-0123abcd --lb-subnets subnet-0123abcd,subnet-4567cdef --task-public-ip",
+         "canestra deploy aws status --region eu-west-3",
+         "canestra deploy aws destroy --region eu-west-3    # keeps the data bucket; --delete-data asks first"),
         [debug]))
     return parser
 
