@@ -112,6 +112,15 @@ def test_int8_graph_is_cached_close_to_fp32_and_still_knows_fruit(sample_dir, tm
         backbone.model_path("fp16")
 
 
+def test_auto_precision_is_int8_only_where_the_cpu_has_vnni(monkeypatch):
+    """The default precision: int8 where it is ~2x faster (VNNI), fp32 where int8 is 3-6x slower."""
+    monkeypatch.setenv("CANESTRA_INT8_VNNI", "1")
+    assert backbone.resolve_precision("auto") == "int8"
+    monkeypatch.setenv("CANESTRA_INT8_VNNI", "0")
+    assert backbone.resolve_precision("auto") == "fp32"
+    assert backbone.resolve_precision("int8") == "int8" and backbone.resolve_precision("fp32") == "fp32"
+
+
 @pytest.mark.slow
 def test_four_processes_build_the_int8_graph_at_once_into_an_empty_cache(tmp_path):
     """The old race: Spark workers quantizing at once deleted each other's temporary file."""

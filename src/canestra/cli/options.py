@@ -156,8 +156,9 @@ def features_parent() -> argparse.ArgumentParser:
     hidden_alias(g, "--threads", "threads", type=int)  # the spelling before 0.2: serve's --threads differs
     g.add_argument("--arrow-batch", type=int, metavar="ROWS",
                    help="max rows per Arrow batch into the featurizer (default 256)")
-    g.add_argument("--precision", choices=["fp32", "int8"],
-                   help="CNN arithmetic: fp32 (default) or int8 (~2x faster on CPUs with VNNI, slower without; docs/performance.md)")
+    g.add_argument("--precision", choices=["auto", "fp32", "int8"],
+                   help="CNN arithmetic: auto (default; int8 on CPUs with VNNI, ~2x faster, else fp32), fp32 or int8 "
+                        "(docs/performance.md)")
     return p
 
 

@@ -51,7 +51,7 @@ def make_featurizer(cfg: Settings) -> ImageFeaturizer:
         batchSize=cfg.batch_size,
         imageSizes=list(cfg.image_sizes),
         threads=cfg.threads,
-        precision=cfg.precision,
+        precision=backbone.resolve_precision(cfg.precision),  # the model records the concrete one
     )
 
 
@@ -322,7 +322,7 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
         "model": {
             "backbone": backbone.MODEL_NAME + " (ImageNet, ONNX Runtime)",
             "image_sizes": list(cfg.image_sizes),
-            "precision": cfg.precision,
+            "precision": backbone.resolve_precision(cfg.precision),
             "input_fit": "crop",
             "classifier": "multinomial logistic regression (Spark ML)",
             "reg_param": cfg.reg_param,

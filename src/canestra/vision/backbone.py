@@ -28,7 +28,7 @@ from canestra.errors import EnvironmentProblem, InputError
 
 # resize_rgb is a hook for the benches (bench/serve_latency.py).
 __all__ = ["FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION", "cache_dir", "cpu_flags",
-           "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "resize_rgb", "session",
+           "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "resize_rgb", "resolve_precision", "session",
            "weights_path"]
 
 MODEL_NAME = "efficientnet_lite0"
@@ -275,8 +275,17 @@ QUANT_VERSION = 1  # bump when the quantization recipe changes: names a new cach
 _CALIBRATION_SIZES = (160, 224)
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``int8`` where the CPU has VNNI (2.2x the fp32 rate at 224 px here, same accuracy on the
+    cross-source bench), else ``fp32`` (int8 without VNNI is 3-6x slower); other values unchanged."""
+    if precision == "auto":
+        return "int8" if has_vnni() else "fp32"
+    return precision
+
+
 def model_path(precision: str = "fp32") -> str:
-    """The cached ONNX graph for ``precision`` (``fp32`` or ``int8``), built on first use."""
+    """The cached ONNX graph for ``precision`` (``fp32``, ``int8`` or ``auto``), built on first use."""
+    precision = resolve_precision(precision)
     if precision == "fp32":
         return default_model_path()
     if precision == "int8":
