@@ -101,6 +101,7 @@ class ServingOptions(TypedDict, total=False):
     header_timeout: float
     forwarded_allow_ips: str | None
     allowed_hosts: str | None
+    log_format: str
 
 
 class StorageOptions(TypedDict, total=False):
@@ -197,6 +198,9 @@ class Settings:
     # default), extra Host names a loopback bind answers (besides IP addresses and localhost).
     forwarded_allow_ips: str | None = None
     allowed_hosts: str | None = None
+    # Log lines on stderr: "text" (uvicorn's, no line per request) or "json" (one object per line,
+    # one per request too: request id, route, status, duration; docs/serving.md).
+    log_format: str = "text"
 
     # -- storage: S3 (docs/storage.md): endpoint (else AWS_ENDPOINT_URL_S3 / the AWS default), plain-http
     # opt-in for local emulators, GDPR Art. 44 region opt-out, SSE-KMS key (default SSE-S3).

@@ -158,6 +158,9 @@ def _serve_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
                    help="seconds SIGTERM waits for in-flight requests before stopping (default 30)")
     g.add_argument("--header-timeout", type=float, metavar="SECONDS",
                    help="seconds a request's headers may take to arrive before 408 (default 10; slow clients)")
+    g.add_argument("--log-format", choices=["text", "json"],
+                   help="log lines on stderr: text (default) or json, one object per line and one line per "
+                        "request (request id, route, status, duration)")
     g.add_argument("--max-decoded-mb", type=float, metavar="MB",
                    help="largest image once decoded, width x height x channels (default 128; larger: 413)")
     g.add_argument("--worker-decoded-mb", type=float, metavar="MB",

@@ -28,6 +28,14 @@ from typing import Annotated, Any
 
 from canestra.config import Settings
 from canestra.errors import EnvironmentProblem, InputError
+from canestra.serve.metrics import (
+    ACCESS_LOGGER,
+    LOG_FORMATS,
+    Observe,
+    ServeMetrics,
+    multiprocess_dir,
+    temporary_env,
+)
 from canestra.serve.predictor import ModelSpec, OnlinePredictor, Prediction, default_threads, load_model_spec
 from canestra.serve.security import KeyRing, RateLimiter, is_loopback, keys_file_warning, load_api_keys
 from canestra.vision import backbone
@@ -40,6 +48,7 @@ try:
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from fastapi.staticfiles import StaticFiles
     from pydantic import BaseModel, Field
+    from starlette.routing import Mount
 except ImportError as exc:  # pragma: no cover - install problem
     raise EnvironmentProblem("`canestra serve` needs the serve extra: run `pip install 'canestra[serve]'`") from exc
 
@@ -188,14 +197,33 @@ def _request_body(many: bool) -> dict:
 # ---------------------------------------------------------------------------- request handling
 
 
-class Problem(Exception):
-    """A client error answered as ``{"detail": message}`` with ``status``."""
+# The reason label of canestra_rejected_inputs_total when a refusal names none: a fixed set, never
+# the detail text (it could quote sizes today and something else tomorrow).
+_STATUS_REASON = {401: "unauthorized", 408: "body_timeout", 413: "too_large", 415: "not_an_image",
+                  422: "invalid_request", 429: "rate_limited", 503: "busy"}
 
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+
+class Problem(Exception):
+    """A client error answered as ``{"detail": message}`` with ``status``; ``reason``: its metrics label."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, reason: str | None = None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers
+        self.reason = reason or _STATUS_REASON.get(status, "other")
+
+
+_IMAGE_REASONS = (("empty file", "empty"), ("file too large", "too_large"), ("not an image", "not_an_image"),
+                  ("unsupported", "unsupported_format"), ("HEIC/HEIF image", "unsupported_format"),
+                  ("decompression bomb", "decompression_bomb"), ("truncated or corrupt", "corrupt"),
+                  ("animated image", "animated"))
+
+
+def image_problem(err: BadImage, limit_mb: float) -> Problem:
+    """The answer to bytes that are no usable image, with a reason code read from the reason's start."""
+    reason = next((code for start, code in _IMAGE_REASONS if err.reason.startswith(start)), "invalid_image")
+    return Problem(bad_image_status(err), _bad_image_detail(err, limit_mb), reason=reason)
 
 
 def bad_image_status(err: BadImage) -> int:
@@ -243,7 +271,8 @@ def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: in
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
-        raise Problem(422, "multipart body without a boundary: send the image as a form field named file")
+        raise Problem(422, "multipart body without a boundary: send the image as a form field named file",
+                      reason="malformed_form")
     files: list[bytes] = []
     state: dict[str, Any] = {"name": None, "data": None, "field": b"", "value": b"", "headers": {}}
 
@@ -275,7 +304,7 @@ def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: in
         if state["name"] == b"file":
             files.append(bytes(state["data"]))
             if len(files) > max_files:
-                raise Problem(413, f"too many images in one request: at most {max_files}")
+                raise Problem(413, f"too many images in one request: at most {max_files}", reason="too_many_images")
         state["data"] = None
 
     parser = MultipartParser(boundary, {
@@ -290,7 +319,7 @@ def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: in
         raise
     except Exception as exc:  # MultipartParseError and friends: a malformed body
         raise Problem(422, f"malformed multipart body ({type(exc).__name__}): "
-                           "send the image as a form field named file") from None
+                           "send the image as a form field named file", reason="malformed_form") from None
     return files
 
 
@@ -337,9 +366,10 @@ def _mb(n: int) -> str:
 class _Service:
     """What the routes of one worker share: the model, its request counters, the limits."""
 
-    def __init__(self, predictor: OnlinePredictor, cfg: Settings):
+    def __init__(self, predictor: OnlinePredictor, cfg: Settings, metrics: ServeMetrics):
         self.predictor = predictor
         self.cfg = cfg
+        self.metrics = metrics
         self.spec: ModelSpec = predictor.spec
         self.max_bytes = predictor.max_bytes
         self.limit_mb = self.max_bytes / 1e6
@@ -358,7 +388,8 @@ class _Service:
         """Reserve ``cost`` decoded bytes of this worker's budget for one request, or refuse it."""
         if cost > self.worker_decoded:
             raise Problem(413, f"request too large when decoded: its images decode to {_mb(cost)}, a request "
-                               f"may decode to at most {_mb(self.worker_decoded)}; send fewer or smaller images")
+                               f"may decode to at most {_mb(self.worker_decoded)}; send fewer or smaller images",
+                          reason="decoded_too_large")
         if self.admitted + cost > self.worker_decoded:
             raise Problem(503, "busy: this worker is decoding other large images; retry after 1 s",
                           {"Retry-After": "1"})
@@ -373,10 +404,10 @@ class _Service:
         try:
             cost = decoded_size(data, max_pixels=self.predictor.max_pixels, max_bytes=self.max_bytes)
         except BadImage as err:
-            raise Problem(bad_image_status(err), _bad_image_detail(err, self.limit_mb)) from None
+            raise image_problem(err, self.limit_mb) from None
         if cost > self.max_decoded:
             raise Problem(413, f"image too large when decoded: {_mb(cost)} (width x height x channels), "
-                               f"the limit is {_mb(self.max_decoded)}")
+                               f"the limit is {_mb(self.max_decoded)}", reason="decoded_too_large")
         return cost
 
     def compute_limiter(self) -> anyio.CapacityLimiter:
@@ -392,9 +423,9 @@ class _Service:
         try:
             rgb = self.predictor.decode(data)
         except BadImage as err:
-            raise Problem(bad_image_status(err), _bad_image_detail(err, self.limit_mb)) from None
+            raise image_problem(err, self.limit_mb) from None
         except MemoryError:
-            raise Problem(413, "image too large to decode in memory") from None
+            raise Problem(413, "image too large to decode in memory", reason="decoded_too_large") from None
         return _answer(self.predictor.predict_rgb([rgb])[0])
 
     async def score(self, data: bytes) -> dict:
@@ -413,7 +444,7 @@ class _Service:
             try:
                 costs[i] = self.cost(data)
             except Problem as p:  # this image alone would get that status: the others are still scored
-                items[i] = {"index": i, "status": p.status, "error": p.detail}
+                items[i] = _refused(i, p)
         if not costs:  # nothing to decode: no need to queue behind other requests' inference
             return items
         with self.admit(sum(costs.values())):
@@ -439,23 +470,33 @@ class _Service:
                 held.append((i, self.predictor.decode(blobs[i])))
                 held_cost += cost
             except BadImage as err:
-                items[i] = {"index": i, "status": bad_image_status(err), "error": _bad_image_detail(err, self.limit_mb)}
+                items[i] = _refused(i, image_problem(err, self.limit_mb))
             except MemoryError:
-                items[i] = {"index": i, "status": 413, "error": "image too large to decode in memory"}
+                items[i] = _refused(i, Problem(413, "image too large to decode in memory", reason="decoded_too_large"))
         flush()
+
+
+def _refused(index: int, p: Problem) -> dict:
+    """A batch entry for a refused image; ``_reason`` is for the metrics and is taken out before sending."""
+    return {"index": index, "status": p.status, "error": p.detail, "_reason": p.reason}
 
 
 def create_app(model_dir: str | None = None, settings: Settings | None = None, *,
                predictor: OnlinePredictor | None = None, keys: KeyRing | None = None,
-               host_check: bool = False) -> FastAPI:
+               host_check: bool = False, metrics_dir: str | None = None) -> FastAPI:
     """The FastAPI app serving one model; loads it now (raises InputError if ``model_dir`` is not one).
 
     ``host_check``: on a loopback ``cfg.host``, answer only requests whose Host header is an IP
     address, ``localhost`` or one of ``cfg.allowed_hosts`` (DNS rebinding); the real server turns it
-    on, in-process test clients (Host ``testserver``) leave it off.
+    on, in-process test clients (Host ``testserver``) leave it off. ``metrics_dir``: the workers'
+    shared Prometheus folder (``run_serve`` makes it), None for metrics of this process alone.
     """
     cfg = settings or Settings.load()
-    svc = _Service(predictor or _load_predictor(model_dir, cfg), cfg)
+    metrics = ServeMetrics(metrics_dir)
+    t0 = time.perf_counter()
+    loaded = predictor or _load_predictor(model_dir, cfg)
+    metrics.model_loaded(loaded.spec.model_version, time.perf_counter() - t0 if predictor is None else None)
+    svc = _Service(loaded, cfg, metrics)
     app = _new_app(svc)
     if keys is None and cfg.api_keys_file:
         keys = KeyRing(cfg.api_keys_file)
@@ -465,10 +506,14 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
     guarded = APIRouter(dependencies=_guards(cfg, keys), responses=_guard_responses(cfg))
     _add_prediction_routes(guarded, svc)
     _add_model_route(guarded, svc)
+    _add_metrics_route(guarded, svc)
     app.include_router(guarded)
     _add_health_routes(app, svc)
     _add_page(app)
     _add_docs(app)
+    # added last, so outermost: refusals of the Host check get a request id and are counted too
+    app.add_middleware(Observe, metrics=metrics, access_log=cfg.log_format == "json",
+                       mounts=tuple(r.path for r in app.routes if isinstance(r, Mount)))
     return app
 
 
@@ -507,6 +552,7 @@ def _lifespan(svc: _Service):
             task.cancel()
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            svc.metrics.worker_stopped()
             log.info(_audit_line("serve.stop", svc.spec, svc.counts.snapshot()))
 
     return lifespan
@@ -539,6 +585,7 @@ def _new_app(svc: _Service) -> FastAPI:
     @app.exception_handler(Problem)
     async def _problem(_request: Request, exc: Problem) -> Response:
         svc.counts.add(requests=1, **{f"rejected_{exc.status}": 1})
+        svc.metrics.rejected(exc.reason)
         return _json({"detail": exc.detail}, exc.status, exc.headers)
 
     return app
@@ -645,7 +692,8 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
             if len(files) != 1:
                 raise Problem(422, "send exactly one image in a form field named file "
                                    "(several images: POST /v1/predict/batch)" if files else
-                                   "no form field named file: send the image as file=@photo.jpg")
+                                   "no form field named file: send the image as file=@photo.jpg",
+                          reason="malformed_form")
             data = files[0]
         else:
             data = body
@@ -653,9 +701,11 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
                 raise Problem(413, f"image too large: the limit is {limit_mb:g} MB")
         del body
         if not data:
-            raise Problem(422, "empty request: send an image as the body or as a form field named file")
+            raise Problem(422, "empty request: send an image as the body or as a form field named file",
+                          reason="empty")
         out = await svc.score(data)
         svc.counts.add(requests=1, images=1)
+        svc.metrics.scored("/v1/predict", [out["family"]])  # "" (the family of `unknown`) counts as unknown
         out["model_version"] = spec.model_version
         out["timing_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return _json(out)
@@ -670,14 +720,20 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
                               f"request too large: a batch may carry {BATCH_BODY_FACTOR * limit_mb:g} MB in total")
         ctype = request.headers.get("content-type", "")
         if not ctype.lower().startswith("multipart/form-data"):
-            raise Problem(422, "send the images as multipart/form-data, one form field named file per image")
+            raise Problem(422, "send the images as multipart/form-data, one form field named file per image",
+                          reason="malformed_form")
         files = parse_multipart(body, ctype, max_bytes, max_files=cfg.max_batch)
         del body
         if not files:
-            raise Problem(422, "no form field named file: send each image as file=@photo.jpg")
+            raise Problem(422, "no form field named file: send each image as file=@photo.jpg",
+                          reason="malformed_form")
         items = await svc.score_batch(files)
         ok = sum(1 for it in items if it["status"] == 200)
         svc.counts.add(requests=1, batch_requests=1, images=ok, images_rejected=len(items) - ok)
+        svc.metrics.scored("/v1/predict/batch", [it["family"] for it in items if it["status"] == 200])
+        for it in items:
+            if "_reason" in it:
+                svc.metrics.rejected(it.pop("_reason"))
         return _json({"results": items, "model_version": spec.model_version,
                       "timing_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
@@ -689,6 +745,15 @@ def _add_model_route(router: APIRouter, svc: _Service) -> None:
                 summary="The model served: classes, families, held-out figures, version")
     async def model_info() -> Response:
         return _json({**facts, "requests": svc.counts.snapshot()})
+
+
+def _add_metrics_route(router: APIRouter, svc: _Service) -> None:
+    # On the guarded router: the same rate limit and API key as /v1/* (answer counts by family are
+    # business figures); Prometheus sends the key with `authorization: credentials_file`.
+    @router.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        body, content_type = svc.metrics.render()
+        return Response(body, media_type=content_type)
 
 
 def _section(metrics: dict[str, Any], key: str) -> dict[str, Any]:
@@ -787,22 +852,30 @@ def app_from_env() -> FastAPI:
         raise InputError(f"{ENV_CONFIG} is not set: start the service with `canestra serve --model DIR/model`")
     conf = json.loads(raw)
     model_dir = conf.pop("model_dir")
+    metrics_dir = conf.pop("metrics_dir", None)
     if hasattr(signal, "SIGHUP"):
         # Until the lifespan installs the reload, a SIGHUP (its default action: exit) is ignored.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    app = create_app(model_dir, Settings.load(**conf), host_check=True)
+    app = create_app(model_dir, Settings.load(**conf), host_check=True, metrics_dir=metrics_dir)
     app.state.reload_keys_on_sighup = hasattr(signal, "SIGHUP")
     return app
 
 
-def log_config(level: str = "INFO") -> dict:
-    """uvicorn's logging config plus the service's audit logger (counts only)."""
+def log_config(level: str = "INFO", log_format: str = "text") -> dict:
+    """uvicorn's logging config plus the service's audit logger (counts only); ``json``: uvicorn's own
+    lines as JSON objects too, and one access line per request (canestra.serve.metrics.Observe)."""
     from uvicorn.config import LOGGING_CONFIG
 
     conf = json.loads(json.dumps(LOGGING_CONFIG))
-    conf["formatters"]["audit"] = {"format": "%(message)s"}
+    conf["formatters"]["audit"] = {"format": "%(message)s"}  # the audit lines are JSON objects already
     conf["handlers"]["audit"] = {"class": "logging.StreamHandler", "formatter": "audit", "stream": "ext://sys.stderr"}
     conf["loggers"][AUDIT_LOGGER] = {"handlers": ["audit"], "level": level, "propagate": False}
+    if log_format == "json":
+        for name in ("default", "access"):
+            conf["formatters"][name] = {"()": "canestra.serve.metrics.JsonFormatter"}
+        conf["handlers"]["requests"] = {"class": "logging.StreamHandler", "formatter": "default",
+                                        "stream": "ext://sys.stderr"}
+        conf["loggers"][ACCESS_LOGGER] = {"handlers": ["requests"], "level": level, "propagate": False}
     return conf
 
 
@@ -818,6 +891,8 @@ def check_serve_settings(cfg: Settings) -> None:
     if cfg.body_timeout <= 0 or cfg.drain_timeout < 0 or cfg.header_timeout <= 0:
         raise InputError("--body-timeout and --header-timeout must be positive numbers of seconds, "
                          "--drain-timeout 0 or more")
+    if cfg.log_format not in LOG_FORMATS:
+        raise InputError(f"--log-format must be text or json, got {cfg.log_format!r}")
     if cfg.max_decoded_mb <= 0 or cfg.worker_decoded_mb < 0:
         raise InputError("--max-decoded-mb must be a positive number, --worker-decoded-mb 0 (4 x that) or more")
     if cfg.worker_decoded_mb and cfg.worker_decoded_mb < cfg.max_decoded_mb:
@@ -890,18 +965,17 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     threads = cfg.serve_threads or default_threads(cfg.workers)
     # uvicorn starts its workers from an import string, so the settings travel in the environment
     # the workers inherit; it is put back as it was when the service stops (a notebook's too).
-    previous = os.environ.get(ENV_CONFIG)
-    os.environ[ENV_CONFIG] = json.dumps({"model_dir": spec.model_dir, "serve_threads": threads,
-                                         "max_upload_mb": cfg.max_upload_mb, "max_batch": cfg.max_batch,
-                                         "workers": cfg.workers, "rate_limit": cfg.rate_limit,
-                                         "rate_burst": cfg.rate_burst, "body_timeout": cfg.body_timeout,
-                                         "header_timeout": cfg.header_timeout,
-                                         "max_decoded_mb": cfg.max_decoded_mb,
-                                         "worker_decoded_mb": cfg.worker_decoded_mb,
-                                         "host": cfg.host, "allowed_hosts": cfg.allowed_hosts,
-                                         # the path only: each worker reads the keys itself
-                                         "api_keys_file": os.path.abspath(cfg.api_keys_file)
-                                         if n_keys and cfg.api_keys_file else None})
+    conf = {"model_dir": spec.model_dir, "serve_threads": threads,
+            "max_upload_mb": cfg.max_upload_mb, "max_batch": cfg.max_batch,
+            "workers": cfg.workers, "rate_limit": cfg.rate_limit,
+            "rate_burst": cfg.rate_burst, "body_timeout": cfg.body_timeout,
+            "header_timeout": cfg.header_timeout,
+            "max_decoded_mb": cfg.max_decoded_mb,
+            "worker_decoded_mb": cfg.worker_decoded_mb,
+            "host": cfg.host, "allowed_hosts": cfg.allowed_hosts, "log_format": cfg.log_format,
+            # the path only: each worker reads the keys itself
+            "api_keys_file": os.path.abspath(cfg.api_keys_file)
+            if n_keys and cfg.api_keys_file else None}
     from canestra.privacy import audit
 
     audit.note(details={"model_version": spec.model_version, "workers": cfg.workers, "threads": threads,
@@ -913,13 +987,10 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     signal.signal(signal.SIGTERM, _exit_quietly_on_sigterm)
     if cfg.workers > 1 and hasattr(signal, "SIGHUP"):
         _forward_sighup_to_workers()
-    try:
+    # With several workers, their metric files go to a private folder made here and removed on stop.
+    with multiprocess_dir(cfg.workers) as metrics_dir, \
+            temporary_env(ENV_CONFIG, json.dumps({**conf, "metrics_dir": metrics_dir})):
         _run_uvicorn(uvicorn, cfg, trusted_proxies(cfg))
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_CONFIG, None)
-        else:
-            os.environ[ENV_CONFIG] = previous
     return 0
 
 
@@ -927,7 +998,7 @@ def _run_uvicorn(uvicorn, cfg: Settings, proxies) -> None:
     from canestra.serve.protocol import protocol_class
 
     uvicorn.run("canestra.serve.app:app_from_env", factory=True, host=cfg.host, port=cfg.port, workers=cfg.workers,
-                access_log=False, log_config=log_config(), server_header=False,
+                access_log=False, log_config=log_config(log_format=cfg.log_format), server_header=False,
                 http=protocol_class() or "auto",  # type: ignore[arg-type]
                 # X-Forwarded-For only from the proxies named: uvicorn's default trusts 127.0.0.1 (any
                 # local client could pick its rate-limit address) and no remote proxy (all share one).
