@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import stat
+import tempfile
 import threading
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import ServeProcess
 
 from canestra.config import Settings
-from canestra.errors import InputError
+from canestra.errors import EnvironmentProblem, InputError
 from canestra.serve import metrics as obs
 
 HEX64 = re.compile(r"[0-9a-f]{64}", re.I)
@@ -125,6 +126,19 @@ def test_request_id_is_echoed_or_made(model_dir):
     assert obs.request_id(uuid_without_dashes) == uuid_without_dashes
 
 
+def test_host_check_refusals_are_counted_and_carry_a_request_id(model_dir):
+    from fastapi.testclient import TestClient
+
+    from canestra.serve.app import create_app
+
+    app = create_app(model_dir, Settings.load(serve_threads=1, rate_limit=0), host_check=True)
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        r = c.get("/v1/model", headers={"Host": "evil.example"})  # a DNS-rebinding page's request
+        assert r.status_code == 421 and re.fullmatch(r"[0-9a-f]{32}", r.headers["X-Request-ID"])
+        m = samples(c.get("/metrics").text)
+    assert total(m, "canestra_http_requests_total", route="other", status="421") == 1
+
+
 def test_metrics_need_the_api_key_when_keys_are_set(model_dir, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text(KEY + "\n")
@@ -164,7 +178,7 @@ def test_log_format_setting(monkeypatch):
     assert obs.ACCESS_LOGGER not in log_config()["loggers"]  # text: no line per request, as before
 
 
-def test_multiprocess_dir_is_private_and_removed(monkeypatch):
+def test_multiprocess_dir_is_private_and_removed(monkeypatch, tmp_path):
     monkeypatch.setenv(obs.ENV_MULTIPROC, "/somewhere/else")
     with obs.multiprocess_dir(2) as d:
         assert d is not None and os.environ[obs.ENV_MULTIPROC] == d
@@ -174,6 +188,10 @@ def test_multiprocess_dir_is_private_and_removed(monkeypatch):
     with obs.multiprocess_dir(1) as d:  # one worker: the caller's folder is not written to
         assert d is None and obs.ENV_MULTIPROC not in os.environ
     assert os.environ[obs.ENV_MULTIPROC] == "/somewhere/else"
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # TMPDIR pointing nowhere: one plain line
+    with pytest.raises(EnvironmentProblem, match="cannot make the metrics folder .*: set TMPDIR"):
+        with obs.multiprocess_dir(2):
+            pass
 
 
 @pytest.mark.slow  # two model loads and uvicorn's start: ~15 s idle, minutes on a loaded 2-core machine

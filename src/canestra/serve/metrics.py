@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from canestra.errors import EnvironmentProblem
+
 ENV_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 ACCESS_LOGGER = "canestra.serve.access"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -161,7 +163,12 @@ def multiprocess_dir(workers: int) -> Iterator[str | None]:
     reused (its counts would be added to this run's). One worker clears the variable, so a value the
     caller's environment happens to hold is not written to.
     """
-    directory = tempfile.mkdtemp(prefix="canestra-metrics-") if workers > 1 else None
+    try:
+        directory = tempfile.mkdtemp(prefix="canestra-metrics-") if workers > 1 else None
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot make the metrics folder of --workers {workers} under "
+                                 f"{tempfile.gettempdir()} ({exc.strerror or type(exc).__name__}): set TMPDIR to a "
+                                 "writable folder") from None
     try:
         with temporary_env(ENV_MULTIPROC, directory):
             yield directory
