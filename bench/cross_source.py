@@ -69,6 +69,7 @@ class Lever:
     synth: int = 0  # synthetic scenes per studio class
     inet: bool = False  # the CNN's own ImageNet log-probabilities appended to the embedding
     profile_q: float | None = None  # family-level profile check quantile (None: the product's; 0: off)
+    tta: int = 1  # test-time views averaged (1: the photo only; 2: + mirror; 4: + centre 80 % crop, mirrored)
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -77,6 +78,9 @@ LEVERS = {lv.name: lv for lv in [
     Lever("160 fp32", sizes=(160,)),
     Lever("224 int8", sizes=(224,), precision="int8"),
     Lever("224 fp32 + aug 4", sizes=(224,), aug=4),
+    Lever("224 int8 + aug 4", sizes=(224,), precision="int8", aug=4),
+    Lever("224 fp32 + aug 4 + tta 2", sizes=(224,), aug=4, tta=2),
+    Lever("224 fp32 + aug 4 + tta 4", sizes=(224,), aug=4, tta=4),
     Lever("224 fp32 + ImageNet scores", sizes=(224,), inet=True),
     Lever("224 fp32 + unknown class", sizes=(224,), unknown_class=True),
     Lever("224 fp32 + aug 4 + unknown class", sizes=(224,), aug=4, unknown_class=True),
@@ -124,6 +128,24 @@ def load_set(name: str, taxonomy) -> ImageSet:
     names = [os.path.basename(i) for i in items]
     split = np.array(assign_splits(list(folders), names, 0.2, 42))
     return ImageSet(name, items, folders, fam, split)
+
+
+TTA_VIEWS = ("mirror", "c80", "c80mirror")
+
+
+def tta_view(rgb: np.ndarray, name: str) -> np.ndarray:
+    """A deterministic test-time view: the mirror image, the centre 80 % square, or both."""
+    from canestra.vision.backbone import square_rgb
+
+    out = square_rgb(rgb)
+    if name.startswith("c80"):
+        s = out.shape[0]
+        c = int(round(s * 0.8))
+        o = (s - c) // 2
+        out = out[o : o + c, o : o + c]
+    if name.endswith("mirror"):
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
 
 
 def augment(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -216,6 +238,17 @@ class Bench:
     def X(self, name: str, lv: Lever) -> np.ndarray:
         return with_inet(self.feats.get(self.sets[name], lv.sizes, lv.precision), lv)
 
+    def test_X(self, name: str, lv: Lever, rows=None) -> np.ndarray:
+        """Features of a test set: the photo's embedding, or the mean over ``lv.tta`` test-time views."""
+        X = self.X(name, lv)
+        if lv.tta <= 1:
+            return X
+        s = self.sets[name]
+        views = [X] + [with_inet(self.feats.get(s, lv.sizes, lv.precision, view=v,
+                                                rgb_of=lambda i, v=v: tta_view(s.rgb(i), v)), lv)
+                       for v in TTA_VIEWS[: lv.tta - 1]]
+        return np.mean(views, axis=0)
+
     def aug_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
         s = self.sets[name]
         return with_inet(self.feats.get(s, lv.sizes, lv.precision, view=f"aug{k}",
@@ -248,12 +281,23 @@ class Bench:
         fake = ImageSet(f"synth{n}", labels, np.array([]), np.array([]), np.array([]))
         return with_inet(self.feats.get(fake, lv.sizes, lv.precision, rgb_of=make), lv), labels
 
-    def nonfruit_X(self, lv: Lever) -> np.ndarray:
+    def _nonfruit_set(self) -> ImageSet:
         if self._nonfruit is None:
             self._nonfruit = os_bench.nonfruit_images()
         nf = self._nonfruit
         fake = ImageSet("nonfruit", [n for n, _ in nf], np.array([]), np.array([]), np.array([]))
-        return with_inet(self.feats.get(fake, lv.sizes, lv.precision, rgb_of=lambda i: nf[i][1]), lv)
+        fake.rgb = lambda i: nf[i][1]  # type: ignore[method-assign]
+        return fake
+
+    def nonfruit_X(self, lv: Lever) -> np.ndarray:
+        fake = self._nonfruit_set()
+        X = with_inet(self.feats.get(fake, lv.sizes, lv.precision, rgb_of=fake.rgb), lv)
+        if lv.tta <= 1:
+            return X
+        views = [X] + [with_inet(self.feats.get(fake, lv.sizes, lv.precision, view=v,
+                                                rgb_of=lambda i, v=v: tta_view(fake.rgb(i), v)), lv)
+                       for v in TTA_VIEWS[: lv.tta - 1]]
+        return np.mean(views, axis=0)
 
     def train(self, lv: Lever, real_roots: list[str], drop_families: set[str] = frozenset()):
         """Fit the probe + the product's answer rule on studio (train split) + ``real_roots``."""
@@ -324,17 +368,17 @@ class Bench:
         t0 = time.perf_counter()
         # real -> grocery
         probe, rule = self.train(lv, ["real"])
-        a = self.answer(probe, rule, self.X("grocery", lv))
+        a = self.answer(probe, rule, self.test_X("grocery", lv))
         m = np.isin(g.families, list(shared))
         out["real->grocery ABO"] = self.scores(a[m], g.families[m], known(rule))
         out["real->grocery others"] = self.scores(a[~m], g.families[~m], known(rule))
         # grocery -> real
         probe, rule = self.train(lv, ["grocery"])
-        a = self.answer(probe, rule, self.X("real", lv))
+        a = self.answer(probe, rule, self.test_X("real", lv))
         out["grocery->real ABO"] = self.scores(a, r.families, known(rule))
         # all real -> grocery-val, non-fruit, studio held-out
         probe, rule = self.train(lv, ["real", "grocery"])
-        a = self.answer(probe, rule, self.X("gval", lv))
+        a = self.answer(probe, rule, self.test_X("gval", lv))
         out["grocery->val"] = self.scores(a, v.families, known(rule))
         for fam in ("Tomato", "Lime", "Apple"):
             out[f"grocery->val {fam}"] = self.scores(a[v.families == fam], v.families[v.families == fam], known(rule))
@@ -349,7 +393,7 @@ class Bench:
         for drop in self.family_folds():
             probe, rule = self.train(lv, ["real", "grocery"], drop)
             m = np.isin(v.families, list(drop))
-            answered.append(self.answer(probe, rule, self.X("gval", lv)[m]))
+            answered.append(self.answer(probe, rule, self.test_X("gval", lv)[m]))
             truth.append(v.families[m])
         # Families the model knows only from the studio: naming them is right, another family wrong.
         out["families out (val)"] = self.scores(np.concatenate(answered), np.concatenate(truth),

@@ -26,9 +26,9 @@ import numpy as np
 
 from canestra.errors import EnvironmentProblem, InputError
 
-# resize_rgb is a hook for the benches (bench/serve_latency.py).
-__all__ = ["FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION", "cache_dir", "cpu_flags",
-           "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "resize_rgb", "resolve_precision", "session",
+# resize_rgb, square_rgb and BLOCKS are hooks for the benches (bench/serve_latency.py, cross_source.py, finetune.py).
+__all__ = ["BLOCKS", "FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION", "cache_dir", "cpu_flags",
+           "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "resize_rgb", "resolve_precision", "session", "square_rgb",
            "weights_path"]
 
 MODEL_NAME = "efficientnet_lite0"
@@ -36,7 +36,7 @@ FEATURE_DIM = 1280
 MEAN, STD = 127.0, 128.0
 BN_EPS = 1e-3
 # (repeats, kernel, stride, expand, in, out) from efficientnet_lite_builder.py, lite0.
-_BLOCKS = [
+BLOCKS = [
     (1, 3, 1, 1, 32, 16),
     (2, 3, 2, 6, 16, 24),
     (2, 5, 2, 6, 24, 40),
@@ -125,7 +125,7 @@ def build_onnx(state_dict: dict[str, np.ndarray]):
     ]
     x = conv("x0", "_conv_stem", "_bn0", stride=2)
     idx = 0
-    for repeats, _k, stride, expand, cin, cout in _BLOCKS:
+    for repeats, _k, stride, expand, cin, cout in BLOCKS:
         for r in range(repeats):
             p = f"_blocks.{idx}"
             s = stride if r == 0 else 1
