@@ -21,11 +21,14 @@ No JVM, no SparkSession: one process loads this in well under a second.
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import glob
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +37,8 @@ import numpy as np
 
 from canestra.answer import rule as answer
 from canestra.answer.rule import AnswerRule
-from canestra.errors import InputError
-from canestra.layout import METRICS_JSON
+from canestra.errors import EnvironmentProblem, InputError
+from canestra.layout import METRICS_JSON, MODEL_INFO
 from canestra.vision import backbone
 from canestra.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
 
@@ -173,9 +176,68 @@ def check_model_dir(path: str) -> str:
     return check(path, local_only=True)
 
 
+# What serving needs of an S3 model folder; the rest (canestra_training_ids.txt: which photos it was
+# fitted on, for erasure) stays in the bucket.
+_MODEL_PARTS = ("metadata/", "stages/", MODEL_INFO)
+
+
+def fetch_model(uri: str) -> str:
+    """``s3://BUCKET/PREFIX/model/`` -> a local copy to serve; its path.
+
+    The copy goes to a new private temporary folder (``TMPDIR``; a tmpfs in the container image),
+    made once in the process that starts the service (workers get the local path) and removed when
+    that process exits. ``metrics.json`` beside the model comes too (``GET /v1/model`` shows it).
+    Listing and reads go through the storage layer: its credentials chain, endpoint rules and EU
+    region check apply.
+    """
+    from canestra.storage import files, s3
+
+    opts = files.s3_options()
+    root = uri.rstrip("/")
+    listed = [(obj, rel) for obj, rel, _, _ in s3.list_objects(root, opts)
+              if rel.startswith(_MODEL_PARTS) and not rel.endswith(".crc")]
+    if not any(rel.startswith("metadata/part-") for _, rel in listed):
+        raise InputError(f"{root} is not a saved canestra model (no metadata/ under it): pass the model/ folder "
+                         "written by `canestra train`")
+    try:
+        dest = tempfile.mkdtemp(prefix="canestra-model-")  # 0700: only this user reads the copy
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot copy {root} to a temporary folder ({exc.strerror or exc}): set TMPDIR "
+                                 "to a writable folder") from None
+    atexit.register(shutil.rmtree, dest, True)
+    local = os.path.join(dest, "model")
+
+    def write(target: str, data: bytes) -> None:
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:
+            raise EnvironmentProblem(f"cannot copy {root} to {dest} ({exc.strerror or exc}): set TMPDIR to a "
+                                     "folder with room") from None
+
+    for obj, rel in listed:
+        target = os.path.normpath(os.path.join(local, rel))
+        if not target.startswith(local + os.sep):  # a key with ../ in it
+            raise InputError(f"{obj}: the key leaves the model folder; serve a model written by `canestra train`")
+        try:
+            data = s3.read_bytes(obj, opts)
+        except OSError as exc:  # read_bytes says which object and why, without credentials
+            raise InputError(f"cannot copy the model {root}: {exc}") from None
+        write(target, data)
+    try:  # held-out figures for GET /v1/model only: a role that may read just model/ still serves
+        write(os.path.join(dest, METRICS_JSON), s3.read_bytes(s3.join(root.rpartition("/")[0], METRICS_JSON), opts))
+    except OSError:
+        pass
+    return local
+
+
 def load_model_spec(path: str) -> ModelSpec:
-    """Read a saved canestra PipelineModel without Spark; InputError when it is not one."""
-    model_dir = check_model_dir(path)
+    """Read a saved canestra PipelineModel without Spark (an ``s3://`` one from a local copy); InputError when it
+    is not one."""
+    from canestra.storage.s3 import is_s3
+
+    model_dir = check_model_dir(fetch_model(path) if is_s3(path) else path)
     top = _read_metadata(model_dir)
     uids = top.get("paramMap", {}).get("stageUids") or []
     stage_dirs = {os.path.basename(d).split("_", 1)[1]: d for d in glob.glob(os.path.join(model_dir, "stages", "*_*"))}
