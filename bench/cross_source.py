@@ -70,6 +70,7 @@ class Lever:
     inet: bool = False  # the CNN's own ImageNet log-probabilities appended to the embedding
     profile_q: float | None = None  # family-level profile check quantile (None: the product's; 0: off)
     tta: int = 1  # test-time views averaged (1: the photo only; 2: + mirror; 4: + centre 80 % crop, mirrored)
+    domain_center: bool = False  # each domain (studio / real photo) centred on its own mean before the probe
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -79,6 +80,8 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 int8", sizes=(224,), precision="int8"),
     Lever("224 fp32 + aug 4", sizes=(224,), aug=4),
     Lever("224 int8 + aug 4", sizes=(224,), precision="int8", aug=4),
+    Lever("224 fp32 + aug 4 + domain centring", sizes=(224,), aug=4, domain_center=True),
+    Lever("224 int8 + aug 4 + domain centring", sizes=(224,), precision="int8", aug=4, domain_center=True),
     Lever("224 fp32 + aug 4 + tta 2", sizes=(224,), aug=4, tta=2),
     Lever("224 fp32 + aug 4 + tta 4", sizes=(224,), aug=4, tta=4),
     Lever("224 fp32 + ImageNet scores", sizes=(224,), inet=True),
@@ -225,6 +228,42 @@ def with_inet(X: np.ndarray, lv: Lever) -> np.ndarray:
     return np.concatenate([X, (logp * (X.std() / logp.std())).astype(np.float32)], axis=1)
 
 
+@dataclass
+class DomainCentre:
+    """Feature-mean alignment of the two domains (studio frames, real photos): a row is shifted by
+    (its domain's training mean - the mean of both), so a real strawberry photo lands where studio
+    strawberries do, less the look every real photo shares. The domain of a new photo comes from a
+    logistic classifier (studio vs real) on the same features."""
+
+    shift: np.ndarray  # [2, d]: studio, real
+    domain: object  # probe: margins -> [n, 2]
+
+    @classmethod
+    def fit(cls, X: np.ndarray, studio: np.ndarray, max_iter: int) -> DomainCentre:
+        mu = X.mean(axis=0)
+        shift = np.stack([X[studio].mean(axis=0) - mu, X[~studio].mean(axis=0) - mu])
+        dom = os_bench.fit_probe(X, (~studio).astype(int), 2, 64, 1e-4, max_iter, dtype="float32")
+        return cls(shift.astype(np.float32), dom)
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        real = self.domain.margins(X).argmax(axis=1)
+        return (X - self.shift[real]).astype(np.float32)
+
+
+@dataclass
+class Centred:
+    """A probe whose inputs are domain-centred first (margins/probabilities as the product's stages)."""
+
+    inner: object
+    centre: DomainCentre
+
+    def margins(self, X):
+        return self.inner.margins(self.centre(X))
+
+    def probabilities(self, X):
+        return self.inner.probabilities(self.centre(X))
+
+
 class Bench:
     def __init__(self, args):
         from canestra.answer.taxonomy import load_taxonomy
@@ -329,8 +368,11 @@ class Bench:
         y = np.array([labels.index(lb) for lb in rows.labels])
         X = np.concatenate(rows.X)
         t0 = time.perf_counter()
-        probe = os_bench.fit_probe(X, y, len(labels), lv.pca_k, lv.reg, self.args.max_iter,
+        centre = DomainCentre.fit(X, np.array(rows.source) == "studio", self.args.max_iter) if lv.domain_center else None
+        probe = os_bench.fit_probe(centre(X) if centre else X, y, len(labels), lv.pca_k, lv.reg, self.args.max_iter,
                                    weights=weights(rows.labels, rows.source, lv), dtype="float32")
+        if centre:
+            probe = Centred(probe, centre)
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
         rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
                                    0.005, profile_quantile=lv.profile_q)

@@ -81,7 +81,9 @@ def test_predict_multipart_and_raw_body(client, predictor, sample_dir, model_dir
 
 
 def test_batch_answers_each_image_like_single(client, sample_dir):
-    paths = images_of(sample_dir, "Kiwi", 2) + images_of(sample_dir, "Lemon", 2)
+    # Pineapple and lemon are ImageNet classes: their fruitness sits far above the "unknown" threshold, which on
+    # this small model is about the lowest held-out score (kiwi, no ImageNet class, sits at it).
+    paths = images_of(sample_dir, "Pineapple", 2) + images_of(sample_dir, "Lemon", 2)
     files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
     files.insert(2, ("file", ("notes.txt", b"not a picture at all", "text/plain")))
     r = client.post("/v1/predict/batch", files=files)
@@ -90,8 +92,8 @@ def test_batch_answers_each_image_like_single(client, sample_dir):
     assert [x["index"] for x in results] == list(range(5))
     assert results[2]["status"] == 415 and "not an image" in results[2]["error"]
     good = [x for x in results if x["status"] == 200]
-    assert [x["prediction"] for x in good] == ["Kiwi", "Kiwi", "Lemon", "Lemon"]
-    assert [x["family"] for x in good] == ["Kiwi", "Kiwi", "Lemon", "Lemon"]
+    assert [x["prediction"] for x in good] == ["Pineapple", "Pineapple", "Lemon", "Lemon"]
+    assert [x["family"] for x in good] == ["Pineapple", "Pineapple", "Lemon", "Lemon"]
     assert "family" not in results[2] or results[2]["family"] is None
     for x, p in zip(good, paths):
         single = client.post("/v1/predict", content=p.read_bytes()).json()
