@@ -81,7 +81,7 @@ def test_incremental_predict_is_idempotent_and_appends(spark, trained, sample_di
 
 def test_score_images_is_usable_without_a_store(spark, trained, sample_dir):
     """The scoring function the streaming `watch` shares: a DataFrame of images -> prediction rows."""
-    from canestra.pipeline.predict import PREDICTION_COLUMNS, load_model, score_images
+    from canestra.pipeline.predict import MONITOR_COLUMNS, PREDICTION_COLUMNS, load_model, score_images
     from canestra.vision.images import clean_image
 
     files = sorted((sample_dir / "Banana").glob("*.jpg"))[:3]
@@ -89,6 +89,6 @@ def test_score_images_is_usable_without_a_store(spark, trained, sample_dir):
     df = spark.createDataFrame([(i.image_id, i.content) for i in imgs], "image_id string, content binary")
     rows, update = score_images(load_model(str(Path(trained.out_dir) / "model")), df)
     got = rows.collect()
-    assert update is None and rows.columns == PREDICTION_COLUMNS
+    assert update is None and rows.columns == PREDICTION_COLUMNS + MONITOR_COLUMNS
     assert sorted(r.image_id for r in got) == sorted(i.image_id for i in imgs)
     assert all(r.prediction == "Banana" and 0 < r.probability <= 1 for r in got)

@@ -35,16 +35,17 @@ if TYPE_CHECKING:  # the heavy types, for annotations only
     from pyspark.ml import PipelineModel
     from pyspark.sql import SparkSession
 
+    from canestra.drift.monitor import DriftReport
     from canestra.pipeline.ingest import Listing
     from canestra.progress import Progress
     from canestra.tracking import TrackedRun
 
 __all__ = [
-    "ingest", "train", "predict", "evaluate", "watch", "load_model", "keywords",
-    "IngestRun", "TrainRun", "Predictions", "WatchRun", "Evaluation",
+    "ingest", "train", "predict", "evaluate", "watch", "load_model", "monitor", "keywords",
+    "IngestRun", "TrainRun", "Predictions", "WatchRun", "Evaluation", "DriftReport",
     "IngestOptions", "TrainOptions", "RunOptions", "TAKES", "OPTIONS",
     # the command line's hooks
-    "spark_session", "configure_storage", "precheck", "out_lock", "gdpr_locks", "spark_log_path",
+    "spark_session", "configure_storage", "monitor_run_folder", "precheck", "out_lock", "gdpr_locks", "spark_log_path",
     "tune_driver_process", "log_offset", "notices", "format_summary",
 ]
 
@@ -531,6 +532,32 @@ def watch(model: str, images: str, out: str, *, once: bool = False, trigger: str
         return WatchRun(res.out_dir, res.batches, res.predicted, res.quarantined, res.stopped_by, res.abandoned_batch)
 
 
+def monitor(model: str, predictions: str, *, window: int | None = None, report: str | None = None,
+            audit_log: str | None = None) -> DriftReport:
+    """Drift of new predictions from the model's held-out images, window by window (no Spark).
+
+    ``predictions``: the ``--out`` folder of ``predict`` or ``watch`` (or its ``predictions/``); its rows
+    are taken in time order (``predicted_at``, then ``image_id`` within one run or batch) in consecutive
+    windows of ``window`` predictions (default 100, at least 25), each scored on six statistics against
+    the model's drift reference (written by ``train``) and flagged when one is over its threshold
+    calibrated at training time. ``report``: also write an HTML page plotting the scores over time.
+    Returns a ``DriftReport`` (``.drift``, ``.windows``, ``.first_drift``, ``.to_dict()``, ``.text()``);
+    docs/monitoring.md.
+    """
+    with _boundary("monitor", monitor_run_folder(predictions), None, {"audit_log": audit_log}):
+        from canestra.drift.monitor import monitor as _monitor
+
+        res = _monitor(_model_dir(model), predictions, window)
+        written = []
+        if report:
+            from canestra.drift.report import write_report
+
+            written.append(write_report(res, report))
+        audit.note(predictions=res.scored + res.pending, windows=len(res.windows),
+                   windows_flagged=sum(w.drift for w in res.windows), outputs=written, details={"window": res.window})
+        return res
+
+
 def load_model(path: str, *, spark: SparkSession | None = None,
                registry: str | bool | None = None) -> PipelineModel:
     """A saved canestra model as a Spark ``PipelineModel`` (``model/`` folder, s3:// or ``models:/NAME/ALIAS``).
@@ -547,6 +574,12 @@ def load_model(path: str, *, spark: SparkSession | None = None,
 # ---------------------------------------------------------------------------- the command line's hooks
 # canestra.cli parses, calls these and the functions above, and formats; it imports no pipeline,
 # vision, storage or Spark module itself (tests/test_architecture.py).
+
+
+def monitor_run_folder(predictions: str) -> str:
+    """The run folder ``monitor``'s audit record goes to: ``OUT`` for ``OUT`` or ``OUT/predictions``."""
+    local = predictions if "://" in predictions else os.path.abspath(os.path.expanduser(predictions)).rstrip("/")
+    return os.path.dirname(local) if os.path.basename(local) == _PREDICTIONS else local
 
 
 def configure_storage(cfg: Settings) -> None:

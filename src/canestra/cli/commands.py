@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _gdpr_parsers(sub, debug, audit_log, storage)
     _serve_parser(sub, debug, audit_log)
+    _monitor_parser(sub, debug, audit_log)
 
     p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, the HTTPS service, EU regions)",
                        formatter_class=opt.HelpFormatter,
@@ -182,6 +183,40 @@ def _serve_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
                    help="Host names a loopback --host answers besides its IP addresses and localhost "
                         "(DNS rebinding guard; e.g. a local reverse proxy's name)")
     opt.shared_groups_last(p)
+
+
+MONITOR_WINDOW = 100  # canestra.drift.stats.DEFAULT_WINDOW (not imported: it loads numpy for every command)
+EXIT_DRIFT = 3  # monitor --fail-on-drift: a window drifted
+
+
+def _monitor_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.ArgumentParser) -> None:
+    p = _command(sub, "monitor", "drift of new predictions from the model's held-out images, window by window "
+                 "(no Spark)",
+                 ("canestra monitor --model runs/demo/model --predictions runs/pred --json",
+                  "canestra monitor --model runs/demo/model --predictions runs/live --window 200 --report drift.html"),
+                 [debug, audit_log])
+    g = p.add_argument_group("input and output")
+    g.add_argument("--model", required=True, metavar="DIR|URI",
+                   help="the model/ folder that wrote the predictions (or models:/NAME/ALIAS)")
+    g.add_argument("--predictions", required=True, metavar="DIR",
+                   help="the --out folder of canestra predict or canestra watch (or its predictions/ folder)")
+    g.add_argument("--window", type=int, default=MONITOR_WINDOW, metavar="N",
+                   help=f"predictions per window, in time order (default {MONITOR_WINDOW}; at least 25)")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    g.add_argument("--report", metavar="FILE.html", help="also write an HTML page plotting the drift scores over time")
+    g.add_argument("--fail-on-drift", action="store_true",
+                   help=f"exit with code {EXIT_DRIFT} when a window drifted (for cron and CI)")
+    g.add_argument("--mlflow", metavar="URI",
+                   help="MLflow registry for --model models:/NAME/ALIAS (default MLFLOW_TRACKING_URI, else ./mlruns)")
+    opt.shared_groups_last(p)
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    res = api.monitor(args.model, args.predictions, window=args.window, report=args.report, audit_log=args.audit_log)
+    print(res.to_json() if args.json else res.text())
+    if args.report and not args.json:
+        print(f"report: {os.path.abspath(os.path.expanduser(args.report))}")
+    return EXIT_DRIFT if args.fail_on_drift and res.drift else 0
 
 
 def _gdpr_parsers(sub, debug: argparse.ArgumentParser, audit_log: argparse.ArgumentParser,
@@ -293,6 +328,8 @@ def run(args: argparse.Namespace, log: _SparkLog | None = None) -> int:
         args.model = tracking.local_model_dir(args.model, getattr(args, "mlflow", None))
     if args.command in ("erase", "purge", "gdpr"):
         return _run_gdpr(args, cfg)
+    if args.command == "monitor":  # no Spark: the model's drift reference and the predictions are plain files
+        return _run_monitor(args)
     if args.command == "serve":  # no Spark: the model is read as plain files
         # Set before numpy loads (importing .server loads it), so every worker inherits it: numpy's
         # BLAS would otherwise start one busy-waiting thread per core in each worker for the tiny
@@ -366,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     log = _SparkLog()
     try:
         # GDPR Art. 30: every command, successful or not, leaves an audit record.
-        with audit.audited(_audit_name(args), out=getattr(args, "out", None), audit_log=getattr(args, "audit_log", None)):
+        out = api.monitor_run_folder(args.predictions) if args.command == "monitor" else getattr(args, "out", None)
+        with audit.audited(_audit_name(args), out=out, audit_log=getattr(args, "audit_log", None)):
             return run(args, log)
     except CanestraError as exc:
         if debug:

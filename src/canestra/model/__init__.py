@@ -5,13 +5,16 @@ read a model folder without a JVM; ``canestra.pipeline`` writes it.
 """
 
 from canestra.model.folder import (
+    DRIFT_REFERENCE,
     MODEL_FORMAT,
     check_model_dir,
     model_info,
+    read_drift_reference,
     read_training_ids,
+    write_drift_reference,
     write_model_info,
     write_training_ids,
 )
 
-__all__ = ["MODEL_FORMAT", "check_model_dir", "model_info", "read_training_ids", "write_model_info",
-           "write_training_ids"]
+__all__ = ["DRIFT_REFERENCE", "MODEL_FORMAT", "check_model_dir", "model_info", "read_drift_reference",
+           "read_training_ids", "write_drift_reference", "write_model_info", "write_training_ids"]

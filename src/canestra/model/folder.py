@@ -24,6 +24,9 @@ from canestra.storage import files as storage
 
 # Bump when a saved model stops being readable by older canestra versions.
 MODEL_FORMAT = 1
+# Inside a model folder: its held-out answers in summary and the drift thresholds (canestra.drift.stats);
+# aggregates only, no image id. Models trained before it have none (canestra monitor says so).
+DRIFT_REFERENCE = "canestra_drift_reference.json"
 _RETRAIN = "re-run `canestra train`"
 # Stage classes that hold fitted data (Spark writes it under stages/<i>_<uid>/data/).
 _WITH_DATA = ("PCAModel", "LogisticRegressionModel")
@@ -153,3 +156,26 @@ def read_training_ids(model_dir: str) -> set[str] | None:
             return {line.strip() for line in fh if line.strip()}
     except FileNotFoundError:
         return None
+
+
+def write_drift_reference(model_dir: str, reference: dict[str, Any]) -> str:
+    """Write the drift reference (a JSON object, ``canestra.drift.stats.Reference.to_json()``) into a model folder."""
+    path = model_dir.rstrip("/") + "/" + DRIFT_REFERENCE
+    storage.write_text_atomic(path, json.dumps(reference, indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def read_drift_reference(model_dir: str) -> dict[str, Any] | None:
+    """The model's drift reference as JSON, None when it has none (trained before canestra stored it);
+    InputError when the file is there but unreadable."""
+    where = model_dir.rstrip("/") + "/" + DRIFT_REFERENCE
+    text = storage.read_text(where)
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{where} is unreadable (not JSON: {str(exc)[:120]}): {_RETRAIN}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{where} is unreadable (not a JSON object): {_RETRAIN}")
+    return raw

@@ -2,6 +2,7 @@
 
 
 import csv
+import datetime as dt
 import io
 import json
 import os
@@ -22,6 +23,10 @@ PREDICTIONS = "predictions"
 # Columns of the predictions table and CSV; ``path`` comes first with --include-paths, ``label`` last
 # for images in class folders.
 PREDICTION_COLUMNS = ["image_id", "prediction", "probability", "family", "family_probability", "top5"]
+# Columns `canestra monitor` reads (docs/monitoring.md), in the Parquet table only (not predictions.csv): the
+# two scores of the "unknown" rule, the first PCA components and when the row was predicted (UTC, ISO 8601;
+# the rows of one predict run or one watch batch share it).
+MONITOR_COLUMNS = ["energy", "fruitness", "pca_head", "predicted_at"]
 
 
 @dataclass
@@ -73,8 +78,8 @@ def score_images(model, images, out_dir: str | None = None, include_paths: bool 
     """Score a DataFrame of cleaned images into prediction rows; (rows, feature-store counts or None).
 
     ``images`` has ``image_id`` and ``content`` (plus ``source_path`` with ``include_paths``,
-    ``label`` with ``labelled``); rows have ``PREDICTION_COLUMNS`` (plus ``path`` first and
-    ``label`` last), the columns of the predictions table. With ``out_dir`` (batch DataFrames
+    ``label`` with ``labelled``); rows have ``PREDICTION_COLUMNS`` and ``MONITOR_COLUMNS`` (plus ``path``
+    first and ``label`` last), the columns of the predictions table. With ``out_dir`` (batch DataFrames
     only), embeddings come from ``out_dir``'s feature store: only images it lacks run the CNN.
     """
     from pyspark.ml import PipelineModel
@@ -93,8 +98,21 @@ def score_images(model, images, out_dir: str | None = None, include_paths: bool 
         scored = predict_dataframe(model, images)
     # The classifier's own numeric "prediction" column is left behind by the select.
     named = {"path": "source_path", "prediction": "prediction_label", "probability": "max_probability"}
-    cols = (["path"] if include_paths else []) + PREDICTION_COLUMNS + (["label"] if labelled else [])
-    return scored.select(*(scored[named.get(c, c)].alias(c) for c in cols)), update
+    cols = (["path"] if include_paths else []) + PREDICTION_COLUMNS
+    return scored.select(*(scored[named.get(c, c)].alias(c) for c in cols), *_monitor_columns(scored, stages),
+                         *([scored["label"]] if labelled else [])), update
+
+
+def _monitor_columns(scored, stages) -> list:
+    from pyspark.sql import functions as F
+
+    from canestra.pipeline.reference import pca_head_column
+
+    pca = next((s for s in stages if type(s).__name__ == "PCAModel"), None)
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # fixed width: sorts as text
+    return [scored["energy"], scored["fruitness"],
+            (pca_head_column(pca.getOutputCol()) if pca is not None else F.lit(None).cast("array<float>"))
+            .alias("pca_head"), F.lit(now).alias("predicted_at")]
 
 
 def _not_predicted_yet(spark, valid, final: str, include_paths: bool):

@@ -266,13 +266,15 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     return model, rule, rows, metrics
 
 
-def _save_model(out_dir: str, model, train_idx) -> str:
+def _save_model(out_dir: str, model, train_idx, drift_ref: dict | None = None) -> str:
     model_path = os.path.join(out_dir, MODEL)
     staging = storage.staging_dir(model_path)
     model.write().overwrite().save(staging)
-    from canestra.model import write_model_info
+    from canestra.model import write_drift_reference, write_model_info
 
     write_model_info(staging, model.stages)  # version + format: a later canestra can refuse it plainly
+    if drift_ref is not None:  # what `canestra monitor` and `serve`'s /v1/drift compare new answers with
+        write_drift_reference(staging, drift_ref)
     # GDPR Art. 17: the model lists the images it was fitted on, so `erase` can say when to retrain.
     from canestra.model import write_training_ids
 
@@ -377,7 +379,10 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
             progress.say(f"canestra: warning: {warning}")
 
     with progress.stage("save") as st:
-        _save_model(out_dir, model, fit.train_idx)
+        from canestra.pipeline.reference import drift_reference
+
+        _save_model(out_dir, model, fit.train_idx,
+                    drift_reference(model, res.catalog_path, fit.test_df, rows, rule, cfg.seed))
         timings["total"] = time.perf_counter() - t_start
         # every held-out row was scored: no extra pass over the table for n_test
         metrics.update(_run_metrics(res, cfg, featurizer, fit, rule, len(rows), metrics["n"], update, timings))

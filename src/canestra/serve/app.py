@@ -374,6 +374,9 @@ class _Service:
         self.max_bytes = predictor.max_bytes
         self.limit_mb = self.max_bytes / 1e6
         self.counts = _Counts()
+        from canestra.serve.drift import ModelDrift  # after the serve extra's import check above
+
+        self.drift = ModelDrift()  # GET /v1/drift: rolling windows of this worker's answers
         self.ready = True  # False while the worker shuts down: /readyz then says 503
         self._limiter: anyio.CapacityLimiter | None = None  # created inside the event loop
         # Decoded bytes (images.decoded_size): one image at most, and what this worker admits at
@@ -426,7 +429,10 @@ class _Service:
             raise image_problem(err, self.limit_mb) from None
         except MemoryError:
             raise Problem(413, "image too large to decode in memory", reason="decoded_too_large") from None
-        return _answer(self.predictor.predict_rgb([rgb])[0])
+        predictor = self.predictor  # the model that answers, also for the drift windows
+        p = predictor.predict_rgb([rgb])[0]
+        self.drift.observe(predictor.spec, [p])
+        return _answer(p)
 
     async def score(self, data: bytes) -> dict:
         cost = self.cost(data)
@@ -458,7 +464,10 @@ class _Service:
 
         def flush() -> None:
             nonlocal held_cost
-            for (i, _), p in zip(held, self.predictor.predict_rgb([rgb for _, rgb in held])):
+            predictor = self.predictor  # the model that answers, also for the drift windows
+            preds = predictor.predict_rgb([rgb for _, rgb in held])
+            self.drift.observe(predictor.spec, preds)
+            for (i, _), p in zip(held, preds):
                 items[i] = {"index": i, "status": 200, **_answer(p)}
             held.clear()
             held_cost = 0
@@ -507,6 +516,9 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
     _add_prediction_routes(guarded, svc)
     _add_model_route(guarded, svc)
     _add_metrics_route(guarded, svc)
+    from canestra.serve.drift import add_drift_route
+
+    add_drift_route(guarded, svc, _json)
     app.include_router(guarded)
     _add_health_routes(app, svc)
     _add_page(app)
@@ -574,7 +586,8 @@ def _new_app(svc: _Service) -> FastAPI:
         summary="Fruit-image classification: EfficientNet-Lite0 features, PCA, logistic regression; answers a "
                 "variety and its family, or `unknown` for images unlike any training class.",
         description="Uploaded images are processed in memory and never stored or logged; "
-                    "the service keeps request counts only.",
+                    "the service keeps request counts and, for `/v1/drift`, a few numbers per recent answer "
+                    "(never the image or its id).",
         lifespan=_lifespan(svc),
         docs_url=None,  # served by _add_docs from local assets: no CDN
         redoc_url=None,

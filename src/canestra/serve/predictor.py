@@ -39,6 +39,7 @@ from canestra.answer import rule as answer
 from canestra.answer.rule import AnswerRule
 from canestra.errors import EnvironmentProblem, InputError
 from canestra.layout import METRICS_JSON, MODEL_INFO
+from canestra.model import DRIFT_REFERENCE
 from canestra.vision import backbone
 from canestra.vision.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, decode_rgb, pixel_id
 
@@ -176,9 +177,9 @@ def check_model_dir(path: str) -> str:
     return check(path, local_only=True)
 
 
-# What serving needs of an S3 model folder; the rest (canestra_training_ids.txt: which photos it was
-# fitted on, for erasure) stays in the bucket.
-_MODEL_PARTS = ("metadata/", "stages/", MODEL_INFO)
+# What serving needs of an S3 model folder (the drift reference for GET /v1/drift); the rest
+# (canestra_training_ids.txt: which photos it was fitted on, for erasure) stays in the bucket.
+_MODEL_PARTS = ("metadata/", "stages/", MODEL_INFO, DRIFT_REFERENCE)
 
 
 def fetch_model(uri: str) -> str:
@@ -353,6 +354,7 @@ class Prediction:
     unknown: bool
     energy: float  # the scores `unknown` is decided on (answer.energy, answer.fruitness)
     fruitness: float
+    projection: np.ndarray | None = None  # the PCA projection (Spark's `pca` column): for drift monitoring
 
 
 def default_threads(workers: int = 1) -> int:
@@ -398,10 +400,13 @@ class OnlinePredictor:
         """CNN embeddings (float32, as the Spark featurizer produces them)."""
         return backbone.embed(rgbs, self.spec.image_sizes, self.onnx_path, self.threads, fit=self.spec.input_fit)
 
-    def margins(self, features: np.ndarray) -> np.ndarray:
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """The PCA projection, as Spark's ``PCAModel`` (row i = pc^T x_i, no centring)."""
+        return np.asarray(features, dtype=np.float64) @ self._pc
+
+    def margins(self, features: np.ndarray, projected: np.ndarray | None = None) -> np.ndarray:
         """The classifier's raw margins, as Spark's ``rawPrediction`` (binomial: ``[-m, m]``)."""
-        x = np.asarray(features, dtype=np.float64)
-        reduced = x @ self._pc  # row i = pc^T x_i
+        reduced = self.project(features) if projected is None else projected
         margins = reduced @ self._coef_t + self.spec.intercepts
         if not self.spec.multinomial:
             margins = np.concatenate([-margins, margins], axis=1)
@@ -423,14 +428,16 @@ class OnlinePredictor:
         if not rgbs:
             return []
         feats = self.features(rgbs)
-        margins = self.margins(feats)
+        projected = self.project(feats)
+        margins = self.margins(feats, projected)
         probs = self.probabilities_from_margins(margins)
         a = answer.decide(probs, margins, feats, self.spec.rule)  # the decision the Spark AnswerModel makes
         return [
             Prediction(image_id=pixel_id(rgb), label=a.prediction[i], probability=float(a.probability[i]),
                        top5=[(str(c), float(p)) for c, p in a.top5[i]], probabilities=probs[i],
                        family=a.family[i], family_probability=float(a.family_probability[i]),
-                       unknown=bool(a.unknown[i]), energy=float(a.energy[i]), fruitness=float(a.fruitness[i]))
+                       unknown=bool(a.unknown[i]), energy=float(a.energy[i]), fruitness=float(a.fruitness[i]),
+                       projection=projected[i])
             for i, rgb in enumerate(rgbs)
         ]
 
