@@ -70,6 +70,9 @@ class Lever:
     inet: bool = False  # the CNN's own ImageNet log-probabilities appended to the embedding
     profile_q: float | None = None  # family-level profile check quantile (None: the product's; 0: off)
     tta: int = 1  # test-time views averaged (1: the photo only; 2: + mirror; 4: + centre 80 % crop, mirrored)
+    probe_dims: int | None = None  # the probe reads only the first N columns (the rest: the ImageNet head's input)
+    inet_offset: int | None = None  # where the ImageNet head's 1,280 inputs start (None: the size nearest 224 px)
+    energy_rule: bool | None = None  # the energy threshold: None as the product (off once real photos are trained), or forced
     domain_center: bool = False  # each domain (studio / real photo) centred on its own mean before the probe
 
 
@@ -81,6 +84,8 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 fp32 + aug 4", sizes=(224,), aug=4),
     Lever("224 int8 + aug 4", sizes=(224,), precision="int8", aug=4),
     Lever("224 fp32 + aug 4 + domain centring", sizes=(224,), aug=4, domain_center=True),
+    Lever("224 fp32 + aug 4 + no energy threshold", sizes=(224,), aug=4, energy_rule=False),
+    Lever("224 fp32 + aug 4 + energy threshold", sizes=(224,), aug=4, energy_rule=True),
     Lever("224 int8 + aug 4 + domain centring", sizes=(224,), precision="int8", aug=4, domain_center=True),
     Lever("224 fp32 + aug 4 + tta 2", sizes=(224,), aug=4, tta=2),
     Lever("224 fp32 + aug 4 + tta 4", sizes=(224,), aug=4, tta=4),
@@ -251,6 +256,20 @@ class DomainCentre:
 
 
 @dataclass
+class Sliced:
+    """A probe that reads the first ``dims`` columns of its input."""
+
+    inner: object
+    dims: int
+
+    def margins(self, X):
+        return self.inner.margins(X[:, : self.dims])
+
+    def probabilities(self, X):
+        return self.inner.probabilities(X[:, : self.dims])
+
+
+@dataclass
 class Centred:
     """A probe whose inputs are domain-centred first (margins/probabilities as the product's stages)."""
 
@@ -368,14 +387,18 @@ class Bench:
         y = np.array([labels.index(lb) for lb in rows.labels])
         X = np.concatenate(rows.X)
         t0 = time.perf_counter()
-        centre = DomainCentre.fit(X, np.array(rows.source) == "studio", self.args.max_iter) if lv.domain_center else None
-        probe = os_bench.fit_probe(centre(X) if centre else X, y, len(labels), lv.pca_k, lv.reg, self.args.max_iter,
+        Xp = X[:, : lv.probe_dims] if lv.probe_dims else X
+        centre = DomainCentre.fit(Xp, np.array(rows.source) == "studio", self.args.max_iter) if lv.domain_center else None
+        probe = os_bench.fit_probe(centre(Xp) if centre else Xp, y, len(labels), lv.pca_k, lv.reg, self.args.max_iter,
                                    weights=weights(rows.labels, rows.source, lv), dtype="float32")
         if centre:
             probe = Centred(probe, centre)
+        if lv.probe_dims:
+            probe = Sliced(probe, lv.probe_dims)
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
         rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
-                                   0.005, profile_quantile=lv.profile_q)
+                                   0.005, profile_quantile=lv.profile_q, offset=lv.inet_offset,
+                                   energy=lv.energy_rule)
         return probe, rule
 
     def family_folds(self) -> list[set[str]]:

@@ -139,6 +139,8 @@ class FTBench(cs.Bench):
         return np.load(path, mmap_mode="r")
 
     def _embed(self, key, acts: np.ndarray) -> np.ndarray:
+        """Fine-tuned embedding of cached trunk outputs; with ``--imagenet-original`` the original
+        network's embedding is appended (the answer rule's ImageNet head reads it, the probe does not)."""
         import torch
 
         if key not in self.emb:
@@ -148,7 +150,21 @@ class FTBench(cs.Bench):
                 for i in range(0, len(acts), 256):
                     out.append(self.tail.embed(torch.from_numpy(np.asarray(acts[i : i + 256], np.float32))).numpy())
             self.emb[key] = np.concatenate(out)
+            if self.args.imagenet_original:
+                self.emb[key] = np.concatenate([self.emb[key], self._original(key, acts)], axis=1)
         return self.emb[key]
+
+    def _original(self, key, acts) -> np.ndarray:
+        import torch
+
+        if not hasattr(self, "_orig_tail"):
+            self._orig_tail = make_tail(self.params, self.first, 1).eval()
+            self._orig = {}
+        if key not in self._orig:
+            with torch.no_grad():
+                self._orig[key] = np.concatenate([self._orig_tail.embed(torch.from_numpy(np.asarray(acts[i : i + 256], np.float32))).numpy()
+                                                  for i in range(0, len(acts), 256)])
+        return self._orig[key]
 
     def X(self, name, lv):
         if self.tail is None:
@@ -211,6 +227,13 @@ class FTBench(cs.Bench):
         y = torch.from_numpy(np.array([names.index(lb) for lb in labels]))
         self.tail = make_tail(self.params, self.first, len(names))
         self.emb = {}
+        a = self.args
+        key = f"tail-{'+'.join(real_roots)}-{'-'.join(sorted(drop_families))}-b{a.blocks}-e{a.epochs}-lr{a.lr}-s{a.studio_per_class}-aug{lv.aug}"
+        saved = self.feats.dir / f"{key}.pt"
+        if saved.exists():
+            self.tail.load_state_dict(torch.load(saved))
+            cs.log(f"  fine-tuned tail reused: {saved.name}")
+            return
         head = list(self.tail.fc.parameters())
         body = [p for n, p in self.tail.named_parameters() if not n.startswith("fc.")]
         opt = torch.optim.AdamW([{"params": body, "lr": self.args.lr}, {"params": head, "lr": self.args.lr * 10}],
@@ -234,6 +257,7 @@ class FTBench(cs.Bench):
                 tot += float(loss.detach()) * len(b)
             cs.log(f"  epoch {ep + 1}: loss {tot / len(A):.3f}")
         dt = time.perf_counter() - t0
+        torch.save(self.tail.state_dict(), saved)
         self.costs.append({"roots": "+".join(real_roots), "rows": len(A), "finetune_s": round(dt, 1)})
         cs.log(f"  fine-tuned {self.args.blocks} blocks on {len(A)} rows ({'+'.join(real_roots)}): {dt:.0f} s")
 
@@ -271,11 +295,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-iter", type=int, default=60)
     ap.add_argument("--only-val", action="store_true", help="only the grocery->val protocol (one fine-tune)")
+    ap.add_argument("--imagenet-original", action="store_true",
+                    help="the answer rule's ImageNet head reads the original network's embedding (fine-tuned one for the probe)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     b = FTBench(args)
     for name in [n.strip() for n in args.levers.split(",") if n.strip()]:
         lv = cs.LEVERS.get(name) or cs.Lever(name)
+        if args.imagenet_original:
+            lv = dataclasses.replace(lv, probe_dims=1280, inet_offset=1280, name=lv.name + " + original ImageNet head")
         res = b.run_val(lv) if args.only_val else b.run(lv)
         res["lever"] = f"{lv.name} + fine-tune {args.blocks} blocks ({args.epochs} epochs)"
         res["finetune"] = b.costs

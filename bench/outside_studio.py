@@ -543,7 +543,7 @@ def imagenet_offset(sizes) -> int:
 
 
 def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_train, X_cal, cal_labels, q: float,
-               profile_quantile: float | None = None):
+               profile_quantile: float | None = None, offset: int | None = None, energy: bool | None = None):
     """The answer rule as ``canestra.pipeline.train.train`` builds it, from training and held-out rows.
     ``profile_quantile``: the family-level profile check's quantile (default the product's; 0 turns it off)."""
     import pandas as pd
@@ -559,7 +559,7 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
     from canestra.answer.taxonomy import is_family_label
     from canestra.pipeline import evaluation
 
-    offset = imagenet_offset(sizes)
+    offset = imagenet_offset(sizes) if offset is None else offset
     families = taxonomy.families_of(labels)
     inet = imagenet_probabilities(X_train, offset)
     means = np.stack([inet[y_train == c].mean(axis=0) for c in range(len(labels))])
@@ -574,7 +574,11 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
     a = decide(probe.probabilities(X_cal), probe.margins(X_cal), X_cal, plain)
     rows = pd.DataFrame({"label": cal_labels, "predicted_label": a.prediction, "energy": a.energy,
                          "fruitness": a.fruitness})
-    te, tf = evaluation.thresholds(rows, q)
+    # Fruitness is calibrated on the training rows too, as canestra train does.
+    t = decide(probe.probabilities(X_train), probe.margins(X_train), X_train, plain)
+    train_rows = pd.DataFrame({"label": np.array(labels)[y_train], "fruitness": t.fruitness})
+    te, tf = evaluation.thresholds(rows, q, evaluation.energy_applies(labels) if energy is None else energy,
+                                   fruit_rows=train_rows)
     return AnswerRule(labels, families, te, tf, imagenet_classes, offset, profiles,
                       {} if profile_quantile == 0 else profile_thr)
 

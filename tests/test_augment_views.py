@@ -62,6 +62,10 @@ def test_views_join_training_rows_only(trained):
     assert set(views_rows["image_id"]) == set(train_photos["image_id"])  # only family-labelled training photos
     assert set(views_rows["split"]) == {"train"} and set(views_rows["view"]) == {1, 2}
     assert "2 augmented views of each family-labelled training photo" in log
+    # Real photos trained: the unknown rule drops its energy threshold (fruitness and profile checks stay).
+    unk = first.metrics["unknown"]
+    assert unk["energy_threshold"] is None and unk["fruitness_threshold"] is not None
+    assert "no energy threshold" in unk["rule"]
     # Held-out figures are of real photos only: no view is ever scored as held-out.
     assert first.metrics["n"] + first.metrics.get("family_roots_held_out", {}).get("n", 0) <= int(
         (df["view"] == 0).sum())

@@ -67,6 +67,17 @@ def test_thresholds_ignore_unknown_image_rows():
     assert (te, tf) == only  # the non-fruit rows pull neither threshold down
 
 
+def test_energy_threshold_only_for_models_without_real_photos():
+    """Studio-only models keep the energy threshold; once family-labelled photos are trained it is off."""
+    assert evaluation.energy_applies(["Kiwi", "Lemon", OTHER_LABEL])
+    assert not evaluation.energy_applies(["Kiwi", "Apple (family)"])
+    rows = pd.DataFrame({"label": ["Kiwi"] * 200, "energy": np.linspace(5, 10, 200),
+                         "fruitness": np.linspace(0.5, 1, 200), "predicted_label": ["Kiwi"] * 200,
+                         "family": ["Kiwi"] * 200})
+    te, tf = evaluation.thresholds(rows, 0.05, energy=False)
+    assert te is None and tf == evaluation.thresholds(rows, 0.05)[1]
+
+
 @pytest.fixture(scope="module")
 def trained(spark, tmp_path_factory, sample_dir):
     from canestra.pipeline.train import train

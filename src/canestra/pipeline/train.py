@@ -236,14 +236,17 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, None, None, fit.profiles,
                                           fit.profile_thr).to_json())
     rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df)
-    te, tf = evaluation.thresholds(rows, cfg.unknown_quantile)
+    energy = evaluation.energy_applies(labels)
+    # Fruitness is calibrated on the training photos too (original photos, not their augmented views).
+    train_rows = _scored_rows([fit.pca, fit.clf, plain], fit.train_idx.where("view = 0").drop("label_index"))
+    te, tf = evaluation.thresholds(rows, cfg.unknown_quantile, energy, fruit_rows=train_rows)
     rule = _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr)
     model = PipelineModel(stages=[featurizer, fit.pca, fit.clf, AnswerModel(rule=rule.to_json())])
     variety_rows = rows[rows["label"].map(is_variety_label)]
     counts = [(t, p, int(n)) for (t, p), n in
               variety_rows.groupby(["label", "predicted_label"]).size().items()]
     metrics = classification_metrics(counts, classes=[lb for lb in labels if is_variety_label(lb)])
-    metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf))
+    metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf, energy))
     fam_held = metrics.pop("family_roots_held_out", None)
     shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
                                  "family_accuracy": (metrics.get("family") or {}).get("accuracy")},
