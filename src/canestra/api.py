@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the heavy types, for annotations only
     from pyspark.sql import SparkSession
 
     from canestra.drift.monitor import DriftReport
+    from canestra.feedback.promote import Promotion
     from canestra.pipeline.ingest import Listing
     from canestra.progress import Progress
     from canestra.tracking import TrackedRun
@@ -44,9 +45,11 @@ __all__ = [
     "ingest", "train", "predict", "evaluate", "watch", "load_model", "monitor", "keywords",
     "IngestRun", "TrainRun", "Predictions", "WatchRun", "Evaluation", "DriftReport",
     "IngestOptions", "TrainOptions", "RunOptions", "TAKES", "OPTIONS",
+    "promote",  # docs/feedback.md
     # the command line's hooks
     "spark_session", "configure_storage", "monitor_run_folder", "precheck", "out_lock", "gdpr_locks", "spark_log_path",
-    "tune_driver_process", "log_offset", "notices", "format_summary",
+    "tune_driver_process", "log_offset", "notices", "format_summary", "feedback_store", "erase_feedback",
+    "purge_feedback",
 ]
 
 _PREDICTIONS = "predictions"  # predict's Parquet table (pipeline.predict.PREDICTIONS; that module is heavy)
@@ -391,7 +394,8 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
           settings: Settings | None = None, quiet: bool = False, progress: Progress | None = None,
           mlflow: str | bool | None = None, register_model: str | None = None,
           eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
-          listing: Listing | None = None, **overrides: Unpack[TrainOptions]) -> TrainRun:
+          listing: Listing | None = None, feedback: str | None = None,
+          **overrides: Unpack[TrainOptions]) -> TrainRun:
     """Ingest, featurize, fit PCA + logistic regression, calibrate "unknown", evaluate and save.
 
     ``mlflow``: True (MLFLOW_TRACKING_URI, else ./mlruns), a tracking URI or folder, False (off);
@@ -399,6 +403,8 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
     model in MLflow's registry. ``eval_images``: labelled roots never trained on, scored by the
     final model into ``metrics["by_source"]`` (one entry per root, in order). ``unknown_images``:
     roots of photos that are none of the families, trained as a class answered ``unknown``.
+    ``feedback``: a feedback store (``serve --feedback-dir``): the corrections users sent are trained
+    on too, at the level they were given (docs/feedback.md).
 
     Settings keywords (``TrainOptions``; any other raises ``InputError``), e.g. ``pca_k=32,
     image_sizes=100``: Spark ``master``, ``driver_memory``, ``arrow_batch``; featurizer
@@ -419,6 +425,13 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             raise InputError("register_model needs MLflow tracking: drop mlflow=False, or register_model")
         track = tracking.train_option(mlflow, register_model)
         tracking.require(track)  # a missing mlflow fails here, before Spark starts
+        if feedback:  # the store's corrections join the run as labelled roots (feedback/training.py)
+            from canestra.answer.taxonomy import load_taxonomy
+            from canestra.feedback.training import with_feedback
+
+            images, listing, kept, waiting = with_feedback(feedback, images, listing, load_taxonomy(cfg.taxonomy),
+                                                           unknown_images or (), _progress(progress, quiet).say)
+            audit.note(feedback_images=kept, feedback_waiting=waiting)
         if spark is None and eval_images:  # bad evaluation roots fail before a JVM starts, as bad --images
             from canestra.answer.taxonomy import load_taxonomy
             from canestra.pipeline.eval_sources import check_eval_roots
@@ -556,6 +569,61 @@ def monitor(model: str, predictions: str, *, window: int | None = None, report: 
         audit.note(predictions=res.scored + res.pending, windows=len(res.windows),
                    windows_flagged=sum(w.drift for w in res.windows), outputs=written, details={"window": res.window})
         return res
+
+
+def promote(candidate: str, to: str, eval_images: str | list[str], *, current: str | None = None,
+            unknown_images: str | list[str] | None = None, target: str | None = None, tolerance: float = 0.01,
+            min_gain: float = 0.0, report_dir: str | None = None, registry: str | None = None,
+            settings: Settings | None = None, audit_log: str | None = None) -> Promotion:
+    """Compare ``candidate`` with the current model on the same photo sets and promote it only if it is
+    better (docs/feedback.md): the ``target`` set (default the first ``eval_images``) must improve by more
+    than ``min_gain`` and no set may lose more than ``tolerance`` (shares). ``to``: a pointer file
+    (``serve --model FILE`` follows it) or ``models:/NAME@ALIAS``. No Spark: both models are scored with the
+    serving predictor. Returns the ``Promotion`` (``.promoted``, ``.reason``, ``.sets``, ``.table()``,
+    the report's paths); ``.raise_if_refused()`` raises ``PromotionRefused`` (exit code 3 in the CLI).
+    """
+    local = not (":/" in to or "://" in to)
+    out = os.path.dirname(os.path.abspath(os.path.expanduser(to))) if local else None
+    with _boundary("promote", out, settings, {"audit_log": audit_log} if audit_log else {}):
+        cfg = settings or Settings.load()
+        configure_storage(cfg)
+        from canestra.feedback.promote import promote as _promote
+
+        as_list = [eval_images] if isinstance(eval_images, str) else list(eval_images)
+        unknown = [unknown_images] if isinstance(unknown_images, str) else list(unknown_images or [])
+        res = _promote(candidate, to, as_list, current=current, unknown_images=unknown, target=target,
+                       tolerance=tolerance, min_gain=min_gain, report_dir=report_dir, registry=registry,
+                       taxonomy=cfg.taxonomy)
+        audit.note(sets=len(res.sets), images=sum(s.images for s in res.sets), promoted=int(res.promoted),
+                   outputs=[res.report_md, res.report_json] + ([to] if res.promoted and local else []),
+                   details={"candidate": res.candidate_version[:12], "tolerance": tolerance, "min_gain": min_gain,
+                            "current": res.current_version[:12] if res.current_version else None})
+        return res
+
+
+def feedback_store(store: str) -> str:
+    """The root of a feedback store; InputError when ``store`` is none (train --feedback checks it before Spark)."""
+    from canestra.feedback.store import require_store
+
+    return require_store(store)
+
+
+def erase_feedback(store: str, image_ids: list[str]) -> list[str]:
+    """Delete every copy of ``image_ids`` from a feedback store (``erase --feedback-dir``); the entries removed."""
+    from canestra.feedback.store import erase
+    from canestra.privacy.erase import validate_ids
+
+    return erase(store, set(validate_ids(image_ids)))
+
+
+def purge_feedback(store: str, older_than_days: float | None, *, dry_run: bool = False) -> list:
+    """Delete (``dry_run``: list) the corrections of a feedback store older than the period; (entry, age) pairs."""
+    from canestra.errors import InputError
+    from canestra.feedback.store import purge
+
+    if older_than_days is None:
+        raise InputError("--older-than must be a number of days >= 0 (or set CANESTRA_RETENTION_DAYS)")
+    return purge(store, older_than_days, dry_run=dry_run)
 
 
 def load_model(path: str, *, spark: SparkSession | None = None,

@@ -102,6 +102,8 @@ class ServingOptions(TypedDict, total=False):
     forwarded_allow_ips: str | None
     allowed_hosts: str | None
     log_format: str
+    feedback_dir: str | None
+    model_poll: float
 
 
 class StorageOptions(TypedDict, total=False):
@@ -201,6 +203,11 @@ class Settings:
     # Log lines on stderr: "text" (uvicorn's, no line per request) or "json" (one object per line,
     # one per request too: request id, route, status, duration; docs/serving.md).
     log_format: str = "text"
+    # Learning from the field (docs/feedback.md): where POST /v1/feedback stores corrections sent with consent
+    # (a local folder or s3:// prefix; erase, purge and gdpr record cover it too), and how often a service
+    # whose --model is a pointer or an MLflow alias checks it for a promoted model (0 = on SIGHUP only).
+    feedback_dir: str | None = None
+    model_poll: float = 10.0
 
     # -- storage: S3 (docs/storage.md): endpoint (else AWS_ENDPOINT_URL_S3 / the AWS default), plain-http
     # opt-in for local emulators, GDPR Art. 44 region opt-out, SSE-KMS key (default SSE-S3).

@@ -308,6 +308,55 @@ def local_model_dir(path: str, registry: str | bool | None = None) -> str:
     return dest
 
 
+def _registry(registry: str | bool | None):
+    """(MLflow client, URI) of ``registry`` (a URI or folder), else MLFLOW_REGISTRY_URI / MLFLOW_TRACKING_URI, ./mlruns."""
+    client_cls = _mlflow()
+    uri = _store_uri(registry if isinstance(registry, str) and registry else
+                     os.environ.get(ENV_REGISTRY) or os.environ.get(ENV_URI) or DEFAULT_URI)
+    return client_cls(tracking_uri=uri, registry_uri=uri), uri
+
+
+def alias_of(path: str) -> tuple[str, str]:
+    """``models:/NAME@ALIAS`` (or ``models:/NAME/ALIAS``) -> (NAME, ALIAS); InputError for a version number."""
+    name, ref = _parse(path)
+    if ref.isdigit():
+        raise InputError(f"{path} names version {ref}, not an alias: use models:/{name}@ALIAS")
+    return name, ref
+
+
+def version_of(path: str) -> tuple[str, str]:
+    """``models:/NAME/VERSION`` -> (NAME, VERSION); InputError for an alias."""
+    name, ref = _parse(path)
+    if not ref.isdigit():
+        raise InputError(f"{path} names an alias, not a version: pass models:/{name}/VERSION")
+    return name, ref
+
+
+def alias_version(path: str, registry: str | bool | None = None) -> str | None:
+    """The version number ``models:/NAME@ALIAS`` points at now; None when the alias is not set."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias = alias_of(path)
+    client, _ = _registry(registry)
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def set_alias(path: str, version: str, registry: str | bool | None = None) -> None:
+    """Point ``models:/NAME@ALIAS`` at ``version`` of NAME (canestra promote)."""
+    from mlflow.exceptions import MlflowException
+
+    name, alias = alias_of(path)
+    client, uri = _registry(registry)
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        raise InputError(f"cannot set {path} to version {version} in the MLflow registry at {uri} "
+                         f"({_first_line(exc)})") from None
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]", "_", name)[:64]
 

@@ -14,6 +14,7 @@ import traceback
 
 from canestra import __version__, api, tracking
 from canestra._faults import typed_error
+from canestra.cli import feedback as feedback_cli
 from canestra.cli import options as opt
 from canestra.config import Settings
 from canestra.errors import EXIT_USER_ERROR, CanestraError
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--unknown-images", action="append", metavar="DIR",
         help="photos of things that are none of the families (e.g. other produce, any folder layout), trained "
              "as a class the model answers 'unknown' for; repeat it for several roots")
+    next(g for g in p._action_groups if g.title == "input and output").add_argument(
+        "--feedback", metavar="STORE",
+        help="also train on the corrections users sent with consent: " + feedback_cli.STORE_HELP)
     g = p.add_argument_group("model")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--pca-k", type=int, metavar="K", help="number of PCA components (default 512)")
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _gdpr_parsers(sub, debug, audit_log, storage)
     _serve_parser(sub, debug, audit_log)
+    feedback_cli.add_promote_parser(sub, debug, audit_log)
     _monitor_parser(sub, debug, audit_log)
 
     p = sub.add_parser("deploy", help="deploy canestra to a cloud (AWS EMR + S3, the HTTPS service, EU regions)",
@@ -182,6 +187,7 @@ def _serve_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
     g.add_argument("--allowed-hosts", metavar="NAME[,NAME]",
                    help="Host names a loopback --host answers besides its IP addresses and localhost "
                         "(DNS rebinding guard; e.g. a local reverse proxy's name)")
+    feedback_cli.add_serve_arguments(p)
     opt.shared_groups_last(p)
 
 
@@ -232,6 +238,7 @@ def _gdpr_parsers(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
                    help="source image file(s) or folder(s) to erase")
     p.add_argument("--delete-source", action="store_true",
                    help="also delete the source image files (local files or s3:// objects)")
+    feedback_cli.add_store_argument(p)
     opt.shared_groups_last(p)
 
     p = _command(sub, "purge", "GDPR retention: remove run outputs older than --older-than days",
@@ -240,16 +247,17 @@ def _gdpr_parsers(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
     p.add_argument("--older-than", type=float, dest="retention_days", metavar="DAYS",
                    help="remove outputs older than this many days")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    feedback_cli.add_store_argument(p)
     opt.shared_groups_last(p)
 
     p = sub.add_parser("gdpr", help="GDPR documents", formatter_class=opt.HelpFormatter,
                        epilog=opt.example("canestra gdpr record --out runs/"))
     gsub = p.add_subparsers(dest="gdpr_command", metavar="DOCUMENT", required=True)
     # the record states the S3 encryption/region settings in force
-    opt.shared_groups_last(_command(
+    opt.shared_groups_last(feedback_cli.add_store_argument(_command(
         gsub, "record", "write the record of processing (Art. 30) for --out, Markdown + JSON",
         ("canestra gdpr record --out runs/",),
-        [opt.output_parent("output folder (a run, or a folder of runs)"), debug, storage, audit_log]))
+        [opt.output_parent("output folder (a run, or a folder of runs)"), debug, storage, audit_log])))
 
 
 def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
@@ -267,6 +275,7 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
             print(f"the model at {model} was trained on {n} erased image(s): retrain it")
         for model in res.unknown_models:
             print(f"the model at {model} does not list its training images: retrain it if erased images were in them")
+        feedback_cli.erase_feedback(args, cfg)  # --feedback-dir: every stored copy of the ids (docs/feedback.md)
     elif args.command == "purge":
         from canestra.privacy.purge import purge
 
@@ -279,6 +288,7 @@ def _run_gdpr(args: argparse.Namespace, cfg: Settings) -> int:
         for path, rows in purged.trimmed:
             print(f"{verb} {rows} row(s) of expired batches from {path}")
         print(f"{verb} {len(purged.removed)} output(s) older than {purged.older_than_days:g} days; kept {purged.kept}")
+        feedback_cli.purge_feedback(args, cfg)  # --feedback-dir: corrections past the retention period
     else:
         from canestra.privacy.record import write_record
 
@@ -325,9 +335,12 @@ def run(args: argparse.Namespace, log: _SparkLog | None = None) -> int:
     cfg = _settings(args)
     api.configure_storage(cfg)  # S3 endpoint/encryption/region settings
     if getattr(args, "model", None):  # models:/NAME/ALIAS -> a local copy of that registered version
+        args.model_source = args.model  # serve follows it when it is a pointer or an alias (serve/swap.py)
         args.model = tracking.local_model_dir(args.model, getattr(args, "mlflow", None))
     if args.command in ("erase", "purge", "gdpr"):
         return _run_gdpr(args, cfg)
+    if args.command == "promote":  # no Spark: both models are read as plain files
+        return feedback_cli.run_promote(args, cfg)
     if args.command == "monitor":  # no Spark: the model's drift reference and the predictions are plain files
         return _run_monitor(args)
     if args.command == "serve":  # no Spark: the model is read as plain files
@@ -339,7 +352,7 @@ def run(args: argparse.Namespace, log: _SparkLog | None = None) -> int:
             os.environ.setdefault(var, "1")
         from canestra.serve.app import run_serve
 
-        return run_serve(args.model, cfg)
+        return run_serve(args.model, cfg, source=args.model_source, registry=args.mlflow)
     progress = Progress(quiet=args.quiet)
     listing = _precheck(args, cfg)
     api.tune_driver_process()  # this process is the command's own
@@ -361,9 +374,11 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress, log: _
                           "quarantine_csv": cat.quarantine_csv}))
     elif args.command == "train":
         tracking.require(tracking.train_option(args.mlflow, args.register_model))  # before Spark starts
+        if args.feedback:
+            api.feedback_store(args.feedback)  # not a feedback store: one plain line before Spark starts
         run = api.train(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress,
                         mlflow=args.mlflow, register_model=args.register_model, eval_images=args.eval_images,
-                        unknown_images=args.unknown_images, listing=listing)
+                        unknown_images=args.unknown_images, listing=listing, feedback=args.feedback)
         print(api.format_summary(run.metrics))
         if run.mlflow:
             print(f"mlflow: run {run.mlflow.run_id} at {run.mlflow.tracking_uri}"

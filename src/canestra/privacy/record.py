@@ -201,6 +201,24 @@ def _s3_measures(cfg: Settings) -> list[str]:
     ]
 
 
+def _feedback(cfg: Settings) -> dict[str, Any] | None:
+    """The feedback store of ``serve --feedback-dir`` (docs/feedback.md), when one is configured: counts only."""
+    store = getattr(cfg, "feedback_dir", None)
+    if not store:
+        return None
+    from canestra.feedback.store import summary
+
+    return {**summary(store),
+            "legal_basis": "consent (Art. 6(1)(a), 7): POST /v1/feedback stores nothing unless consent=true, "
+                           "sent after the user was shown the consent text",
+            "data_subjects": "users of the app who sent a correction; people who appear in their photos",
+            "data": "the photo without metadata (EXIF, GPS, ICC stripped), named by its pixel hash; the label given; "
+                    "no user, device, address or file name",
+            "erasure": "canestra erase --image-id ID --feedback-dir STORE (also removes the image from the tables, "
+                       "the feature store and flags models trained on it)",
+            "retention": "canestra purge --older-than DAYS --feedback-dir STORE expires each correction by its age"}
+
+
 def build_record(out_dir: str, cfg: Settings) -> dict[str, Any]:
     """The record of processing for the runs under ``out_dir`` with settings ``cfg``."""
     root = storage.local_path(out_dir)
@@ -214,6 +232,9 @@ def build_record(out_dir: str, cfg: Settings) -> dict[str, Any]:
                         "metrics.json)")
     if "predictions" in names or any(c["file"].endswith(PREDICTIONS_CSV) for c in csvs):
         purposes.append("classifying images with a trained model (predictions)")
+    feedback = _feedback(cfg)
+    if feedback:
+        purposes.append("improving the classifier with corrections users sent with their consent (feedback store)")
     if not purposes:
         purposes.append("fruit-image classification (no outputs on disk yet)")
     audit_log = os.path.join(root, audit.AUDIT_DIR, audit.AUDIT_FILE)
@@ -249,6 +270,7 @@ def build_record(out_dir: str, cfg: Settings) -> dict[str, Any]:
         },
         "audit_log": {"path": audit_log, "records": len(records),
                       "last_record": records[-1]["time"] if records else None},
+        "feedback": feedback,
     }
 
 
@@ -286,6 +308,8 @@ def render_markdown(rec: dict[str, Any]) -> str:
     section("Erasure", {"procedure": rec["erasure"]["procedure"],
                         "models needing retrain": ", ".join(rec["erasure"]["models_needing_retrain"]) or "none"})
     section("Audit log", rec["audit_log"])
+    if rec.get("feedback"):
+        section("Feedback store (corrections sent with consent)", rec["feedback"])
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ stays within the machine's cores.
 Privacy: uploads are read into memory, decoded, scored and dropped. Nothing is
 written to disk (the multipart body is parsed in memory, never spooled to a
 temporary file), no image bytes, file names or client addresses are logged (the
-uvicorn access log is off), and the audit log lines carry request counts only.
+uvicorn access log is off), and the audit log lines carry request counts only. The one exception:
+a photo a user sends back with the right answer and consent (``POST /v1/feedback``, only with
+``--feedback-dir``: serve/feedback.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from canestra.config import Settings
 from canestra.errors import EnvironmentProblem, InputError
@@ -52,12 +54,16 @@ try:
 except ImportError as exc:  # pragma: no cover - install problem
     raise EnvironmentProblem("`canestra serve` needs the serve extra: run `pip install 'canestra[serve]'`") from exc
 
+if TYPE_CHECKING:
+    from canestra.serve.feedback import RecentImages
+
 STATIC_DIR = Path(__file__).parent / "static"
 ENV_CONFIG = "CANESTRA_SERVE_CONFIG"  # JSON of the serve settings for worker processes (a keys file's path, no keys)
 AUDIT_LOGGER = "canestra.serve.audit"
 AUDIT_INTERVAL_S = 60.0
 BATCH_BODY_FACTOR = 4  # a batch request may carry at most 4 x the per-image limit in total
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the image bytes
+_FIELD_MAX = 1024  # a text form field (POST /v1/feedback's label, consent, image_id)
 # Single images that decode to at most this many bytes (~1.3 MP) are scored on the event loop:
 # a few ms, and the thread hand-over would cost more (docs/serving.md). Larger ones go to a thread.
 INLINE_DECODED_BYTES = 4_000_000
@@ -150,6 +156,8 @@ class ModelOut(BaseModel):
     metrics: ModelMetrics | None = Field(description="held-out figures from `canestra train`'s metrics.json, "
                                                      "if present (the file itself stays on the server)")
     requests: dict[str, int] = Field(description="request counts of this worker process")
+    feedback: bool = Field(False, description="whether this service takes corrections (POST /v1/feedback, "
+                                              "serve --feedback-dir)")
 
 
 class HealthOut(BaseModel):
@@ -264,8 +272,10 @@ async def read_body(request: Request, limit: int, too_large: str, timeout: float
     return bytes(buf)
 
 
-def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: int) -> list[bytes]:
-    """The ``file`` fields of a multipart/form-data body, parsed in memory (never spooled to disk)."""
+def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: int,
+                    fields: dict[str, str] | None = None) -> list[bytes]:
+    """The ``file`` fields of a multipart/form-data body, parsed in memory (never spooled to disk); with
+    ``fields``, the other fields (short text: POST /v1/feedback's label and consent) go there by name."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     _, options = parse_options_header(content_type)
@@ -295,6 +305,10 @@ def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: in
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state["name"] != b"file":
+            if fields is not None:
+                state["data"] += data[start:end]
+                if len(state["data"]) > _FIELD_MAX:
+                    raise Problem(422, f"form field too long: at most {_FIELD_MAX} bytes", reason="malformed_form")
             return  # other fields are ignored, not kept
         state["data"] += data[start:end]
         if len(state["data"]) > max_part:
@@ -305,6 +319,8 @@ def parse_multipart(body: bytes, content_type: str, max_part: int, max_files: in
             files.append(bytes(state["data"]))
             if len(files) > max_files:
                 raise Problem(413, f"too many images in one request: at most {max_files}", reason="too_many_images")
+        elif fields is not None and state["name"]:
+            fields.setdefault(state["name"].decode("latin-1"), bytes(state["data"]).decode("utf-8", "replace"))
         state["data"] = None
 
     parser = MultipartParser(boundary, {
@@ -370,7 +386,7 @@ class _Service:
         self.predictor = predictor
         self.cfg = cfg
         self.metrics = metrics
-        self.spec: ModelSpec = predictor.spec
+        self.recent: RecentImages | None = None  # serve --feedback-dir: the images POST /v1/feedback's image_id names
         self.max_bytes = predictor.max_bytes
         self.limit_mb = self.max_bytes / 1e6
         self.counts = _Counts()
@@ -412,6 +428,18 @@ class _Service:
             raise Problem(413, f"image too large when decoded: {_mb(cost)} (width x height x channels), "
                                f"the limit is {_mb(self.max_decoded)}", reason="decoded_too_large")
         return cost
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model served now (``swap`` replaces it)."""
+        return self.predictor.spec
+
+    def swap(self, predictor: OnlinePredictor) -> ModelSpec:
+        """Serve ``predictor`` from now on; the old model's spec. serve/swap.py calls it on the event loop
+        holding the compute slot, so no request is scored half by one model and half by the other."""
+        old = self.predictor.spec
+        self.predictor = predictor
+        return old
 
     def compute_limiter(self) -> anyio.CapacityLimiter:
         # One inference at a time per worker: its ORT session already uses `threads` cores.
@@ -492,13 +520,16 @@ def _refused(index: int, p: Problem) -> dict:
 
 def create_app(model_dir: str | None = None, settings: Settings | None = None, *,
                predictor: OnlinePredictor | None = None, keys: KeyRing | None = None,
-               host_check: bool = False, metrics_dir: str | None = None) -> FastAPI:
+               host_check: bool = False, metrics_dir: str | None = None,
+               model_source: dict[str, Any] | None = None) -> FastAPI:
     """The FastAPI app serving one model; loads it now (raises InputError if ``model_dir`` is not one).
 
     ``host_check``: on a loopback ``cfg.host``, answer only requests whose Host header is an IP
     address, ``localhost`` or one of ``cfg.allowed_hosts`` (DNS rebinding); the real server turns it
     on, in-process test clients (Host ``testserver``) leave it off. ``metrics_dir``: the workers'
     shared Prometheus folder (``run_serve`` makes it), None for metrics of this process alone.
+    ``model_source``: ``{"source": ModelSource fields, "token": what the model was resolved from}`` when
+    ``--model`` named a pointer or an MLflow alias to follow (serve/swap.py).
     """
     cfg = settings or Settings.load()
     metrics = ServeMetrics(metrics_dir)
@@ -507,6 +538,11 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
     metrics.model_loaded(loaded.spec.model_version, time.perf_counter() - t0 if predictor is None else None)
     svc = _Service(loaded, cfg, metrics)
     app = _new_app(svc)
+    if model_source is not None:  # serve --model POINTER|models:/NAME@ALIAS follows promotions (serve/swap.py)
+        from canestra.serve.swap import ModelSource, ModelWatcher
+
+        app.state.model_watcher = ModelWatcher(svc, ModelSource(**model_source["source"]), cfg.model_poll,
+                                               lambda d: _load_predictor(d, cfg), model_source["token"])
     if keys is None and cfg.api_keys_file:
         keys = KeyRing(cfg.api_keys_file)
     app.state.keys = keys
@@ -516,6 +552,11 @@ def create_app(model_dir: str | None = None, settings: Settings | None = None, *
     _add_prediction_routes(guarded, svc)
     _add_model_route(guarded, svc)
     _add_metrics_route(guarded, svc)
+    if cfg.feedback_dir:  # POST /v1/feedback (serve/feedback.py): corrections with consent, into the store
+        from canestra.serve.feedback import add_feedback_routes
+
+        add_feedback_routes(guarded, svc, cfg.feedback_dir, keys, _json)
+        app.description += " With the user's consent, POST /v1/feedback stores a corrected photo, metadata-free."
     from canestra.serve.drift import add_drift_route
 
     add_drift_route(guarded, svc, _json)
@@ -552,9 +593,12 @@ def _lifespan(svc: _Service):
     async def lifespan(app: FastAPI):
         svc.ready = True
         keys: KeyRing | None = app.state.keys
-        hup = getattr(app.state, "reload_keys_on_sighup", False) and keys is not None
-        if hup and keys is not None:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _reload_keys, keys)
+        watcher = getattr(app.state, "model_watcher", None)  # serve/swap.py: a pointer or alias to follow
+        hup = getattr(app.state, "reload_keys_on_sighup", False) and (keys is not None or watcher is not None)
+        if hup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _on_sighup, keys, watcher)
+        if watcher is not None:
+            watcher.start()
         log.info(_audit_line("serve.start", svc.spec, svc.counts.snapshot()))
         task = asyncio.create_task(audit_every(AUDIT_INTERVAL_S))
         try:
@@ -562,12 +606,22 @@ def _lifespan(svc: _Service):
         finally:
             svc.ready = False
             task.cancel()
+            if watcher is not None:
+                watcher.stop()
             if hup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             svc.metrics.worker_stopped()
             log.info(_audit_line("serve.stop", svc.spec, svc.counts.snapshot()))
 
     return lifespan
+
+
+def _on_sighup(keys: KeyRing | None, watcher) -> None:
+    """SIGHUP: re-read the keys file; look at the model source now (serve/swap.py)."""
+    if keys is not None:
+        _reload_keys(keys)
+    if watcher is not None:
+        watcher.wake()
 
 
 def _reload_keys(keys: KeyRing) -> None:
@@ -691,7 +745,7 @@ def _guard_responses(cfg: Settings) -> dict:
 
 
 def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
-    cfg, spec = svc.cfg, svc.spec
+    cfg = svc.cfg
     max_bytes, limit_mb = svc.max_bytes, svc.limit_mb
 
     @router.post("/v1/predict", response_model=PredictionOut, responses=_ERRORS, openapi_extra=_request_body(False),
@@ -719,8 +773,10 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
         out = await svc.score(data)
         svc.counts.add(requests=1, images=1)
         svc.metrics.scored("/v1/predict", [out["family"]])  # "" (the family of `unknown`) counts as unknown
-        out["model_version"] = spec.model_version
+        out["model_version"] = svc.spec.model_version  # no await since scoring: the model that answered
         out["timing_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        if svc.recent is not None:  # serve --feedback-dir: POST /v1/feedback may name this image by its id
+            await anyio.to_thread.run_sync(svc.recent.remember, data, svc.predictor.max_pixels, max_bytes)
         return _json(out)
 
     @router.post("/v1/predict/batch", response_model=BatchOut,
@@ -747,17 +803,16 @@ def _add_prediction_routes(router: APIRouter, svc: _Service) -> None:
         for it in items:
             if "_reason" in it:
                 svc.metrics.rejected(it.pop("_reason"))
-        return _json({"results": items, "model_version": spec.model_version,
+        return _json({"results": items, "model_version": svc.spec.model_version,
                       "timing_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
 
 def _add_model_route(router: APIRouter, svc: _Service) -> None:
-    facts = model_facts(svc.spec)
-
     @router.get("/v1/model", response_model=ModelOut,
                 summary="The model served: classes, families, held-out figures, version")
     async def model_info() -> Response:
-        return _json({**facts, "requests": svc.counts.snapshot()})
+        return _json({**model_facts(svc.spec), "requests": svc.counts.snapshot(),  # the model of now: swaps
+                      "feedback": svc.recent is not None})
 
 
 def _add_metrics_route(router: APIRouter, svc: _Service) -> None:
@@ -866,10 +921,12 @@ def app_from_env() -> FastAPI:
     conf = json.loads(raw)
     model_dir = conf.pop("model_dir")
     metrics_dir = conf.pop("metrics_dir", None)
+    model_source = conf.pop("model_source", None)  # serve/swap.py: a pointer or an alias the workers follow
     if hasattr(signal, "SIGHUP"):
         # Until the lifespan installs the reload, a SIGHUP (its default action: exit) is ignored.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    app = create_app(model_dir, Settings.load(**conf), host_check=True, metrics_dir=metrics_dir)
+    app = create_app(model_dir, Settings.load(**conf), host_check=True, metrics_dir=metrics_dir,
+                     model_source=model_source)
     app.state.reload_keys_on_sighup = hasattr(signal, "SIGHUP")
     return app
 
@@ -964,12 +1021,22 @@ def _forward_sighup_to_workers() -> None:
     setattr(uvicorn_main, "Multiprocess", _Supervisor)  # noqa: B010  # uvicorn.run looks it up when called
 
 
-def run_serve(model_dir: str, cfg: Settings) -> int:
-    """Validate the model here (exit 2 on a bad folder), then hand over to uvicorn."""
+def run_serve(model_dir: str, cfg: Settings, source: str | None = None, registry: str | None = None) -> int:
+    """Validate the model here (exit 2 on a bad folder), then hand over to uvicorn. ``source``: what --model
+    said when it names a pointer or an MLflow alias (``registry``) the workers follow (serve/swap.py)."""
     import uvicorn
+
+    from canestra.serve.feedback import check_feedback
+    from canestra.serve.swap import model_source
 
     check_serve_settings(cfg)
     n_keys = check_auth(cfg)
+    feedback_store = check_feedback(cfg, n_keys)  # --feedback-dir: needs keys; made and proved writable now
+    followed = model_source(source or model_dir, registry)
+    if followed is not None:
+        if cfg.model_poll < 0:
+            raise InputError(f"--model-poll must be 0 (on SIGHUP only) or more seconds, got {cfg.model_poll:g}")
+        model_dir, token = followed.resolve()
     spec = load_model_spec(model_dir)  # InputError -> `canestra: error: ...`, exit 2, before uvicorn starts
     if not spec.onnx_path:
         from canestra.vision import backbone
@@ -986,6 +1053,8 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
             "max_decoded_mb": cfg.max_decoded_mb,
             "worker_decoded_mb": cfg.worker_decoded_mb,
             "host": cfg.host, "allowed_hosts": cfg.allowed_hosts, "log_format": cfg.log_format,
+            "feedback_dir": feedback_store, "retention_days": cfg.retention_days, "model_poll": cfg.model_poll,
+            "model_source": {"source": followed.to_json(), "token": token} if followed is not None else None,
             # the path only: each worker reads the keys itself
             "api_keys_file": os.path.abspath(cfg.api_keys_file)
             if n_keys and cfg.api_keys_file else None}
@@ -997,6 +1066,11 @@ def run_serve(model_dir: str, cfg: Settings) -> int:
     print(f"canestra serve: model {spec.model_version} ({len(spec.labels)} classes, {len(spec.families)} families) "
           f"on http://{cfg.host}:{cfg.port}/ with {cfg.workers} worker(s) x {threads} ONNX Runtime thread(s), {auth}",
           flush=True)
+    if followed is not None:
+        print(f"canestra serve: following {followed.uri} (checked every {cfg.model_poll:g} s and on SIGHUP)", flush=True)
+    if feedback_store:
+        print(f"canestra serve: corrections sent with consent go to {feedback_store}", flush=True)
+    audit.note(details={"follows": followed.kind if followed else None, "feedback": bool(feedback_store)})
     signal.signal(signal.SIGTERM, _exit_quietly_on_sigterm)
     if cfg.workers > 1 and hasattr(signal, "SIGHUP"):
         _forward_sighup_to_workers()

@@ -33,7 +33,7 @@ from canestra.storage import s3
 __all__ = ["ListedFile", "append_parts", "configure_s3", "current_s3", "discard_dir", "display", "ensure_output_dir",
            "exists", "is_dir", "is_junk", "is_remote", "list_images", "local_path", "publish_dir", "read_bytes",
            "read_text", "recover_publishes", "s3_options", "s3_options_for", "staging_dir", "unreadable_reason",
-           "write_lines_atomic", "write_text_atomic"]
+           "write_bytes_atomic", "write_lines_atomic", "write_text_atomic"]
 
 # OS leftovers that are never images and must not flood quarantine.csv (besides dot-files
 # such as .DS_Store and AppleDouble ._x): compared in lower case, files and folders alike.
@@ -431,14 +431,24 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_lines_atomic(path: str, chunks: Iterable[str]) -> None:
     """Write the concatenated ``chunks`` whole or not at all. Locally they are streamed to a temp
     file, so a long listing never sits in memory as one string; on S3 one encrypted PutObject."""
+    _write_atomic(path, (chunk.encode("utf-8") for chunk in chunks))
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write a small binary file (an image of the feedback store) whole or not at all, as
+    ``write_lines_atomic``: a local temp file (mode 0600) renamed into place, or one encrypted PutObject."""
+    _write_atomic(path, (data,))
+
+
+def _write_atomic(path: str, chunks: Iterable[bytes]) -> None:
     if s3.is_s3(path):
-        s3.write_bytes(path, "".join(chunks).encode("utf-8"), s3_options())
+        s3.write_bytes(path, b"".join(chunks), s3_options())
         return
     path = local_path(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
             fh.flush()

@@ -1,6 +1,8 @@
 // canestra web page: pick or drop an image, POST it to /v1/predict, show family and variety
 // ("Apple — Apple Red 2 (93.0 %)") or "Unknown", and draw the top-5 as bars.
 // The preview is a local blob: URL; the image only leaves the browser in the request.
+// A service started with --feedback-dir (GET /v1/model says "feedback": true) also shows "Wrong? Tell us":
+// the right answer and a consent box whose text comes from the service; nothing is sent without it.
 // A service started with --api-keys-file answers 401 without a key: the page then shows a key
 // field; the key is kept in sessionStorage (this tab only, gone when it closes) and sent as a Bearer token.
 "use strict";
@@ -12,6 +14,7 @@
   const keyForm = $("key-form"), keyInput = $("api-key");
   const KEY = "canestra-api-key";
   let previewUrl = null, lastFile = null, needsKey = false;
+  let feedbackOn = false, lastImageId = null;
 
   const storedKey = () => sessionStorage.getItem(KEY) || "";
   const authHeaders = () => (storedKey() ? { Authorization: "Bearer " + storedKey() } : {});
@@ -84,8 +87,58 @@
       list.appendChild(li);
     }
     $("timing").textContent = "model " + data.model_version + " · " + data.timing_ms.toFixed(1) + " ms";
+    lastImageId = data.image_id;
+    $("feedback").hidden = !feedbackOn;
+    $("feedback").open = false;
+    $("feedback-form").reset();
+    $("feedback-note").textContent = "";
     result.hidden = false;
   }
+
+  // The corrections a service takes (GET /v1/feedback): its consent text and the labels it knows.
+  function loadFeedbackInfo() {
+    fetch("/v1/feedback", { headers: authHeaders() }).then((r) => (r.ok ? r.json() : null)).then((info) => {
+      feedbackOn = !!info;
+      if (!info) return;
+      $("feedback-consent-text").textContent = info.consent_text;
+      const list = $("feedback-labels");
+      list.replaceChildren();
+      for (const name of [...info.families, ...info.varieties]) {
+        const option = document.createElement("option");
+        option.value = name;
+        list.appendChild(option);
+      }
+      $("privacy-note").textContent = "Images are processed in memory and not stored, unless you send a "
+        + "correction and agree to it being kept.";
+    }).catch(() => {});
+  }
+
+  async function sendFeedback(withFile) {
+    const form = new FormData();
+    form.append("label", $("feedback-label").value.trim());
+    form.append("consent", $("feedback-consent").checked ? "true" : "false");
+    if (withFile) form.append("file", lastFile); else form.append("image_id", lastImageId);
+    return fetch("/v1/feedback", { method: "POST", body: form, headers: authHeaders() });
+  }
+
+  $("feedback-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const note = $("feedback-note");
+    if (!$("feedback-consent").checked) {
+      note.textContent = "Tick the box first: nothing is sent without your consent.";
+      return;
+    }
+    try {
+      // The id of the photo just classified; a worker that did not score it answers 404: send the photo.
+      let resp = await sendFeedback(false);
+      if (resp.status === 404 && lastFile) resp = await sendFeedback(true);
+      const data = await resp.json().catch(() => ({}));
+      note.textContent = resp.ok ? "Thank you: stored as " + data.label + "."
+        : (accessProblem(resp) || data.detail || ("the service answered " + resp.status));
+    } catch (err) {
+      note.textContent = "cannot reach the service: " + err.message;
+    }
+  });
 
   async function classify(file) {
     if (!file) return;
@@ -137,6 +190,7 @@
       return r.ok ? r.json() : null;
     }).then((m) => {
       if (!m) return;
+      if (m.feedback) loadFeedbackInfo();  // this service takes corrections: show "Wrong? Tell us"
       const families = (m.families || []).length;
       $("model-info").textContent = m.classes.length + " classes" + (families ? " in " + families + " families" : "")
         + " · model " + m.model_version;
