@@ -206,3 +206,45 @@ def test_corrections_retrain_promote_and_swap_without_a_failed_request(tmp_path,
         Path(os.environ["CANESTRA_FEEDBACK_LOG"]).write_text(json.dumps({**figures, "requests": log}, indent=1))
     print(json.dumps(figures, indent=1))
     assert a_wrong >= 20 and b_fixed >= 0.8 * a_wrong, figures["held_out"]
+
+
+def test_with_polling_off_sighup_swaps_every_worker(trained, tmp_path):
+    """--model-poll 0: a moved pointer is taken on SIGHUP only; with two workers, each swaps (the
+    supervisor passes SIGHUP on) and /metrics, summed over workers, shows the new model alone."""
+    import signal
+
+    from test_promote import worse_copy
+
+    from canestra.feedback import pointer as pointers
+    from canestra.serve.predictor import load_model_spec
+
+    env = dict(os.environ, XDG_STATE_HOME=str(tmp_path / "state"))
+    a = os.path.join(trained.out_dir, "model")
+    w = worse_copy(a, tmp_path / "worse" / "model")
+    va, vw = load_model_spec(a), load_model_spec(w)
+    current = tmp_path / "models" / "current"
+    pointers.write_pointer(str(current), pointers.shelve(a, str(current), va.model_version), va.version)
+    server = ServeProcess(str(current), "--model-poll", "0", "--rate-limit", "0", env=env, workers=2)
+    photo = sorted((ROOT / "sample" / "fruits-360" / "Banana").glob("*.jpg"))[0].read_bytes()
+    try:
+        with httpx.Client(base_url=server.base, trust_env=False, timeout=60) as c:
+            def versions(n: int = 12) -> set[str]:
+                return {c.post("/v1/predict", files={"file": ("b.jpg", photo)}).json()["model_version"]
+                        for _ in range(n)}
+
+            assert versions() == {va.model_version}
+            pointers.write_pointer(str(current), w, vw.version)
+            time.sleep(3)
+            assert versions() == {va.model_version}  # no polling: the pointer moved, the service did not
+            server.proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 60
+            while time.time() < deadline and versions() != {vw.model_version}:
+                time.sleep(0.5)
+            assert versions(20) == {vw.model_version}
+            metrics = c.get("/metrics").text
+        assert f'canestra_model_info{{model_version="{vw.model_version}"}} 1.0' in metrics
+        assert f'canestra_model_info{{model_version="{va.model_version}"}} 0.0' in metrics
+    finally:
+        output = server.stop()
+    swapped = [json.loads(ln) for ln in output.splitlines() if '"serve.model_swapped"' in ln]
+    assert len({x["pid"] for x in swapped}) == 2 and {x["model_version"] for x in swapped} == {vw.model_version}
