@@ -172,7 +172,8 @@ def test_bad_gate_arguments_are_plain_errors(models, sets, tmp_path, capsys):
     for args, words in (
         (["--candidate", a, "--to", to, "--eval-images", sets["studio"], "--target", sets["not_fruit"] + "x"],
          "is not one of the sets"),
-        (["--candidate", a, "--to", to, "--eval-images", str(tmp_path / "nowhere")], "does not exist"),
+        (["--candidate", a, "--to", to, "--eval-images", str(tmp_path / "nowhere")],
+         "--eval-images folder " + str(tmp_path / "nowhere") + " does not exist"),
         (["--candidate", str(tmp_path), "--to", to, "--eval-images", sets["studio"]], "not a saved canestra model"),
         (["--candidate", a, "--to", to, "--eval-images", sets["studio"], "--tolerance", "2"], "shares between 0 and 1"),
         (["--candidate", a, "--to", "models:/fruit@champion", "--eval-images", sets["studio"]],

@@ -134,6 +134,9 @@ def _sets(eval_images: list[str], unknown_images: list[str], taxonomy) -> list[_
     from canestra.pipeline.ingest import list_roots
 
     out = []
+    for flag, root in [("--eval-images", r) for r in eval_images] + [("--unknown-images", r) for r in unknown_images]:
+        if not storage.is_remote(root) and not os.path.isdir(storage.local_path(root)):
+            raise InputError(f"{flag} folder {storage.display(root)} does not exist: check the path")
     for root in eval_images:
         files, info = list_roots([root], False, taxonomy)
         labelled: list[tuple[str, str | None]] = [(f.path, f.label) for f in files
