@@ -83,6 +83,7 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 int8", sizes=(224,), precision="int8"),
     Lever("224 fp32 + aug 4", sizes=(224,), aug=4),
     Lever("224 int8 + aug 4", sizes=(224,), precision="int8", aug=4),
+    Lever("224 int8 + aug 4 + unknown class", sizes=(224,), precision="int8", aug=4, unknown_class=True),
     Lever("224 fp32 + aug 4 + domain centring", sizes=(224,), aug=4, domain_center=True),
     Lever("224 fp32 + aug 4 + no energy threshold", sizes=(224,), aug=4, energy_rule=False),
     Lever("224 fp32 + aug 4 + energy threshold", sizes=(224,), aug=4, energy_rule=True),
