@@ -30,44 +30,9 @@ def pca_head_column(pca_col: str, k: int = PCA_HEAD):
     return F.slice(vector_to_array(F.col(pca_col), "float32"), 1, k)
 
 
-MAX_BENIGN = 2000  # held-out images re-scored under benign changes at most (a seeded sample beyond)
-
-
-def _benign_changes(spark, model, catalog_path: str, n_held_out: int, categories: list[str], seed: int) -> Sample:
-    """The final model's answers on held-out images under the shift evaluation's seeded changes of light,
-    colour, angle, scale and blur (``evaluation.perturbed``): what ordinary capture changes do to the scores."""
-    from canestra.pipeline.evaluation import perturbed
-
-    pca = next(s for s in model.stages if type(s).__name__ == "PCAModel")
-    test = spark.read.parquet(catalog_path).where("split = 'test'").select("image_id", "content")
-    if n_held_out > MAX_BENIGN:
-        test = test.sample(fraction=MAX_BENIGN / n_held_out, seed=seed)
-    got = (model.transform(perturbed(test))
-           .select("predicted_label", "family", "energy", "fruitness",
-                   pca_head_column(pca.getOutputCol()).alias("pca_head")).toPandas())
-    unknown = (got["predicted_label"] == UNKNOWN).to_numpy()
-    families = np.where(unknown, "", got["family"].fillna("").astype(str).to_numpy())
-    return Sample.from_answers(np.stack(got["pca_head"].to_numpy()) if len(got) else np.zeros((0, PCA_HEAD)),
-                               got["energy"].to_numpy(dtype=np.float64), got["fruitness"].to_numpy(dtype=np.float64),
-                               list(families), categories)
-
-
-def drift_reference(model, catalog_path: str, held_out_df, rows: pd.DataFrame, rule, seed: int
-                    ) -> dict[str, Any] | None:
-    """The reference JSON for the model folder; None when there are fewer than 2 held-out rows.
-
-    ``model``: the final PipelineModel; ``held_out_df``: the held-out rows of the features table;
-    ``rows``: those rows scored without the energy/fruitness thresholds (``image_id``, ``predicted_label``,
-    ``family``, ``energy``, ``fruitness``); ``rule``: the final answer rule, whose thresholds are applied
-    here as ``answer.rule.decide`` applies them. The held-out images of ``catalog_path`` are also scored
-    under benign changes (the thresholds' second calibration, ``canestra.drift.stats``).
-    """
-    pca_model = next(s for s in model.stages if type(s).__name__ == "PCAModel")
-    heads = (pca_model.transform(held_out_df).select("image_id", pca_head_column(pca_model.getOutputCol())
-                                                     .alias("pca_head")).toPandas())
-    table = rows.drop_duplicates("image_id").merge(heads.drop_duplicates("image_id"), on="image_id", how="inner")
-    if len(table) < 2:
-        return None
+def _sample(table: pd.DataFrame, rule, categories: list[str]) -> tuple[Sample, int]:
+    """Scored rows (no thresholds applied yet) answered as the final rule answers them: a drift Sample
+    and its number of ``unknown`` answers."""
     energy = table["energy"].to_numpy(dtype=np.float64)
     fruitness = table["fruitness"].to_numpy(dtype=np.float64)
     unknown = (table["predicted_label"] == UNKNOWN).to_numpy()
@@ -76,11 +41,33 @@ def drift_reference(model, catalog_path: str, held_out_df, rows: pd.DataFrame, r
     if rule.fruitness_threshold is not None:
         unknown |= fruitness < rule.fruitness_threshold
     families = np.where(unknown, "", table["family"].fillna("").astype(str).to_numpy())
+    pca = np.stack(table["pca_head"].to_numpy()) if len(table) else np.zeros((0, PCA_HEAD))
+    return Sample.from_answers(pca, energy, fruitness, list(families), categories), int(unknown.sum())
+
+
+def drift_reference(model, held_out_df, rows: pd.DataFrame, rule, seed: int, benign: pd.DataFrame | None = None
+                    ) -> dict[str, Any] | None:
+    """The reference JSON for the model folder; None when there are fewer than 2 held-out rows.
+
+    ``model``: the final PipelineModel; ``held_out_df``: the held-out rows of the features table;
+    ``rows``: those rows scored without the energy/fruitness thresholds (``image_id``, ``predicted_label``,
+    ``family``, ``energy``, ``fruitness``); ``rule``: the final answer rule, whose thresholds are applied
+    here as ``answer.rule.decide`` applies them. ``benign``: the held-out images under the shift evaluation's
+    seeded changes of light, colour, angle, scale and blur, scored the same way plus a ``pca_head`` column
+    (the thresholds' second calibration, ``canestra.drift.stats``); None with ``--no-shift-eval``: the
+    thresholds then come from the held-out rows alone and flag other capture sessions more often
+    (docs/monitoring.md).
+    """
+    pca_model = next(s for s in model.stages if type(s).__name__ == "PCAModel")
+    heads = (pca_model.transform(held_out_df).select("image_id", pca_head_column(pca_model.getOutputCol())
+                                                     .alias("pca_head")).toPandas())
+    table = rows.drop_duplicates("image_id").merge(heads.drop_duplicates("image_id"), on="image_id", how="inner")
+    if len(table) < 2:
+        return None
     categories = sorted({f for f in rule.families if f}) + [UNKNOWN_CATEGORY]
-    sample = Sample.from_answers(np.stack(table["pca_head"].to_numpy()), energy, fruitness, list(families),
-                                 categories)
-    benign = _benign_changes(held_out_df.sparkSession, model, catalog_path, len(table), categories, seed)
-    ref = build_reference(sample, categories, benign=benign, seed=seed)
+    sample, n_unknown = _sample(table, rule, categories)
+    ref = build_reference(sample, categories, benign=None if benign is None else _sample(benign, rule, categories)[0],
+                          seed=seed)
     out = ref.to_json()
-    out["held_out_answers"] = {"unknown": int(unknown.sum()), "rows": int(len(table))}
+    out["held_out_answers"] = {"unknown": n_unknown, "rows": int(len(table))}
     return out
