@@ -137,8 +137,11 @@ def test_shared_outputs_carry_image_id_not_source_paths(gps_run):
     assert any(f.startswith("catalog/") for f in where[str(images)]), "the catalog keeps source_path"
     assert pq.read_schema(out / "features" / next(p.name for p in (out / "features").glob("*.parquet"))).names \
         == ["image_id", "label", "split", "view", "features"]
+    # energy, fruitness, pca_head (16 PCA components) and predicted_at: what `canestra monitor` reads; scores of
+    # the answer, not of the person or the photo's origin.
     assert pq.read_table(out / "pred" / "predictions").column_names == \
-        ["image_id", "prediction", "probability", "family", "family_probability", "top5", "label"]
+        ["image_id", "prediction", "probability", "family", "family_probability", "top5", "energy", "fruitness",
+         "pca_head", "predicted_at", "label"]
     rows = read_csv(out / "pred" / "predictions.csv")
     assert list(rows[0]) == ["image_id", "prediction", "probability", "family", "family_probability", "top5", "label"] and len(rows) == len(made)
     assert read_csv(out / "pred" / "quarantine.csv")[0]["path"] == str(images / "Banana" / "broken.jpg")
