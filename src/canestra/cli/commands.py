@@ -146,7 +146,9 @@ def _serve_parser(sub, debug: argparse.ArgumentParser, audit_log: argparse.Argum
                  [debug, audit_log])
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, metavar="DIR|URI", help="the model/ folder written by `canestra train`, "
-                   "or a registered MLflow model: models:/NAME/ALIAS or models:/NAME/VERSION")
+                   "an s3://.../model/ folder (copied once at start), a `current` pointer written by `canestra "
+                   "promote` (followed on promotion), or a registered MLflow model: models:/NAME/ALIAS or "
+                   "models:/NAME/VERSION")
     g.add_argument("--mlflow", metavar="URI",
                    help="MLflow registry for --model models:/NAME/ALIAS (default MLFLOW_TRACKING_URI, else ./mlruns)")
     g = p.add_argument_group("server")
