@@ -76,7 +76,8 @@ def test_sigterm_drains_in_flight_requests(trained, sample_dir, tmp_path, worker
             t.join(timeout=60)
     finally:
         out = server.stop()
-    assert in_flight_at_term >= n - 1 >= 1, "SIGTERM came after the requests were answered: nothing was drained"
+    # Each worker may finish its first batch at about the same moment: at most `workers` are answered at SIGTERM.
+    assert in_flight_at_term >= n - workers >= 1, "SIGTERM came after the requests were answered: nothing was drained"
     assert rc == 0, out[-3000:]
     for status, answer in results:  # every in-flight request was answered in full
         assert status == 200, answer

@@ -247,8 +247,10 @@ def test_images_landing_in_a_watched_folder_are_predicted_within_the_trigger(liv
     assert max(live.latencies.values()) <= TRIGGER + SLACK + 60
     paths = [r["path"] for r in live.rows]
     assert sorted(paths) == sorted(live.dropped)  # each landed image once, nothing else
+    # energy, fruitness, pca_head, predicted_at: what `canestra monitor` reads (docs/monitoring.md)
     assert set(live.rows[0]) == {"path", "image_id", "prediction", "probability", "family",
-                                 "family_probability", "top5", "label"}
+                                 "family_probability", "top5", "label", "energy", "fruitness", "pca_head",
+                                 "predicted_at"}
     right = sum(r["prediction"] == Path(r["path"]).parent.name == r["label"] for r in live.rows)
     assert right >= 0.9 * len(live.rows)  # sample images the model was trained on
 
