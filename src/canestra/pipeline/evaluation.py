@@ -22,7 +22,7 @@ from canestra.layout import GALLERY
 
 # perturb_jpeg is a hook for the benches (bench/outside_studio.py).
 __all__ = ["SCORED_COLUMNS", "energy_applies", "held_out_report", "imagenet_class_means", "perturb_jpeg", "perturbed",
-           "profile_thresholds", "shift_report", "thresholds", "write_gallery"]
+           "profile_thresholds", "shift_report", "thresholds", "training_scores", "write_gallery"]
 
 SCORED_COLUMNS = ["image_id", "label", "predicted_label", "predicted_probability", "family", "family_probability",
                   "energy", "fruitness"]
@@ -286,13 +286,12 @@ def write_gallery(spark, catalog_path: str, out_dir: str, errors: list[dict], si
     storage.publish_dir(staging, final)
 
 
-def profile_thresholds(df, offset: int, profiles: dict[str, list[int]], q: float) -> dict[str, float]:
-    """Per family-level class: the ``q`` quantile of its own training photos' ImageNet profile mass."""
+def training_scores(df, offset: int, profiles: dict[str, list[int]], fruit_classes: list[int]) -> pd.DataFrame:
+    """One pass over the training rows' ImageNet probabilities (after the class means fixed ``profiles``
+    and ``fruit_classes``): per row its ``label``, ``view``, ``profile`` mass (its family-level class's
+    ImageNet profile; NaN for other classes) and ``fruitness`` (as ``answer.rule.fruitness``)."""
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql.functions import col
-
-    if not profiles:
-        return {}
 
     def scores(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from canestra.answer.rule import imagenet_probabilities
@@ -301,10 +300,18 @@ def profile_thresholds(df, offset: int, profiles: dict[str, list[int]], q: float
             if pdf.empty:
                 continue
             p = imagenet_probabilities(np.stack(pdf["f"].to_numpy()), offset)
-            yield pd.DataFrame({"label": pdf["label"].to_numpy(),
-                                "s": [float(p[i, profiles[lb]].sum()) for i, lb in enumerate(pdf["label"])]})
+            yield pd.DataFrame({
+                "label": pdf["label"].to_numpy(), "view": pdf["view"].to_numpy(),
+                "profile": [float(p[i, profiles[lb]].sum()) if lb in profiles else np.nan
+                            for i, lb in enumerate(pdf["label"])],
+                "fruitness": p[:, fruit_classes].sum(axis=1) if fruit_classes else np.ones(len(pdf))})
 
-    rows = (df.where(col("label").isin(list(profiles)))
-            .select("label", vector_to_array(col("features"), "float32").alias("f"))
-            .mapInPandas(scores, "label string, s double").toPandas())
-    return {str(lb): float(np.quantile(g["s"].to_numpy(), q)) for lb, g in rows.groupby("label")}
+    return (df.select("label", "view", vector_to_array(col("features"), "float32").alias("f"))
+            .mapInPandas(scores, "label string, view int, profile double, fruitness double").toPandas())
+
+
+def profile_thresholds(scores: pd.DataFrame, profiles: dict[str, list[int]], q: float) -> dict[str, float]:
+    """Per family-level class: the ``q`` quantile of its own training photos' ImageNet profile mass
+    (``scores``: ``training_scores``)."""
+    rows = scores[scores["label"].isin(list(profiles))]
+    return {str(lb): float(np.quantile(g["profile"].to_numpy(), q)) for lb, g in rows.groupby("label")}

@@ -126,6 +126,7 @@ class _Fitted:
     imagenet_classes: list
     profiles: dict
     profile_thr: dict
+    train_scores: Any  # training photos (not their views): label, fruitness (evaluation.training_scores)
 
 
 def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=(), listing=None):
@@ -210,10 +211,12 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
     profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(mean_labels)
                 if is_family_label(lb)}
     # Fruitness counts the ImageNet classes of fruit: the "none of the families" photos add none.
-    fruit_means = means[[i for i, lb in enumerate(mean_labels) if lb != OTHER_LABEL]]
+    fruit_classes = imagenet_class_set(means[[i for i, lb in enumerate(mean_labels) if lb != OTHER_LABEL]])
+    # One pass gives the profile checks' thresholds and the training photos' fruitness (calibration, below).
+    scores = evaluation.training_scores(train_df, rule0.imagenet_offset, profiles, fruit_classes)
     fitted = _Fitted(feats, train_idx, feats.where("split = 'test'"), n_train, pca, clf, labels,
-                     imagenet_class_set(fruit_means), profiles,
-                     evaluation.profile_thresholds(train_df, rule0.imagenet_offset, profiles, PROFILE_QUANTILE))
+                     fruit_classes, profiles, evaluation.profile_thresholds(scores, profiles, PROFILE_QUANTILE),
+                     scores[scores["view"] == 0])
     capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
         cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
     st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
@@ -238,8 +241,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df)
     energy = evaluation.energy_applies(labels)
     # Fruitness is calibrated on the training photos too (original photos, not their augmented views).
-    train_rows = _scored_rows([fit.pca, fit.clf, plain], fit.train_idx.where("view = 0").drop("label_index"))
-    te, tf = evaluation.thresholds(rows, cfg.unknown_quantile, energy, fruit_rows=train_rows)
+    te, tf = evaluation.thresholds(rows, cfg.unknown_quantile, energy, fruit_rows=fit.train_scores)
     rule = _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr)
     model = PipelineModel(stages=[featurizer, fit.pca, fit.clf, AnswerModel(rule=rule.to_json())])
     variety_rows = rows[rows["label"].map(is_variety_label)]
