@@ -1,7 +1,7 @@
 """The drift reference of a model being trained: its held-out rows as the final model answers them.
 
 ``canestra train`` calls :func:`drift_reference` once, after the "unknown" thresholds are
-calibrated: the held-out rows' first PCA components (one Spark pass of the fitted PCA), their
+calibrated: the held-out rows' first PCA components (read in the same pass that scores them), their
 energy and fruitness and, from the final rule, their family or ``unknown``. ``canestra.drift``
 (numpy, no Spark) summarises them and calibrates the drift thresholds; the result is saved as
 plain JSON in the model folder (``canestra.model.DRIFT_REFERENCE``).
@@ -45,23 +45,19 @@ def _sample(table: pd.DataFrame, rule, categories: list[str]) -> tuple[Sample, i
     return Sample.from_answers(pca, energy, fruitness, list(families), categories), int(unknown.sum())
 
 
-def drift_reference(model, held_out_df, rows: pd.DataFrame, rule, seed: int, benign: pd.DataFrame | None = None
+def drift_reference(rows: pd.DataFrame, rule, seed: int, benign: pd.DataFrame | None = None
                     ) -> dict[str, Any] | None:
     """The reference JSON for the model folder; None when there are fewer than 2 held-out rows.
 
-    ``model``: the final PipelineModel; ``held_out_df``: the held-out rows of the features table;
-    ``rows``: those rows scored without the energy/fruitness thresholds (``image_id``, ``predicted_label``,
-    ``family``, ``energy``, ``fruitness``); ``rule``: the final answer rule, whose thresholds are applied
-    here as ``answer.rule.decide`` applies them. ``benign``: the held-out images under the shift evaluation's
-    seeded changes of light, colour, angle, scale and blur, scored the same way plus a ``pca_head`` column
-    (the thresholds' second calibration, ``canestra.drift.stats``); None with ``--no-shift-eval``: the
-    thresholds then come from the held-out rows alone and flag other capture sessions more often
-    (docs/monitoring.md).
+    ``rows``: the held-out rows scored without the energy/fruitness thresholds (``image_id``,
+    ``predicted_label``, ``family``, ``energy``, ``fruitness``, ``pca_head``); ``rule``: the final answer
+    rule, whose thresholds are applied here as ``answer.rule.decide`` applies them. ``benign``: the
+    held-out images under the shift evaluation's seeded changes of light, colour, angle, scale and blur,
+    scored the same way (the thresholds' second calibration, ``canestra.drift.stats``); None with
+    ``--no-shift-eval``: the thresholds then come from the held-out rows alone and flag other capture
+    sessions more often (docs/monitoring.md).
     """
-    pca_model = next(s for s in model.stages if type(s).__name__ == "PCAModel")
-    heads = (pca_model.transform(held_out_df).select("image_id", pca_head_column(pca_model.getOutputCol())
-                                                     .alias("pca_head")).toPandas())
-    table = rows.drop_duplicates("image_id").merge(heads.drop_duplicates("image_id"), on="image_id", how="inner")
+    table = rows.drop_duplicates("image_id")
     if len(table) < 2:
         return None
     categories = sorted({f for f in rule.families if f}) + [UNKNOWN_CATEGORY]

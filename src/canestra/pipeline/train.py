@@ -105,12 +105,16 @@ def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=()
                       profile_thresholds=dict(profile_thresholds or {}))
 
 
-def _scored_rows(stages, df) -> pd.DataFrame:
+def _scored_rows(stages, df, pca) -> pd.DataFrame:
+    """``df`` through ``stages``: the SCORED_COLUMNS plus ``pca_head`` (the first PCA components of ``pca``'s
+    output, which the drift reference reads: one pass for both)."""
     from pyspark.ml import PipelineModel
 
     from canestra.pipeline.evaluation import SCORED_COLUMNS
+    from canestra.pipeline.reference import pca_head_column
 
-    return PipelineModel(stages=stages).transform(df).select(*SCORED_COLUMNS).toPandas()
+    return (PipelineModel(stages=stages).transform(df)
+            .select(*SCORED_COLUMNS, pca_head_column(pca.getOutputCol()).alias("pca_head")).toPandas())
 
 
 @dataclass
@@ -238,7 +242,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     labels = fit.labels
     plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, None, None, fit.profiles,
                                           fit.profile_thr).to_json())
-    rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df)
+    rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df, fit.pca)
     energy = evaluation.energy_applies(labels)
     # Fruitness is calibrated on the training photos too (original photos, not their augmented views).
     te, tf = evaluation.thresholds(rows, cfg.unknown_quantile, energy, fruit_rows=fit.train_scores)
@@ -260,11 +264,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
         shifted = evaluation.perturbed(catalog_test)
         # One CNN pass over the perturbed copies serves both this report and the drift reference's
         # second calibration (pca_head: the PCA components the drift statistics read).
-        from canestra.pipeline.reference import pca_head_column
-
-        benign = (PipelineModel(stages=[featurizer, fit.pca, fit.clf, plain]).transform(shifted)
-                  .select(*evaluation.SCORED_COLUMNS, pca_head_column(fit.pca.getOutputCol()).alias("pca_head"))
-                  .toPandas())
+        benign = _scored_rows([featurizer, fit.pca, fit.clf, plain], shifted, fit.pca)
         shift["perturbed_held_out"] = evaluation.shift_report(benign[evaluation.SCORED_COLUMNS], taxonomy, te, tf)
     metrics["shift"] = shift
     evaluation.write_gallery(spark, catalog_path, out_dir, metrics.get("worst_errors") or [])
@@ -394,7 +394,7 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
         from canestra.pipeline.reference import drift_reference
 
         _save_model(out_dir, model, fit.train_idx,
-                    drift_reference(model, fit.test_df, rows, rule, cfg.seed, benign))
+                    drift_reference(rows, rule, cfg.seed, benign))
         timings["total"] = time.perf_counter() - t_start
         # every held-out row was scored: no extra pass over the table for n_test
         metrics.update(_run_metrics(res, cfg, featurizer, fit, rule, len(rows), metrics["n"], update, timings))
