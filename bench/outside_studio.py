@@ -543,12 +543,16 @@ def imagenet_offset(sizes) -> int:
 
 
 def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_train, X_cal, cal_labels, q: float,
-               profile_quantile: float | None = None, offset: int | None = None, energy: bool | None = None):
+               profile_quantile: float | None = None, offset: int | None = None, energy: bool | None = None,
+               fruit_min_mass: float | None = None, profile_min_mass: float | None = None):
     """The answer rule as ``canestra.pipeline.train.train`` builds it, from training and held-out rows.
-    ``profile_quantile``: the family-level profile check's quantile (default the product's; 0 turns it off)."""
+    ``profile_quantile``: the family-level profile check's quantile (default the product's; 0 turns it off);
+    ``fruit_min_mass`` / ``profile_min_mass``: the mean mass from which an ImageNet class counts for fruitness /
+    a profile (default the product's)."""
     import pandas as pd
 
     from canestra.answer.rule import (
+        FRUIT_MIN_MASS,
         PROFILE_MIN_MASS,
         PROFILE_QUANTILE,
         AnswerRule,
@@ -563,8 +567,9 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
     families = taxonomy.families_of(labels)
     inet = imagenet_probabilities(X_train, offset)
     means = np.stack([inet[y_train == c].mean(axis=0) for c in range(len(labels))])
-    imagenet_classes = imagenet_class_set(means)
-    profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(labels)
+    imagenet_classes = imagenet_class_set(means, FRUIT_MIN_MASS if fruit_min_mass is None else fruit_min_mass)
+    pm = PROFILE_MIN_MASS if profile_min_mass is None else profile_min_mass
+    profiles = {lb: imagenet_class_set(means[i], pm) for i, lb in enumerate(labels)
                 if is_family_label(lb)}
     pq = PROFILE_QUANTILE if profile_quantile is None else profile_quantile
     profile_thr = {lb: float(np.quantile(inet[y_train == labels.index(lb)][:, cls].sum(axis=1), pq))

@@ -96,6 +96,28 @@ def test_onnx_graph_matches_the_torch_reference():
     np.testing.assert_allclose(logits, ref, atol=1e-3)
 
 
+def test_block_table_is_read_from_the_weights():
+    assert backbone.blocks_of(load_state_dict(backbone.weights_path())) == [tuple(b) for b in backbone.BLOCKS]
+
+
+def test_a_deeper_and_wider_lite_builds_and_matches_torch():
+    """Lite2 (more blocks per stage, wider layers): the same builder, the block table read from the weights."""
+    torch = pytest.importorskip("torch")
+    effnet = pytest.importorskip("efficientnet_lite_pytorch")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    net = effnet.EfficientNet.from_name("efficientnet-lite2")
+    net.eval()
+    sd = {k: v.numpy() for k, v in net.state_dict().items()}
+    assert [b[0] for b in backbone.blocks_of(sd)] == [1, 3, 3, 4, 4, 5, 1]
+    sess = onnxruntime.InferenceSession(backbone.build_onnx(sd).SerializeToString())
+    x = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
+    _, logits = sess.run(None, {"image": x})
+    with torch.no_grad():
+        ref = net(torch.from_numpy(((x.astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-3)
+
+
 def test_int8_graph_is_cached_close_to_fp32_and_still_knows_fruit(sample_dir, tmp_path, monkeypatch):
     """--precision int8: built once from the shipped calibration images, embeddings near fp32."""
     monkeypatch.setenv("CANESTRA_CACHE_DIR", str(tmp_path))

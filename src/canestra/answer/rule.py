@@ -183,10 +183,11 @@ def quantile_threshold(scores: np.ndarray, q: float) -> float | None:
     return float(np.quantile(scores, q)) if len(scores) else None
 
 
-def imagenet_class_set(class_means: np.ndarray, min_mass: float = 0.01) -> list[int]:
+def imagenet_class_set(class_means: np.ndarray, min_mass: float) -> list[int]:
     """ImageNet classes that hold at least ``min_mass`` of some training class's mean probability."""
     return [int(j) for j in np.where(np.atleast_2d(class_means).max(axis=0) >= min_mass)[0]]
 
 
+FRUIT_MIN_MASS = 0.01  # an ImageNet class counts for fruitness from this mean mass in some training class
 PROFILE_MIN_MASS = 0.02  # an ImageNet class belongs to a family-level class's profile from this mean mass
 PROFILE_QUANTILE = 0.05  # share of a family-level class's own training photos its profile check may refuse

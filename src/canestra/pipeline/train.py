@@ -191,7 +191,7 @@ def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFea
 def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, taxonomy, st) -> _Fitted:
     from pyspark.ml.feature import StringIndexer
 
-    from canestra.answer.rule import PROFILE_MIN_MASS, PROFILE_QUANTILE, imagenet_class_set
+    from canestra.answer.rule import FRUIT_MIN_MASS, PROFILE_MIN_MASS, PROFILE_QUANTILE, imagenet_class_set
     from canestra.pipeline import evaluation
 
     # Not cached: each pass (count, covariance, projection, class means, scoring) reads the Parquet
@@ -215,7 +215,7 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
     profiles = {lb: imagenet_class_set(means[i], PROFILE_MIN_MASS) for i, lb in enumerate(mean_labels)
                 if is_family_label(lb)}
     # Fruitness counts the ImageNet classes of fruit: the "none of the families" photos add none.
-    fruit_classes = imagenet_class_set(means[[i for i, lb in enumerate(mean_labels) if lb != OTHER_LABEL]])
+    fruit_classes = imagenet_class_set(means[[i for i, lb in enumerate(mean_labels) if lb != OTHER_LABEL]], FRUIT_MIN_MASS)
     # One pass gives the profile checks' thresholds and the training photos' fruitness (calibration, below).
     scores = evaluation.training_scores(train_df, rule0.imagenet_offset, profiles, fruit_classes)
     fitted = _Fitted(feats, train_idx, feats.where("split = 'test'"), n_train, pca, clf, labels,

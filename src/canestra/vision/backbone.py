@@ -80,8 +80,32 @@ def _fold_bn(w: np.ndarray, sd: dict[str, np.ndarray], bn: str) -> tuple[np.ndar
     return w, b
 
 
+_STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)  # the EfficientNet-Lite family shares its stages; only depth/width differ
+
+
+def blocks_of(state_dict: dict[str, np.ndarray]) -> list[tuple[int, int, int, int, int, int]]:
+    """The block table (as ``BLOCKS``) read from a state dict, so Lite1/Lite2 weights (more blocks per
+    stage, wider layers) build with the same code as Lite0. A stage starts where the channels change."""
+    rows: list[list[int]] = []
+    idx = 0
+    while f"_blocks.{idx}._depthwise_conv.weight" in state_dict:
+        p = f"_blocks.{idx}"
+        dw = state_dict[f"{p}._depthwise_conv.weight"]
+        exp = state_dict.get(f"{p}._expand_conv.weight")
+        cin = dw.shape[0] if exp is None else exp.shape[1]
+        cout = state_dict[f"{p}._project_conv.weight"].shape[0]
+        if cin != cout or not rows:
+            expand = 1 if exp is None else exp.shape[0] // cin
+            rows.append([1, dw.shape[2], _STAGE_STRIDES[len(rows)], expand, cin, cout])
+        else:
+            rows[-1][0] += 1
+        idx += 1
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
 def build_onnx(state_dict: dict[str, np.ndarray]):
-    """Return an ``onnx.ModelProto`` for EfficientNet-Lite0 with folded batch norms."""
+    """Return an ``onnx.ModelProto`` for EfficientNet-Lite0 (or another Lite: the block table is read
+    from the weights) with folded batch norms."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -125,7 +149,7 @@ def build_onnx(state_dict: dict[str, np.ndarray]):
     ]
     x = conv("x0", "_conv_stem", "_bn0", stride=2)
     idx = 0
-    for repeats, _k, stride, expand, cin, cout in BLOCKS:
+    for repeats, _k, stride, expand, cin, cout in blocks_of(state_dict):
         for r in range(repeats):
             p = f"_blocks.{idx}"
             s = stride if r == 0 else 1
@@ -357,31 +381,35 @@ def int8_model_path() -> str:
     if _intact(target):
         return str(target)
     with _build_lock, _file_lock(target):
-        if _intact(target):
-            return str(target)
-        import shutil
-
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self._it = _calibration_batches()
-
-            def get_next(self):
-                return next(self._it, None)
-
-        with tempfile.TemporaryDirectory(dir=target.parent) as work:
-            # Quantize a private copy: quantize_static writes <input>-inferred.onnx beside its input,
-            # which must never be the shared fp32 graph's folder (two builds deleted each other's file).
-            private = os.path.join(work, "fp32.onnx")
-            shutil.copyfile(fp32, private)
-            out = os.path.join(work, "int8.onnx")
-            with _quiet_root_logger():  # ONNX Runtime's advice lines are for its developers, not ours
-                quantize_static(private, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8,
-                                weight_type=QuantType.QInt8 if vnni else QuantType.QUInt8)
-            _publish(out, target)  # atomic: racing workers publish identical files
+        if not _intact(target):
+            quantize(fp32, target, vnni)
     return str(target)
+
+
+def quantize(fp32: str, target: Path, vnni: bool) -> None:
+    """Write the static int8 version of the graph ``fp32`` to ``target`` (and its digest)."""
+    import shutil
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = _calibration_batches()
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        # Quantize a private copy: quantize_static writes <input>-inferred.onnx beside its input,
+        # which must never be the shared fp32 graph's folder (two builds deleted each other's file).
+        private = os.path.join(work, "fp32.onnx")
+        shutil.copyfile(fp32, private)
+        out = os.path.join(work, "int8.onnx")
+        with _quiet_root_logger():  # ONNX Runtime's advice lines are for its developers, not ours
+            quantize_static(private, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8 if vnni else QuantType.QUInt8)
+        _publish(out, target)  # atomic: racing workers publish identical files
 
 
 def model_sha256(path: str) -> str:
