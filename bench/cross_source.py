@@ -80,6 +80,9 @@ class Lever:
     domain_center: bool = False  # each domain (studio / real photo) centred on its own mean before the probe
     fruit_min: float | None = None  # fruitness counts ImageNet classes from this mean mass (None: the product's)
     profile_min: float | None = None  # a family-level profile's ImageNet classes from this mean mass (None: the product's)
+    studio_check: float | None = None  # a studio-only probe's family, at this probability, overrides (see StudioCheck)
+    studio_check_mode: str = "name"  # name: answer the studio probe's family; unknown: refuse
+    studio_check_main_max: float = 1.0  # ... only where the model's own family probability is below this
     backbone: str = "lite0"  # lite0 | lite1 | lite2 (their own ImageNet head feeds the answer rule)
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
 
@@ -122,6 +125,20 @@ LEVERS = {lv.name: lv for lv in [
           profile_min=0.005, fruit_min=0.05),
     Lever("224 int8 + aug 4 + unknown class with views", sizes=(224,), precision="int8", aug=4, unknown_class=True,
           unknown_views=True),
+    Lever("224 int8 + aug 4 + studio check 0.7", sizes=(224,), precision="int8", aug=4, studio_check=0.7),
+    Lever("224 int8 + aug 4 + studio check 0.5", sizes=(224,), precision="int8", aug=4, studio_check=0.5),
+    Lever("224 int8 + aug 4 + studio check 0.8", sizes=(224,), precision="int8", aug=4, studio_check=0.8),
+    Lever("224 int8 + aug 4 + studio check 0.9", sizes=(224,), precision="int8", aug=4, studio_check=0.9),
+    Lever("224 int8 + aug 4 + studio check 0.7 main < 0.9", sizes=(224,), precision="int8", aug=4, studio_check=0.7,
+          studio_check_main_max=0.9),
+    Lever("224 int8 + aug 4 + studio check 0.5 main < 0.7", sizes=(224,), precision="int8", aug=4, studio_check=0.5,
+          studio_check_main_max=0.7),
+    Lever("224 int8 + aug 4 + studio check 0.5 unknown", sizes=(224,), precision="int8", aug=4, studio_check=0.5,
+          studio_check_mode="unknown"),
+    Lever("224 int8 + aug 4 + unknown class + studio check 0.8", sizes=(224,), precision="int8", aug=4,
+          unknown_class=True, studio_check=0.8),
+    Lever("224 int8 + aug 4 + unknown class + studio check 0.5", sizes=(224,), precision="int8", aug=4,
+          unknown_class=True, studio_check=0.5),
     Lever("224 int8 + aug 4 + tta 4", sizes=(224,), precision="int8", aug=4, tta=4),
     Lever("224 int8 + aug 4 + MLP 256", sizes=(224,), precision="int8", aug=4, mlp=(256,)),
     Lever("default + source balance", balance="source"),
@@ -411,6 +428,38 @@ def fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, pca_k: int | None, hid
     return MLPProbe(lin.mean, lin.basis, layers)
 
 
+@dataclass
+class StudioCheck:
+    """A second opinion from a probe fitted on the studio frames only (varieties, no real photos): when it
+    names, with probability >= ``tau``, a family that the model has no real photos of and the answer is
+    another family, the answer becomes that family (``name``) or unknown. A real photo of a family learnt
+    only from the studio is otherwise pulled to the real-photo classes of other families."""
+
+    inner: object
+    studio: object
+    studio_families: np.ndarray  # family of each studio probe class
+    tau: float
+    mode: str
+    main_max: float = 1.0
+
+    def margins(self, X):
+        return self.inner.margins(X)
+
+    def probabilities(self, X):
+        return self.inner.probabilities(X)
+
+    def override(self, X, family: np.ndarray, real_families: set[str], main_p: np.ndarray) -> np.ndarray:
+        P = self.studio.probabilities(X)
+        fams = sorted(set(self.studio_families))
+        F = np.stack([P[:, self.studio_families == f].sum(axis=1) for f in fams], axis=1)
+        g, p = np.array(fams)[F.argmax(axis=1)], F.max(axis=1)
+        hit = ((family != "") & (g != family) & ~np.isin(g, list(real_families)) & (p >= self.tau)
+               & (main_p < self.main_max))
+        out = family.copy()
+        out[hit] = g[hit] if self.mode == "name" else ""
+        return out
+
+
 class Bench:
     def __init__(self, args):
         from canestra.answer.taxonomy import load_taxonomy
@@ -529,6 +578,16 @@ class Bench:
             probe = Centred(probe, centre)
         if lv.probe_dims:
             probe = Sliced(probe, lv.probe_dims)
+        if lv.studio_check is not None:
+            # As canestra train fits it: the studio frames on the model's own PCA (fitted on every training row).
+            slabels = sorted(set(st.folders[tr]))
+            sy = np.array([slabels.index(lb) for lb in st.folders[tr]])
+            assert isinstance(probe, os_bench.Probe) and probe.basis is not None, "studio check: linear probe + PCA"
+            sp = os_bench.fit_probe((Xs[tr] - probe.mean) @ probe.basis, sy, len(slabels), None, lv.reg,
+                                    self.args.max_iter, dtype="float32")
+            sp = os_bench.Probe(probe.mean, probe.basis, sp.W, sp.b - sp.mean @ sp.W)
+            sfam = np.array(self.tax.families_of(slabels))
+            probe = StudioCheck(probe, sp, sfam, lv.studio_check, lv.studio_check_mode, lv.studio_check_main_max)
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
         rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
                                    0.005, profile_quantile=lv.profile_q, offset=lv.inet_offset,
@@ -546,6 +605,12 @@ class Bench:
     def answer(self, probe, rule, X: np.ndarray) -> np.ndarray:
         """The family answered per row ("" for unknown)."""
         d = os_bench.decisions(probe, rule, X)
+        if isinstance(probe, StudioCheck):
+            from canestra.answer.taxonomy import is_family_label
+
+            real = {f for lb, f in zip(rule.labels, rule.families) if is_family_label(lb)}
+            main_p = (probe.probabilities(X) @ rule._fam_onehot).max(axis=1)
+            return probe.override(X, np.asarray(d.family), real, main_p)
         return d.family  # "" when unknown (the "none of the families" class included)
 
     @staticmethod

@@ -59,6 +59,9 @@ def test_multi_root_training_learns_families_from_a_family_level_root(mixed, spa
     labels = model_labels(load_model(str(Path(mixed.out_dir) / "model")))
     assert {"Apple (family)", "Banana (family)", "Orange (family)"} <= set(labels)
     assert "Apple Granny Smith" in labels
+    # The studio second opinion (answer.rule) knows the studio varieties only.
+    check = load_model(str(Path(mixed.out_dir) / "model")).stages[-1].getRule().studio_check
+    assert set(check["labels"]) == {lb for lb in labels if not lb.endswith("(family)")}
     assert m["n_train"] == m["counts"]["train"] > 0
     # held-out family-labelled photos are reported apart
     fam = m["shift"]["family_roots_held_out"]

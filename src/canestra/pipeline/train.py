@@ -92,8 +92,31 @@ def make_classifier(cfg: Settings, features_col: str):
     )
 
 
+def _fit_studio_check(projected, pca, labels: list[str], cfg: Settings) -> dict:
+    """The studio second opinion (``answer.rule`` module doc): the classifier refitted on the studio frames
+    only, its PCA folded into one linear map of the embedding. Only for a model that has both studio
+    varieties and family-labelled photos; {} otherwise."""
+    from pyspark.sql import functions as F
+
+    from canestra.answer.rule import STUDIO_CHECK_MIN, studio_check_spec
+
+    varieties = [i for i, lb in enumerate(labels) if is_variety_label(lb)]
+    if len(varieties) < 2 or not any(is_family_label(lb) for lb in labels):
+        return {}
+    # label_index -> index among the varieties (-1: not a studio row)
+    lookup = F.array(*[F.lit(varieties.index(i) if i in varieties else -1) for i in range(len(labels))])
+    studio = (projected.withColumn("studio_index", F.element_at(lookup, F.col("label_index").cast("int") + 1))
+              .where("studio_index >= 0").withColumn("studio_index", F.col("studio_index").cast("double")))
+    lr = make_classifier(cfg, "pca").setLabelCol("studio_index").fit(studio)
+    coef = lr.coefficientMatrix.toArray()  # [varieties, k]
+    if coef.shape[0] != len(varieties):  # a variety with no training row: no opinion rather than a wrong one
+        return {}
+    weights = pca.pc.toArray() @ coef.T  # Spark's PCA does not centre: margins = (x . pc) coef^T + b
+    return studio_check_spec([labels[i] for i in varieties], weights, lr.interceptVector.toArray(), STUDIO_CHECK_MIN)
+
+
 def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=(), te=None, tf=None,
-                 profiles=None, profile_thresholds=None):
+                 profiles=None, profile_thresholds=None, studio_check=None):
     from canestra.answer.rule import AnswerRule
 
     sizes = list(cfg.image_sizes)
@@ -102,7 +125,7 @@ def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=()
     return AnswerRule(labels=list(labels), families=taxonomy.families_of(list(labels)), energy_threshold=te,
                       fruitness_threshold=tf, imagenet_classes=list(imagenet_classes),
                       imagenet_offset=block * backbone.FEATURE_DIM, profiles=dict(profiles or {}),
-                      profile_thresholds=dict(profile_thresholds or {}))
+                      profile_thresholds=dict(profile_thresholds or {}), studio_check=dict(studio_check or {}))
 
 
 def _scored_rows(stages, df, pca) -> pd.DataFrame:
@@ -131,6 +154,7 @@ class _Fitted:
     profiles: dict
     profile_thr: dict
     train_scores: Any  # training photos (not their views): label, fruitness (evaluation.training_scores)
+    studio_check: dict  # the studio second opinion (answer.rule), {} when the model has no use for one
 
 
 def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=(), listing=None):
@@ -220,7 +244,7 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
     scores = evaluation.training_scores(train_df, rule0.imagenet_offset, profiles, fruit_classes)
     fitted = _Fitted(feats, train_idx, feats.where("split = 'test'"), n_train, pca, clf, labels,
                      fruit_classes, profiles, evaluation.profile_thresholds(scores, profiles, PROFILE_QUANTILE),
-                     scores[scores["view"] == 0])
+                     scores[scores["view"] == 0], _fit_studio_check(projected, pca, labels, cfg))
     capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
         cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
     st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
@@ -241,12 +265,13 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     # refuses come back as "unknown" and count as such below.
     labels = fit.labels
     plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, None, None, fit.profiles,
-                                          fit.profile_thr).to_json())
+                                          fit.profile_thr, fit.studio_check).to_json())
     rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df, fit.pca)
     energy = evaluation.energy_applies(labels)
     # Fruitness is calibrated on the training photos too (original photos, not their augmented views).
     te, tf = evaluation.thresholds(rows, cfg.unknown_quantile, energy, fruit_rows=fit.train_scores)
-    rule = _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr)
+    rule = _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr,
+                        fit.studio_check)
     model = PipelineModel(stages=[featurizer, fit.pca, fit.clf, AnswerModel(rule=rule.to_json())])
     variety_rows = rows[rows["label"].map(is_variety_label)]
     counts = [(t, p, int(n)) for (t, p), n in

@@ -320,7 +320,8 @@ def _answer_rule(model_dir: str, stage_class: str, params: dict[str, Any]) -> An
           and isinstance(raw.get("imagenet_classes", []), list)
           and all(isinstance(j, int) and 0 <= j < 1000 for j in raw.get("imagenet_classes", []))
           and isinstance(raw.get("imagenet_offset", 0), int) and raw.get("imagenet_offset", 0) >= 0
-          and all(raw.get(t) is None or is_num(raw[t]) for t in ("energy_threshold", "fruitness_threshold")))
+          and all(raw.get(t) is None or is_num(raw[t]) for t in ("energy_threshold", "fruitness_threshold"))
+          and isinstance(raw.get("studio_check", {}), dict))
     if not ok:
         raise InputError(f"{broken} (labels, families, thresholds or ImageNet classes malformed): "
                          "re-run `canestra train`")
@@ -328,6 +329,8 @@ def _answer_rule(model_dir: str, stage_class: str, params: dict[str, Any]) -> An
         return AnswerRule(**raw)
     except TypeError as exc:  # fields this canestra does not know: a model from a newer version
         raise InputError(f"{broken} ({str(exc)[:160]}): serve it with the canestra version that trained it") from None
+    except (ValueError, KeyError) as exc:  # e.g. a studio check whose weights do not fit its labels
+        raise InputError(f"{broken} ({type(exc).__name__}: {str(exc)[:160]}): re-run `canestra train`") from None
 
 
 def _read_metrics(model_dir: str) -> dict[str, Any] | None:
