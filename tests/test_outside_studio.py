@@ -62,6 +62,7 @@ def test_multi_root_training_learns_families_from_a_family_level_root(mixed, spa
     # The studio second opinion (answer.rule) knows the studio varieties only.
     check = load_model(str(Path(mixed.out_dir) / "model")).stages[-1].getRule().studio_check
     assert set(check["labels"]) == {lb for lb in labels if not lb.endswith("(family)")}
+    assert "studio second opinion" in m["unknown"]["rule"]
     assert m["n_train"] == m["counts"]["train"] > 0
     # held-out family-labelled photos are reported apart
     fam = m["shift"]["family_roots_held_out"]
@@ -81,6 +82,15 @@ def test_multi_root_training_learns_families_from_a_family_level_root(mixed, spa
     for r in rows:
         assert 0 <= float(r["family_probability"]) <= 1
         assert (r["prediction"] == "unknown") == (r["family"] == "")
+
+    # The server answers as Spark does, studio second opinion included.
+    from canestra.serve.predictor import OnlinePredictor
+
+    online = OnlinePredictor.from_model_dir(str(Path(mixed.out_dir) / "model"), threads=1)
+    spark_answers = sorted((r["prediction"], r["family"]) for r in rows)
+    online_answers = sorted((a.label, a.family) for a in (online.predict_bytes(p.read_bytes())
+                                                           for p in sorted(REAL.glob("*/*.jpg"))))
+    assert online_answers == spark_answers
 
 
 def test_predictions_carry_family_in_csv_and_parquet(trained, spark, sample_dir, tmp_path):

@@ -93,7 +93,7 @@ def _wrong(rows: pd.DataFrame, true_family: pd.Series) -> np.ndarray:
 
 
 def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf: float | None,
-                    energy: bool = True) -> dict:
+                    energy: bool = True, studio_check: bool = False) -> dict:
     """families, unknown (coverage/risk + curve), calibration and the worst errors of the held-out rows.
 
     ``rows`` were scored without the unknown rule (``predicted_label`` is always a class).
@@ -126,7 +126,9 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
                  "held-out images, studio and family-labelled photos each)" if energy else
                  f"unknown when fruitness < t_f (the {q * 100:g} % quantile of held-out images, studio and "
                  "family-labelled photos each) or a family-level answer fails its profile check; no energy "
-                 "threshold: family-labelled photos were trained on"),
+                 "threshold: family-labelled photos were trained on")
+                + ("; a studio second opinion names a family with no real training photo when it is sure"
+                   if studio_check else ""),
         "quantile": q, "energy_threshold": te, "fruitness_threshold": tf,
         "coverage": float(answered.mean()),
         "risk": float(wrong[answered].mean()) if answered.any() else 0.0,

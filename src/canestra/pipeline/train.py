@@ -277,7 +277,8 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     counts = [(t, p, int(n)) for (t, p), n in
               variety_rows.groupby(["label", "predicted_label"]).size().items()]
     metrics = classification_metrics(counts, classes=[lb for lb in labels if is_variety_label(lb)])
-    metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf, energy))
+    metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf, energy,
+                                              bool(fit.studio_check)))
     fam_held = metrics.pop("family_roots_held_out", None)
     shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
                                  "family_accuracy": (metrics.get("family") or {}).get("accuracy")},
