@@ -26,10 +26,11 @@ import numpy as np
 
 from canestra.errors import EnvironmentProblem, InputError
 
-# resize_rgb, square_rgb and BLOCKS are hooks for the benches (bench/serve_latency.py, cross_source.py, finetune.py).
-__all__ = ["BLOCKS", "FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION", "cache_dir", "cpu_flags",
-           "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "resize_rgb", "resolve_precision", "session", "square_rgb",
-           "weights_path"]
+# resize_rgb, square_rgb, BLOCKS, build_onnx and quantize are hooks for the benches (serve_latency.py, cross_source.py,
+# finetune.py: Lite1/Lite2 graphs).
+__all__ = ["BLOCKS", "FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION", "blocks_of", "build_onnx",
+           "cache_dir", "cpu_flags", "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "quantize",
+           "resize_rgb", "resolve_precision", "session", "square_rgb", "weights_path"]
 
 MODEL_NAME = "efficientnet_lite0"
 FEATURE_DIM = 1280
