@@ -83,6 +83,7 @@ class Lever:
     studio_check: float | None = None  # a studio-only probe's family, at this probability, overrides (see StudioCheck)
     studio_check_mode: str = "name"  # name: answer the studio probe's family; unknown: refuse
     studio_check_main_max: float = 1.0  # ... only where the model's own family probability is below this
+    studio_check_synth: int = 0  # the studio probe also learns this many synthetic scenes per class (scenes.py)
     backbone: str = "lite0"  # lite0 | lite1 | lite2 (their own ImageNet head feeds the answer rule)
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
 
@@ -128,6 +129,8 @@ LEVERS = {lv.name: lv for lv in [
     Lever("224 int8 + aug 4 + studio check 0.7", sizes=(224,), precision="int8", aug=4, studio_check=0.7),
     Lever("224 int8 + aug 4 + studio check 0.5", sizes=(224,), precision="int8", aug=4, studio_check=0.5),
     Lever("224 int8 + aug 4 + studio check 0.8", sizes=(224,), precision="int8", aug=4, studio_check=0.8),
+    Lever("224 int8 + aug 4 + studio check 0.8 + synth 10", sizes=(224,), precision="int8", aug=4, studio_check=0.8,
+          studio_check_synth=10),
     Lever("224 int8 + aug 4 + studio check 0.9", sizes=(224,), precision="int8", aug=4, studio_check=0.9),
     Lever("224 int8 + aug 4 + studio check 0.7 main < 0.9", sizes=(224,), precision="int8", aug=4, studio_check=0.7,
           studio_check_main_max=0.9),
@@ -583,7 +586,12 @@ class Bench:
             slabels = sorted(set(st.folders[tr]))
             sy = np.array([slabels.index(lb) for lb in st.folders[tr]])
             assert isinstance(probe, os_bench.Probe) and probe.basis is not None, "studio check: linear probe + PCA"
-            sp = os_bench.fit_probe((Xs[tr] - probe.mean) @ probe.basis, sy, len(slabels), None, lv.reg,
+            Xst, yst = Xs[tr], sy
+            if lv.studio_check_synth:
+                Xsyn, lab = self.synth_X(lv, lv.studio_check_synth)
+                Xst = np.concatenate([Xst, Xsyn])
+                yst = np.concatenate([yst, [slabels.index(lb) for lb in lab]])
+            sp = os_bench.fit_probe((Xst - probe.mean) @ probe.basis, yst, len(slabels), None, lv.reg,
                                     self.args.max_iter, dtype="float32")
             sp = os_bench.Probe(probe.mean, probe.basis, sp.W, sp.b - sp.mean @ sp.W)
             sfam = np.array(self.tax.families_of(slabels))
