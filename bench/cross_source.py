@@ -84,6 +84,8 @@ class Lever:
     studio_check_mode: str = "name"  # name: answer the studio probe's family; unknown: refuse
     studio_check_main_max: float = 1.0  # ... only where the model's own family probability is below this
     studio_check_synth: int = 0  # the studio probe also learns this many synthetic scenes per class (scenes.py)
+    # the threshold rises until the probe would override at most this share of the real training photos (None: fixed)
+    studio_check_share: float | None = None
     backbone: str = "lite0"  # lite0 | lite1 | lite2 (their own ImageNet head feeds the answer rule)
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
 
@@ -138,6 +140,14 @@ LEVERS = {lv.name: lv for lv in [
           studio_check_main_max=0.7),
     Lever("224 int8 + aug 4 + studio check 0.5 unknown", sizes=(224,), precision="int8", aug=4, studio_check=0.5,
           studio_check_mode="unknown"),
+    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 2 %", sizes=(224,), precision="int8", aug=4,
+          studio_check=0.8, studio_check_share=0.02),
+    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 %", sizes=(224,), precision="int8", aug=4,
+          studio_check=0.8, studio_check_share=0.05),
+    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 1 %", sizes=(224,), precision="int8", aug=4,
+          studio_check=0.8, studio_check_share=0.01),
+    Lever("224 int8 + aug 4 + unknown class + studio check 0.8 calibrated 5 %", sizes=(224,), precision="int8",
+          aug=4, unknown_class=True, studio_check=0.8, studio_check_share=0.05),
     Lever("224 int8 + aug 4 + unknown class + studio check 0.8", sizes=(224,), precision="int8", aug=4,
           unknown_class=True, studio_check=0.8),
     Lever("224 int8 + aug 4 + unknown class + studio check 0.5", sizes=(224,), precision="int8", aug=4,
@@ -595,7 +605,17 @@ class Bench:
                                     self.args.max_iter, dtype="float32")
             sp = os_bench.Probe(probe.mean, probe.basis, sp.W, sp.b - sp.mean @ sp.W)
             sfam = np.array(self.tax.families_of(slabels))
-            probe = StudioCheck(probe, sp, sfam, lv.studio_check, lv.studio_check_mode, lv.studio_check_main_max)
+            tau = lv.studio_check
+            if lv.studio_check_share is not None:
+                from canestra.answer.rule import studio_check_threshold
+
+                Xr = np.concatenate([self.X(r, lv)[self.sets[r].split == "train"] for r in real_roots])
+                fr = np.concatenate([self.sets[r].families[self.sets[r].split == "train"] for r in real_roots])
+                keep = ~np.isin(fr, list(drop_families))
+                P = sp.probabilities(Xr[keep])
+                tau = studio_check_threshold(P, sfam, fr[keep], set(fr[keep]), tau, lv.studio_check_share)
+                log(f"  studio check threshold {tau:.4f}")
+            probe = StudioCheck(probe, sp, sfam, tau, lv.studio_check_mode, lv.studio_check_main_max)
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
         rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
                                    0.005, profile_quantile=lv.profile_q, offset=lv.inet_offset,

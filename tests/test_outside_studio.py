@@ -63,6 +63,9 @@ def test_multi_root_training_learns_families_from_a_family_level_root(mixed, spa
     check = load_model(str(Path(mixed.out_dir) / "model")).stages[-1].getRule().studio_check
     assert set(check["labels"]) == {lb for lb in labels if not lb.endswith("(family)")}
     assert "studio second opinion" in m["unknown"]["rule"]
+    # its threshold: 0.8, raised per model until few real training photos would be overridden
+    assert 0.8 <= check["min_probability"] <= 1.0
+    assert f"{check['min_probability']:.3f} sure" in m["unknown"]["rule"]
     assert m["n_train"] == m["counts"]["train"] > 0
     # held-out family-labelled photos are reported apart
     fam = m["shift"]["family_roots_held_out"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from canestra.answer.rule import AnswerRule, decide, studio_check_spec
+from canestra.answer.rule import AnswerRule, decide, studio_check_spec, studio_check_threshold
 
 LABELS = ["Apple Granny Smith", "Kiwi", "Apple (family)"]
 FAMILIES = ["Apple", "Kiwi", "Apple"]
@@ -50,3 +50,28 @@ def test_the_studio_check_survives_the_rule_json_and_a_broken_one_is_refused():
     spec = _rule().studio_check | {"labels": ["Apple Granny Smith", "Kiwi", "Banana"]}
     with pytest.raises((ValueError, KeyError)):
         AnswerRule(LABELS, FAMILIES, studio_check=spec)
+
+
+def _probe_probs(kiwi: list[float]) -> np.ndarray:
+    """The studio probe's probabilities (Granny Smith, Kiwi) on real apple photos, Kiwi at ``kiwi``."""
+    k = np.array(kiwi, float)
+    return np.stack([1 - k, k], axis=1)
+
+
+def test_the_threshold_rises_until_few_real_training_photos_would_be_overridden():
+    fams, truth = ["Apple", "Kiwi"], ["Apple"] * 100
+    # 3 of 100 real apples look like kiwis to the probe (0.85, 0.9, 0.95): a 2 % share allows two of them
+    kiwi = [0.1] * 97 + [0.85, 0.9, 0.95]
+    tau = studio_check_threshold(_probe_probs(kiwi), fams, truth, {"Apple"}, 0.8, 0.02)
+    assert 0.85 < tau <= 0.9
+    assert sum(k >= tau for k in kiwi) == 2
+    # none is confidently wrong: the floor stands
+    assert studio_check_threshold(_probe_probs([0.1] * 100), fams, truth, {"Apple"}, 0.8, 0.02) == 0.8
+    # a family with real photos is never an override, so never counts
+    assert studio_check_threshold(_probe_probs(kiwi), fams, truth, {"Apple", "Kiwi"}, 0.8, 0.02) == 0.8
+
+
+def test_a_probe_sure_of_the_wrong_family_on_many_real_photos_is_switched_off():
+    # a 10-class studio sample: a third of the real apples "are" kiwis, at probability 1
+    kiwi = [0.1] * 60 + [1.0] * 40
+    assert studio_check_threshold(_probe_probs(kiwi), ["Apple", "Kiwi"], ["Apple"] * 100, {"Apple"}, 0.8, 0.02) > 1

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from canestra.answer.rule import quantile_threshold
+from canestra.answer.rule import STUDIO_CHECK_SHARE, quantile_threshold
 from canestra.answer.taxonomy import OTHER_LABEL, UNKNOWN, is_family_label, is_variety_label
 from canestra.layout import GALLERY
 
@@ -93,7 +93,7 @@ def _wrong(rows: pd.DataFrame, true_family: pd.Series) -> np.ndarray:
 
 
 def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf: float | None,
-                    energy: bool = True, studio_check: bool = False) -> dict:
+                    energy: bool = True, studio_check: float | None = None) -> dict:
     """families, unknown (coverage/risk + curve), calibration and the worst errors of the held-out rows.
 
     ``rows`` were scored without the unknown rule (``predicted_label`` is always a class).
@@ -127,8 +127,9 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
                  f"unknown when fruitness < t_f (the {q * 100:g} % quantile of held-out images, studio and "
                  "family-labelled photos each) or a family-level answer fails its profile check; no energy "
                  "threshold: family-labelled photos were trained on")
-                + ("; a studio second opinion names a family with no real training photo when it is sure"
-                   if studio_check else ""),
+                + (f"; a studio second opinion names a family with no real training photo when it is >= "
+                   f"{studio_check:.3f} sure (a threshold that overrides at most {STUDIO_CHECK_SHARE:.0%} of the "
+                   "real training photos)" if studio_check else ""),
         "quantile": q, "energy_threshold": te, "fruitness_threshold": tf,
         "coverage": float(answered.mean()),
         "risk": float(wrong[answered].mean()) if answered.any() else 0.0,

@@ -92,27 +92,52 @@ def make_classifier(cfg: Settings, features_col: str):
     )
 
 
-def _fit_studio_check(projected, pca, labels: list[str], cfg: Settings) -> dict:
+def _fit_studio_check(projected, pca, labels: list[str], cfg: Settings, taxonomy) -> tuple[dict, str]:
     """The studio second opinion (``answer.rule`` module doc): the classifier refitted on the studio frames
-    only, its PCA folded into one linear map of the embedding. Only for a model that has both studio
-    varieties and family-labelled photos; {} otherwise."""
+    only, its PCA folded into one linear map of the embedding; its threshold calibrated on the real
+    training photos (``answer.rule.studio_check_threshold``). Only for a model that has both studio
+    varieties and family-labelled photos: ({} and why not) otherwise; (spec, its note) when on."""
+    import numpy as np
     from pyspark.sql import functions as F
 
-    from canestra.answer.rule import STUDIO_CHECK_MIN, studio_check_spec
+    from canestra.answer.rule import STUDIO_CHECK_MIN, STUDIO_CHECK_SHARE, studio_check_spec, studio_check_threshold
 
     varieties = [i for i, lb in enumerate(labels) if is_variety_label(lb)]
-    if len(varieties) < 2 or not any(is_family_label(lb) for lb in labels):
-        return {}
+    real = [i for i, lb in enumerate(labels) if is_family_label(lb)]
+    if len(varieties) < 2 or not real:
+        return {}, ""
     # label_index -> index among the varieties (-1: not a studio row)
     lookup = F.array(*[F.lit(varieties.index(i) if i in varieties else -1) for i in range(len(labels))])
     studio = (projected.withColumn("studio_index", F.element_at(lookup, F.col("label_index").cast("int") + 1))
               .where("studio_index >= 0").withColumn("studio_index", F.col("studio_index").cast("double")))
     lr = make_classifier(cfg, "pca").setLabelCol("studio_index").fit(studio)
-    coef = lr.coefficientMatrix.toArray()  # [varieties, k]
+    coef, bias = lr.coefficientMatrix.toArray(), lr.interceptVector.toArray()  # [varieties, k], [varieties]
     if coef.shape[0] != len(varieties):  # a variety with no training row: no opinion rather than a wrong one
-        return {}
+        return {}, ""
+    # The real training photos (not their augmented views), which the probe never saw: how sure is it
+    # of a wrong family on them? Capped: the rule needs a quantile, not every row.
+    photos = projected.where((F.col("view") == 0) & F.col("label_index").isin(real))
+    n = photos.count()
+    if n > _STUDIO_CHECK_ROWS:
+        photos = photos.sample(fraction=_STUDIO_CHECK_ROWS / n, seed=cfg.seed)
+    rows = photos.select("pca", "label_index").collect()
+    m = np.array([r["pca"].toArray() for r in rows]) @ coef.T + bias
+    probs = np.exp(m - m.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    families = taxonomy.families_of(list(labels))
+    studio_families = [families[i] for i in varieties]
+    truth = [families[int(r["label_index"])] for r in rows]
+    tau = studio_check_threshold(probs, studio_families, truth, {families[i] for i in real}, STUDIO_CHECK_MIN,
+                                 STUDIO_CHECK_SHARE)
+    if tau > 1.0:
+        return {}, (f"no studio second opinion: on its {len(varieties)} varieties it would name a wrong family for "
+                    f"more than {STUDIO_CHECK_SHARE:.0%} of the real training photos, however sure")
     weights = pca.pc.toArray() @ coef.T  # Spark's PCA does not centre: margins = (x . pc) coef^T + b
-    return studio_check_spec([labels[i] for i in varieties], weights, lr.interceptVector.toArray(), STUDIO_CHECK_MIN)
+    return (studio_check_spec([labels[i] for i in varieties], weights, bias, tau),
+            f"a studio second opinion on its {len(varieties)} varieties (from p >= {tau:.3f})")
+
+
+_STUDIO_CHECK_ROWS = 20_000  # real photos the studio check's threshold is calibrated on, at most
 
 
 def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=(), te=None, tf=None,
@@ -231,7 +256,7 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
     pca = fit_pca(train_idx, cfg, featurizer.featureDim(), n_train)
     # Cut the lineage before the iterative fit: otherwise every L-BFGS iteration ships
     # the PCA matrix inside its task binary (measured 1.7 s -> 0.3 s per iteration).
-    projected = pca.transform(train_idx).select("pca", "label_index").localCheckpoint(eager=True)
+    projected = pca.transform(train_idx).select("pca", "label_index", "view").localCheckpoint(eager=True)
     clf = make_classifier(cfg, "pca").fit(projected)
     labels = list(indexer.labels)
     rule0 = _answer_rule(labels, taxonomy, cfg)
@@ -242,12 +267,14 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
     fruit_classes = imagenet_class_set(means[[i for i, lb in enumerate(mean_labels) if lb != OTHER_LABEL]], FRUIT_MIN_MASS)
     # One pass gives the profile checks' thresholds and the training photos' fruitness (calibration, below).
     scores = evaluation.training_scores(train_df, rule0.imagenet_offset, profiles, fruit_classes)
+    studio_check, check_note = _fit_studio_check(projected, pca, labels, cfg, taxonomy)
     fitted = _Fitted(feats, train_idx, feats.where("split = 'test'"), n_train, pca, clf, labels,
                      fruit_classes, profiles, evaluation.profile_thresholds(scores, profiles, PROFILE_QUANTILE),
-                     scores[scores["view"] == 0], _fit_studio_check(projected, pca, labels, cfg))
+                     scores[scores["view"] == 0], studio_check)
     capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
         cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
-    st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images")
+    st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images"
+            + (f"; {check_note}" if check_note else ""))
     return fitted
 
 
@@ -278,7 +305,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
               variety_rows.groupby(["label", "predicted_label"]).size().items()]
     metrics = classification_metrics(counts, classes=[lb for lb in labels if is_variety_label(lb)])
     metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf, energy,
-                                              bool(fit.studio_check)))
+                                              fit.studio_check.get("min_probability")))
     fam_held = metrics.pop("family_roots_held_out", None)
     shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
                                  "family_accuracy": (metrics.get("family") or {}).get("accuracy")},
