@@ -318,9 +318,16 @@ def _progress(progress: Progress | None, quiet: bool) -> Progress:
     return progress or Progress(quiet=quiet)
 
 
+def _joined(images: str | list[str] | None, more: list[str]) -> list[str]:
+    """``images`` then the roots of ``more`` it lacks."""
+    roots = [images] if isinstance(images, str) else list(images or [])
+    return roots + [r for r in more if r not in roots]
+
+
 def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | None, labelled: bool,
            cnn: bool = True, out: str | None = None, listing: Listing | None = None, families: bool = False,
-           unknown_images: str | list[str] | None = None) -> tuple[SparkSession, Listing | None]:
+           unknown_images: str | list[str] | None = None,
+           family_images: list[str] | None = None) -> tuple[SparkSession, Listing | None]:
     """The session to run on, after the cheap checks: bad image paths fail before a JVM starts
     (the CLI runs the same checks before it starts its own session), and the listing they made
     goes on to the run, which lists nothing again. ``images=None``: no listing check.
@@ -331,7 +338,7 @@ def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | 
 
         listing = make_listing(images, require_labels=labelled,
                                taxonomy=load_taxonomy(cfg.taxonomy) if families else None,
-                               unknown_uris=unknown_images or ())
+                               unknown_uris=unknown_images or (), family_uris=tuple(family_images or ()))
     if cnn:
         # The CNN graph is built once here, so that local Spark workers find it instead of racing to build it.
         from canestra.vision import backbone
@@ -395,6 +402,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
           mlflow: str | bool | None = None, register_model: str | None = None,
           eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
           listing: Listing | None = None, feedback: str | None = None,
+          family_images: str | list[str] | None = None,
           **overrides: Unpack[TrainOptions]) -> TrainRun:
     """Ingest, featurize, fit PCA + logistic regression, calibrate "unknown", evaluate and save.
 
@@ -404,7 +412,9 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
     final model into ``metrics["by_source"]`` (one entry per root, in order). ``unknown_images``:
     roots of photos that are none of the families, trained as a class answered ``unknown``.
     ``feedback``: a feedback store (``serve --feedback-dir``): the corrections users sent are trained
-    on too, at the level they were given (docs/feedback.md).
+    on too, at the level they were given (docs/feedback.md). ``family_images``: roots of family folders
+    trained at family level whatever their names (``Banana/`` and ``Orange/`` alone would read as
+    Fruits-360 varieties); they join ``images``.
 
     Settings keywords (``TrainOptions``; any other raises ``InputError``), e.g. ``pca_k=32,
     image_sizes=100``: Spark ``master``, ``driver_memory``, ``arrow_batch``; featurizer
@@ -425,12 +435,16 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             raise InputError("register_model needs MLflow tracking: drop mlflow=False, or register_model")
         track = tracking.train_option(mlflow, register_model)
         tracking.require(track)  # a missing mlflow fails here, before Spark starts
+        family = [family_images] if isinstance(family_images, str) else list(family_images or [])
+        if family:
+            images = _joined(images, family)
         if feedback:  # the store's corrections join the run as labelled roots (feedback/training.py)
             from canestra.answer.taxonomy import load_taxonomy
             from canestra.feedback.training import with_feedback
 
             images, listing, kept, waiting = with_feedback(feedback, images, listing, load_taxonomy(cfg.taxonomy),
-                                                           unknown_images or (), _progress(progress, quiet).say)
+                                                           unknown_images or (), _progress(progress, quiet).say,
+                                                           tuple(family))
             audit.note(feedback_images=kept, feedback_waiting=waiting)
         if spark is None and eval_images:  # bad evaluation roots fail before a JVM starts, as bad --images
             from canestra.answer.taxonomy import load_taxonomy
@@ -438,10 +452,10 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
 
             check_eval_roots(eval_images, images, load_taxonomy(cfg.taxonomy))
         spark, listing = _ready(cfg, spark, images, True, out=out, listing=listing, families=True,
-                                unknown_images=unknown_images)
+                                unknown_images=unknown_images, family_images=family)
         with tracking.tracked_run(track) as tracked:
             res = _train(spark, images, out, cfg, _progress(progress, quiet), eval_images=eval_images,
-                         unknown_images=unknown_images, listing=listing)
+                         unknown_images=unknown_images, listing=listing, family_images=family)
             logged = tracked.log_training(res.out_dir, res.metrics, cfg, register_model) if tracked else None
         written = (layout.MODEL, layout.CATALOG, layout.FEATURES, layout.METRICS_JSON, layout.REPORT_HTML,
                    layout.QUARANTINE_CSV) + ((layout.EVAL_CATALOG, layout.EVAL_QUARANTINE_CSV) if eval_images else ())
@@ -660,7 +674,8 @@ def configure_storage(cfg: Settings) -> None:
 
 def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] | None = None,
              model: str | None = None, eval_images: list[str] | None = None,
-             unknown_images: list[str] | None = None, trigger: str | float | None = None) -> Listing | None:
+             unknown_images: list[str] | None = None, trigger: str | float | None = None,
+             family_images: list[str] | None = None) -> Listing | None:
     """Fail fast on bad paths before paying for a JVM start (the CLI's checks, in this order).
 
     Returns the listing of ``images`` it made (ingest, train, predict, evaluate): pass it on as
@@ -679,7 +694,10 @@ def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] |
         from canestra.answer.taxonomy import load_taxonomy
 
         taxonomy = load_taxonomy(cfg.taxonomy)
-        listing = make_listing(roots, require_labels=True, taxonomy=taxonomy, unknown_uris=unknown_images or ())
+        if family_images:  # --family-images roots are training roots too
+            roots = _joined(roots, family_images)
+        listing = make_listing(roots, require_labels=True, taxonomy=taxonomy, unknown_uris=unknown_images or (),
+                               family_uris=tuple(family_images or ()))
         if eval_images:
             from canestra.pipeline.eval_sources import check_eval_roots
 

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="labelled root (<Family or Class>/<image>) never trained on, scored by the final model into "
              "metrics.json by_source and the report; repeat it for several roots")
     next(g for g in p._action_groups if g.title == "input and output").add_argument(
+        "--family-images", action="append", metavar="DIR",
+        help="root of family folders (Banana/, Orange/) trained at family level whatever their names: a root whose "
+             "folders are all also Fruits-360 class names would otherwise read as studio varieties; repeatable")
+    next(g for g in p._action_groups if g.title == "input and output").add_argument(
         "--unknown-images", action="append", metavar="DIR",
         help="photos of things that are none of the families (e.g. other produce, any folder layout), trained "
              "as a class the model answers 'unknown' for; repeat it for several roots")
@@ -325,7 +329,8 @@ def _precheck(args: argparse.Namespace, cfg: Settings):
     """Fail fast on bad paths before paying for a JVM start; the listing it made goes on to the run."""
     return api.precheck(args.command, cfg, out=args.out, images=getattr(args, "images", None),
                  model=getattr(args, "model", None), eval_images=getattr(args, "eval_images", None),
-                 unknown_images=getattr(args, "unknown_images", None), trigger=getattr(args, "trigger", None))
+                 unknown_images=getattr(args, "unknown_images", None), trigger=getattr(args, "trigger", None),
+                 family_images=getattr(args, "family_images", None))
 
 
 def run(args: argparse.Namespace, log: _SparkLog | None = None) -> int:
@@ -380,7 +385,8 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress, log: _
             api.feedback_store(args.feedback)  # not a feedback store: one plain line before Spark starts
         run = api.train(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress,
                         mlflow=args.mlflow, register_model=args.register_model, eval_images=args.eval_images,
-                        unknown_images=args.unknown_images, listing=listing, feedback=args.feedback)
+                        unknown_images=args.unknown_images, listing=listing, feedback=args.feedback,
+                        family_images=args.family_images)
         print(api.format_summary(run.metrics))
         if run.mlflow:
             print(f"mlflow: run {run.mlflow.run_id} at {run.mlflow.tracking_uri}"

@@ -28,7 +28,7 @@ __all__ = ["with_feedback"]
 
 
 def with_feedback(uri: str, images: str | list[str], listing: Listing | None, taxonomy, unknown_images=(),
-                  say=print) -> tuple[list[str], Listing, int, int]:
+                  say=print, family_images=()) -> tuple[list[str], Listing, int, int]:
     """(the run's image roots with the store's, a ``Listing`` of them all, corrections trained on, corrections
     waiting for a second image of their label).
 
@@ -37,7 +37,7 @@ def with_feedback(uri: str, images: str | list[str], listing: Listing | None, ta
     from canestra.pipeline.ingest import Listing, listed
 
     root = store.require_store(uri)
-    files, info = listed(listing, images, True, taxonomy, unknown_images)
+    files, info = listed(listing, images, True, taxonomy, unknown_images, family_images)
     base_roots = [images] if isinstance(images, str) else list(images)
     stored = store.entries(root)
     newest: dict[str, tuple] = {}
@@ -65,5 +65,6 @@ def with_feedback(uri: str, images: str | list[str], listing: Listing | None, ta
         + (f"; {waiting} wait for more images of their label (a class needs 2)" if waiting else ""))
     roots = base_roots + extra_roots
     merged = Listing(tuple(roots), tuple([unknown_images] if isinstance(unknown_images, str) else unknown_images or ()),
-                     taxonomy is not None, [*files, *extra_files], [*info, *extra_info])
+                     taxonomy is not None, [*files, *extra_files], [*info, *extra_info],
+                     tuple([family_images] if isinstance(family_images, str) else family_images or ()))
     return roots, merged, len(kept), waiting

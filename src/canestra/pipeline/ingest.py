@@ -221,15 +221,20 @@ def as_roots(images_uri: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None,
-               unknown_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
+               unknown_uris: str | list[str] | tuple[str, ...] = (),
+               family_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
     """List one or several roots. With a taxonomy, a root whose folders are all family names
     (``real-photos/Apple/...``) is family-level: its labels become ``"Apple (family)"``.
+    A ``family_uris`` root (read too when not one of ``images_uri``) is family-level whatever its folder names
+    (``Banana/``, ``Orange/`` are Fruits-360 class names too); each folder must name a family.
     Every image under an ``unknown_uris`` root (any folder, or none) is labelled
     ``OTHER_LABEL``: a photo of none of the families, which the model learns to refuse."""
     from canestra.answer.taxonomy import OTHER_LABEL, family_label
 
     roots = as_roots(images_uri)
     unknown = list(_uris(unknown_uris))
+    forced = _uris(family_uris)
+    roots += [u for u in forced if u not in roots]
     files: list[storage.ListedFile] = []
     info: list[dict] = []
     for uri in roots + unknown:
@@ -239,6 +244,9 @@ def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None,
             raise InputError(f"no files found under {where}: put images in class folders, e.g. {where}/Banana/0_100.jpg")
         folders = sorted({f.label for f in listed if f.label is not None})
         level = "family" if taxonomy is not None and taxonomy.is_family_root(folders) else "variety"
+        if uri in forced:
+            level = "family"
+            _check_family_folders(uri, folders, taxonomy)
         if uri in unknown and uri not in roots:
             level = "unknown"
             listed = [replace(f, label=OTHER_LABEL) for f in listed]
@@ -252,21 +260,31 @@ def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None,
     return files, info
 
 
+def _check_family_folders(uri: str, folders: list[str], taxonomy) -> None:
+    where = storage.display(uri)
+    bad = [n for n in folders if taxonomy is None or not taxonomy.canonical_family(n)]
+    if bad or not folders:
+        raise InputError(f"--family-images {where}: put photos in family folders ({where}/Banana/photo.jpg); "
+                         + (f"{', '.join(bad[:3])} name{'s' if len(bad) == 1 else ''} no family of the taxonomy "
+                            "(add yours with --taxonomy FILE.csv, columns class,family)" if bad else "it has none"))
+
+
 @dataclass(frozen=True)
 class Listing:
     """One listing of image roots: made by the pre-checks, then reused by the run, so an ``s3://``
-    tree is listed once, not twice. It fits a later request only for the same roots, unknown roots
-    and family-level reading (a taxonomy or not); otherwise the run lists again."""
+    tree is listed once, not twice. It fits a later request only for the same roots, unknown roots,
+    family-level reading (a taxonomy or not) and forced family roots; otherwise the run lists again."""
 
     roots: tuple[str, ...]
     unknown: tuple[str, ...]
     families: bool
     files: list[storage.ListedFile]
     info: list[dict]
+    family: tuple[str, ...] = ()  # roots read at family level whatever their folder names (--family-images)
 
-    def fits(self, images_uri: str | list[str], unknown_uris=(), taxonomy=None) -> bool:
-        return (self.roots, self.unknown, self.families) == (tuple(as_roots(images_uri)), _uris(unknown_uris),
-                                                            taxonomy is not None)
+    def fits(self, images_uri: str | list[str], unknown_uris=(), taxonomy=None, family_uris=()) -> bool:
+        return ((self.roots, self.unknown, self.families, self.family)
+                == (tuple(as_roots(images_uri)), _uris(unknown_uris), taxonomy is not None, _uris(family_uris)))
 
 
 def _uris(uris: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
@@ -274,20 +292,23 @@ def _uris(uris: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
 
 
 def make_listing(images_uri: str | list[str], require_labels: bool, taxonomy=None,
-                 unknown_uris: str | list[str] | tuple[str, ...] = ()) -> Listing:
+                 unknown_uris: str | list[str] | tuple[str, ...] = (),
+                 family_uris: str | list[str] | tuple[str, ...] = ()) -> Listing:
     """``list_roots`` kept as a ``Listing`` for the run to reuse."""
-    files, info = list_roots(images_uri, require_labels, taxonomy, unknown_uris)
-    return Listing(tuple(as_roots(images_uri)), _uris(unknown_uris), taxonomy is not None, files, info)
+    files, info = list_roots(images_uri, require_labels, taxonomy, unknown_uris, family_uris)
+    return Listing(tuple(as_roots(images_uri)), _uris(unknown_uris), taxonomy is not None, files, info,
+                   _uris(family_uris))
 
 
 def listed(listing: Listing | None, images_uri: str | list[str], require_labels: bool, taxonomy=None,
-            unknown_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
+           unknown_uris: str | list[str] | tuple[str, ...] = (),
+           family_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
     """The pre-checks' listing when it fits this request, else a new one."""
-    if listing is not None and listing.fits(images_uri, unknown_uris, taxonomy):
+    if listing is not None and listing.fits(images_uri, unknown_uris, taxonomy, family_uris):
         if require_labels:
             _check_labelled(listing.files, ", ".join(storage.display(r) for r in listing.roots))
         return listing.files, listing.info
-    return list_roots(images_uri, require_labels, taxonomy, unknown_uris)
+    return list_roots(images_uri, require_labels, taxonomy, unknown_uris, family_uris)
 
 
 def _check_labelled(files: list[storage.ListedFile], root: str) -> None:
@@ -318,11 +339,13 @@ def ingest(
     taxonomy=None,
     unknown_images: str | list[str] | tuple[str, ...] = (),
     listing: Listing | None = None,
+    family_images: str | list[str] | tuple[str, ...] = (),
 ) -> IngestResult:
     """Build (or reuse, when the listing is unchanged) ``out_dir/<table_name>``.
 
     ``images_uri`` may list several roots; with a ``taxonomy``, family-level roots are
-    recognised (see ``list_roots``); ``unknown_images`` roots hold photos of none of the families.
+    recognised (see ``list_roots``; ``family_images``: roots of ``images_uri`` read at family level whatever
+    their folder names); ``unknown_images`` roots hold photos of none of the families.
     ``listing``: the pre-checks' listing of the same roots (``make_listing``), reused when it fits.
     """
     from pyspark.sql import functions as F
@@ -330,7 +353,7 @@ def ingest(
     from canestra.vision.images import DEFAULT_MAX_PIXELS
 
     max_pixels = max_pixels or DEFAULT_MAX_PIXELS
-    files, roots = listed(listing, images_uri, require_labels, taxonomy, unknown_images)
+    files, roots = listed(listing, images_uri, require_labels, taxonomy, unknown_images, family_images)
     if require_labels:
         files_unlabelled = [f for f in files if f.label is None]
         files = [f for f in files if f.label is not None]

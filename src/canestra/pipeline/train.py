@@ -182,9 +182,10 @@ class _Fitted:
     studio_check: dict  # the studio second opinion (answer.rule), {} when the model has no use for one
 
 
-def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=(), listing=None):
+def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=(), listing=None,
+                 family_images=()):
     res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy,
-                 unknown_images=unknown_images or (), listing=listing)
+                 unknown_images=unknown_images or (), listing=listing, family_images=family_images or ())
     fam_roots = [r for r in res.roots if r["level"] == "family"]
     st.note(
         res.note()
@@ -402,10 +403,11 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
 
 def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Progress | None = None,
           eval_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
-          listing=None) -> TrainResult:
+          listing=None, family_images: str | list[str] | None = None) -> TrainResult:
     """Ingest one or several roots, featurize (only images the feature store lacks), fit PCA +
     logistic regression, calibrate the "unknown" rule on held-out images, evaluate (also under
-    shift, and on the ``eval_images`` roots, never trained on) and save one PipelineModel."""
+    shift, and on the ``eval_images`` roots, never trained on) and save one PipelineModel.
+    ``family_images``: roots of ``images`` read at family level whatever their folder names."""
     from canestra.answer.taxonomy import load_taxonomy
     from canestra.pipeline import eval_sources
 
@@ -417,7 +419,7 @@ def train(spark, images: str | list[str], out: str, cfg: Settings, progress: Pro
     t_start = time.perf_counter()
 
     with progress.stage("ingest") as st:
-        res = _ingest_step(spark, images, out_dir, cfg, taxonomy, st, unknown_images, listing)
+        res = _ingest_step(spark, images, out_dir, cfg, taxonomy, st, unknown_images, listing, family_images)
     timings["ingest"] = st.seconds
 
     featurizer = make_featurizer(cfg)
