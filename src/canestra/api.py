@@ -318,10 +318,12 @@ def _progress(progress: Progress | None, quiet: bool) -> Progress:
     return progress or Progress(quiet=quiet)
 
 
-def _joined(images: str | list[str] | None, more: list[str]) -> list[str]:
+def _joined(images: str | list[str] | None, more: str | list[str] | None) -> list[str]:
     """``images`` then the roots of ``more`` it lacks."""
-    roots = [images] if isinstance(images, str) else list(images or [])
-    return roots + [r for r in more if r not in roots]
+    from canestra.pipeline.ingest import as_uris
+
+    roots = list(as_uris(images))
+    return roots + [r for r in as_uris(more) if r not in roots]
 
 
 def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | None, labelled: bool,
@@ -338,7 +340,7 @@ def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | 
 
         listing = make_listing(images, require_labels=labelled,
                                taxonomy=load_taxonomy(cfg.taxonomy) if families else None,
-                               unknown_uris=unknown_images or (), family_uris=tuple(family_images or ()))
+                               unknown_uris=unknown_images or (), family_uris=family_images or ())
     if cnn:
         # The CNN graph is built once here, so that local Spark workers find it instead of racing to build it.
         from canestra.vision import backbone
@@ -435,7 +437,9 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             raise InputError("register_model needs MLflow tracking: drop mlflow=False, or register_model")
         track = tracking.train_option(mlflow, register_model)
         tracking.require(track)  # a missing mlflow fails here, before Spark starts
-        family = [family_images] if isinstance(family_images, str) else list(family_images or [])
+        from canestra.pipeline.ingest import as_uris
+
+        family = list(as_uris(family_images))
         if family:
             images = _joined(images, family)
         if feedback:  # the store's corrections join the run as labelled roots (feedback/training.py)
@@ -444,7 +448,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
 
             images, listing, kept, waiting = with_feedback(feedback, images, listing, load_taxonomy(cfg.taxonomy),
                                                            unknown_images or (), _progress(progress, quiet).say,
-                                                           tuple(family))
+                                                           family)
             audit.note(feedback_images=kept, feedback_waiting=waiting)
         if spark is None and eval_images:  # bad evaluation roots fail before a JVM starts, as bad --images
             from canestra.answer.taxonomy import load_taxonomy
@@ -697,7 +701,7 @@ def precheck(command: str, cfg: Settings, *, out: str, images: str | list[str] |
         if family_images:  # --family-images roots are training roots too
             roots = _joined(roots, family_images)
         listing = make_listing(roots, require_labels=True, taxonomy=taxonomy, unknown_uris=unknown_images or (),
-                               family_uris=tuple(family_images or ()))
+                               family_uris=family_images or ())
         if eval_images:
             from canestra.pipeline.eval_sources import check_eval_roots
 

@@ -34,7 +34,7 @@ def with_feedback(uri: str, images: str | list[str], listing: Listing | None, ta
 
     ``listing``: the pre-checks' listing of ``images`` (made here when None or when it does not fit)."""
     from canestra.answer.taxonomy import family_label
-    from canestra.pipeline.ingest import Listing, listed
+    from canestra.pipeline.ingest import Listing, as_uris, listed
 
     root = store.require_store(uri)
     files, info = listed(listing, images, True, taxonomy, unknown_images, family_images)
@@ -64,7 +64,6 @@ def with_feedback(uri: str, images: str | list[str], listing: Listing | None, ta
         + (f"; {relabelled} older label(s) of re-corrected images left out" if relabelled else "")
         + (f"; {waiting} wait for more images of their label (a class needs 2)" if waiting else ""))
     roots = base_roots + extra_roots
-    merged = Listing(tuple(roots), tuple([unknown_images] if isinstance(unknown_images, str) else unknown_images or ()),
-                     taxonomy is not None, [*files, *extra_files], [*info, *extra_info],
-                     tuple([family_images] if isinstance(family_images, str) else family_images or ()))
+    merged = Listing(tuple(roots), as_uris(unknown_images), taxonomy is not None, [*files, *extra_files],
+                     [*info, *extra_info], as_uris(family_images))
     return roots, merged, len(kept), waiting

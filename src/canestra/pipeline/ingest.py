@@ -23,7 +23,7 @@ from canestra.layout import CATALOG, MANIFEST, QUARANTINE_CSV
 from canestra.pipeline.split import assign_splits, frame_number
 from canestra.storage import files as storage
 
-__all__ = ["QUARANTINE_CSV", "Listing", "as_roots", "balanced_partitions", "cleaned_frame", "ingest",
+__all__ = ["QUARANTINE_CSV", "Listing", "as_roots", "as_uris", "balanced_partitions", "cleaned_frame", "ingest",
            "list_roots", "listed", "make_listing", "read_manifest", "write_quarantine_csv"]
 
 # Columns of the catalog table. source_size and source_mtime let the next ingest of a changed
@@ -225,16 +225,15 @@ def list_roots(images_uri: str | list[str], require_labels: bool, taxonomy=None,
                family_uris: str | list[str] | tuple[str, ...] = ()) -> tuple[list[storage.ListedFile], list[dict]]:
     """List one or several roots. With a taxonomy, a root whose folders are all family names
     (``real-photos/Apple/...``) is family-level: its labels become ``"Apple (family)"``.
-    A ``family_uris`` root (read too when not one of ``images_uri``) is family-level whatever its folder names
+    A ``family_uris`` root (one of ``images_uri``) is family-level whatever its folder names
     (``Banana/``, ``Orange/`` are Fruits-360 class names too); each folder must name a family.
     Every image under an ``unknown_uris`` root (any folder, or none) is labelled
     ``OTHER_LABEL``: a photo of none of the families, which the model learns to refuse."""
     from canestra.answer.taxonomy import OTHER_LABEL, family_label
 
     roots = as_roots(images_uri)
-    unknown = list(_uris(unknown_uris))
-    forced = _uris(family_uris)
-    roots += [u for u in forced if u not in roots]
+    unknown = list(as_uris(unknown_uris))
+    forced = as_uris(family_uris)
     files: list[storage.ListedFile] = []
     info: list[dict] = []
     for uri in roots + unknown:
@@ -284,10 +283,11 @@ class Listing:
 
     def fits(self, images_uri: str | list[str], unknown_uris=(), taxonomy=None, family_uris=()) -> bool:
         return ((self.roots, self.unknown, self.families, self.family)
-                == (tuple(as_roots(images_uri)), _uris(unknown_uris), taxonomy is not None, _uris(family_uris)))
+                == (tuple(as_roots(images_uri)), as_uris(unknown_uris), taxonomy is not None, as_uris(family_uris)))
 
 
-def _uris(uris: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+def as_uris(uris: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """One root or several, as a tuple (empty for None)."""
     return (uris,) if isinstance(uris, str) else tuple(uris or ())
 
 
@@ -296,8 +296,8 @@ def make_listing(images_uri: str | list[str], require_labels: bool, taxonomy=Non
                  family_uris: str | list[str] | tuple[str, ...] = ()) -> Listing:
     """``list_roots`` kept as a ``Listing`` for the run to reuse."""
     files, info = list_roots(images_uri, require_labels, taxonomy, unknown_uris, family_uris)
-    return Listing(tuple(as_roots(images_uri)), _uris(unknown_uris), taxonomy is not None, files, info,
-                   _uris(family_uris))
+    return Listing(tuple(as_roots(images_uri)), as_uris(unknown_uris), taxonomy is not None, files, info,
+                   as_uris(family_uris))
 
 
 def listed(listing: Listing | None, images_uri: str | list[str], require_labels: bool, taxonomy=None,
