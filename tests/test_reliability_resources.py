@@ -167,3 +167,34 @@ def test_jvm_killed_mid_predict_is_one_plain_line(tmp_path):
     line = _one_plain_line(err)
     assert "Spark's Java process stopped" in line, line
     assert not (out / "predictions.csv").exists() and not (out / "_staging").exists()
+
+
+def test_py4j_broken_gateway_trace_goes_to_the_spark_log_not_the_terminal(tmp_path, capsys):
+    """py4j reports a killed JVM with logging.exception on the root logger (a trace on stderr ahead of
+    the command's one plain line, seen in CI): with a Spark log, those records land in the log."""
+    import logging
+
+    import py4j.java_gateway as gw
+
+    from canestra import sparkctx
+
+    log = tmp_path / "spark.log"
+    root = logging.getLogger()
+    handler = logging.StreamHandler()  # what logging.exception's basicConfig installs: stderr
+    root.addHandler(handler)
+    try:
+        sparkctx._py4j_log_to(str(log))
+        try:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        except ConnectionResetError:
+            root.handle(root.makeRecord("root", logging.ERROR, gw.__file__, 1060,
+                                        "Exception while sending command.", (), sys.exc_info()))
+        logging.getLogger("someone.else").error("a library's own error")
+    finally:
+        root.removeHandler(handler)
+        root.filters = [f for f in root.filters if not isinstance(f, sparkctx._Py4JToFile)]
+    err = capsys.readouterr().err
+    assert "Exception while sending command" not in err and "Traceback" not in err, err
+    assert "a library's own error" in err  # other records are not swallowed
+    text = log.read_text()
+    assert "Exception while sending command." in text and "ConnectionResetError" in text

@@ -129,6 +129,8 @@ def get_spark(master: str = "local[*]", app_name: str = "canestra", conf: dict[s
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     _quiet_accumulator_server(spark.sparkContext)
+    if log_file:
+        _py4j_log_to(log_file)
     return spark
 
 
@@ -174,6 +176,38 @@ def _quiet_accumulator_server(sc) -> None:
 
     server.handle_error = handle_error
     server._canestra_quiet = True
+
+
+class _Py4JToFile:
+    """A root-logger filter: py4j logs a broken gateway (the JVM killed mid-job) with
+    ``logging.exception`` on the root logger, which prints a trace on the terminal ahead of the
+    job's own plain error. Its records go to the run's Spark log instead; others pass."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def filter(self, record) -> bool:
+        if f"{os.sep}py4j{os.sep}" not in (record.pathname or ""):
+            return True
+        import logging
+
+        try:
+            with open(self.path, "a", encoding="utf-8") as sink:
+                sink.write(logging.Formatter("%(asctime)s %(levelname)s py4j: %(message)s").format(record) + "\n")
+        except OSError:
+            pass
+        return False
+
+
+def _py4j_log_to(log_file: str) -> None:
+    import logging
+
+    root = logging.getLogger()
+    mine = [f for f in root.filters if isinstance(f, _Py4JToFile)]
+    if mine:
+        mine[0].path = log_file  # a reused session: this command's log
+    else:
+        root.addFilter(_Py4JToFile(log_file))
 
 
 def driver_arrow_pool() -> None:
