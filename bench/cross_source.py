@@ -86,6 +86,22 @@ class Lever:
     studio_check_synth: int = 0  # the studio probe also learns this many synthetic scenes per class (scenes.py)
     # the threshold rises until the probe would override at most this share of the real training photos (None: fixed)
     studio_check_share: float | None = None
+    # an ImageNet second opinion: ImageNet classes specific to one studio-only family (learnt from the studio
+    # frames) name that family from this summed probability, raised to override at most ``inet_check_share``
+    inet_check: float | None = None
+    inet_check_share: float = 0.05
+    inet_check_mass: float = 0.05  # an ImageNet class maps to a family from this mean mass on its studio frames
+    inet_check_ratio: float = 3.0  # ... and this many times its mass on any other family's frames or photos
+    # refuse a family-level answer whose photo is farther (cosine, PCA space) from every real training photo than
+    # this quantile of the held-out real photos are (None: off); used with the profile check off (profile_q=0)
+    nn_check: float | None = None
+    profile_rescue: bool = True  # the product's: a sure family-level answer passes a failed profile check
+    # answer a family-level class the profile check refused when the classifier is sure: family probability
+    # >= rescue_p, energy >= its ``rescue_q`` quantile on the held-out real photos, profile mass >= rescue_ratio x
+    # its threshold (None: no rescue)
+    rescue_q: float | None = None  # (exploration; the product's own rescue is ``profile_rescue``)
+    rescue_p: float = 0.9
+    rescue_ratio: float = 0.1
     backbone: str = "lite0"  # lite0 | lite1 | lite2 (their own ImageNet head feeds the answer rule)
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
 
@@ -146,6 +162,20 @@ LEVERS = {lv.name: lv for lv in [
       for floor, pct in ((0.8, 2), (0.8, 5), (0.8, 1), (0.5, 5), (0.6, 5), (0.6, 2))],
     Lever("224 int8 + aug 4 + unknown class + studio check 0.8 calibrated 5 %", sizes=(224,), precision="int8",
           aug=4, unknown_class=True, studio_check=0.8, studio_check_share=0.05),
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + inet check {t} mass {m} ratio {r}",
+            sizes=(224,), precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, inet_check=t,
+            inet_check_mass=m, inet_check_ratio=r)
+      for t, m, r in ((0.5, 0.05, 3.0), (0.3, 0.05, 3.0), (0.5, 0.02, 2.0), (0.3, 0.02, 2.0), (0.2, 0.02, 2.0))],
+    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 % + no profile rescue", sizes=(224,), precision="int8",
+          aug=4, studio_check=0.8, studio_check_share=0.05, profile_rescue=False),
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + sure answers past the profile check q {q:g} p {p:g}"
+            f" ratio {r:g}", sizes=(224,), precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05,
+            rescue_q=q, rescue_p=p, rescue_ratio=r, profile_rescue=False)
+      for q, p, r in ((0.05, 0.9, 0.1), (0.1, 0.9, 0.1), (0.25, 0.9, 0.1), (0.5, 0.9, 0.1), (0.25, 0.9, 0.0),
+                      (0.25, 0.8, 0.1), (0.1, 0.0, 0.1))],
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + nearest real photo {q:g} % (no profile check)",
+            sizes=(224,), precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, profile_q=0.0,
+            nn_check=q / 100) for q in (5, 10, 20)],
     Lever("224 int8 + aug 4 + unknown class + studio check 0.8", sizes=(224,), precision="int8", aug=4,
           unknown_class=True, studio_check=0.8),
     Lever("224 int8 + aug 4 + unknown class + studio check 0.5", sizes=(224,), precision="int8", aug=4,
@@ -471,6 +501,154 @@ class StudioCheck:
         return out
 
 
+@dataclass
+class Wrapped:
+    """A classifier wrapped with an answer-rule lever: margins and probabilities are the inner one's."""
+
+    inner: object
+
+    def margins(self, X):
+        return self.inner.margins(X)
+
+    def probabilities(self, X):
+        return self.inner.probabilities(X)
+
+
+@dataclass
+class Rescue(Wrapped):
+    """Answer, rather than refuse, a family-level class the profile check refused when the classifier is
+    sure of it (family probability, energy against the held-out real photos', some profile mass)."""
+
+    energy: float
+    p: float
+    ratio: float
+
+    @classmethod
+    def fit(cls, inner, rule, X_cal, lv) -> Rescue:
+        from canestra.answer.rule import energy
+
+        e = float(np.quantile(energy(inner.margins(X_cal)), lv.rescue_q))
+        log(f"  rescue: energy >= {e:.2f} ({lv.rescue_q:.0%} of {len(X_cal)} held-out real photos)")
+        return cls(inner, e, lv.rescue_p, lv.rescue_ratio)
+
+    def rescued(self, X, rule, family: np.ndarray) -> np.ndarray:
+        from canestra.answer.rule import energy, fruitness, imagenet_probabilities
+
+        P = self.probabilities(X)
+        inet = imagenet_probabilities(X, rule.imagenet_offset)
+        top = np.array(rule.labels)[P.argmax(axis=1)]
+        fp = P @ rule._fam_onehot
+        fam = np.array(rule._fam_names)[fp.argmax(axis=1)]
+        ratio = np.array([inet[i, rule.profiles[t]].sum() / rule.profile_thresholds[t]
+                          if t in rule.profile_thresholds else 0.0 for i, t in enumerate(top)])
+        ok = ((family == "") & (ratio < 1.0) & (ratio >= self.ratio) & (fp.max(axis=1) >= self.p)
+              & (energy(self.margins(X)) >= self.energy) & (fam != ""))
+        if rule.fruitness_threshold is not None:
+            ok &= fruitness(X, rule, inet) >= rule.fruitness_threshold
+        return np.where(ok, fam, family)
+
+
+@dataclass
+class NearestReal(Wrapped):
+    """Refuse a family-level answer whose photo is far from every real training photo (cosine in the
+    model's PCA space; threshold: a quantile of the held-out real photos' nearest-training similarity)."""
+
+    mean: np.ndarray
+    basis: np.ndarray
+    train: np.ndarray  # unit rows, PCA space
+    thr: float
+
+    def _unit(self, X) -> np.ndarray:
+        Z = (np.asarray(X, np.float32) - self.mean.astype(np.float32)) @ self.basis.astype(np.float32)
+        return Z / np.maximum(np.linalg.norm(Z, axis=1, keepdims=True), 1e-9)
+
+    def similarity(self, X) -> np.ndarray:
+        Z = self._unit(X)
+        return np.concatenate([(Z[i:i + 512] @ self.train.T).max(axis=1) for i in range(0, len(Z), 512)])
+
+    @classmethod
+    def fit(cls, inner, base, X_real, X_cal, q: float) -> NearestReal:
+        nn = cls(inner, base.mean, base.basis, np.zeros((0, 0), np.float32), 0.0)
+        nn.train = nn._unit(X_real)
+        nn.thr = float(np.quantile(nn.similarity(X_cal), q))
+        log(f"  nearest real photo: {len(X_real)} rows, threshold {nn.thr:.3f} ({q:.0%} of {len(X_cal)} held-out)")
+        return nn
+
+    def refuse(self, X, rule) -> np.ndarray:
+        from canestra.answer.taxonomy import is_family_label
+
+        fam_level = np.array([is_family_label(lb) for lb in rule.labels])[self.probabilities(X).argmax(axis=1)]
+        return fam_level & (self.similarity(X) < self.thr)
+
+
+@dataclass
+class InetCheck(Wrapped):
+    """A second opinion from the network's own ImageNet head, which learnt its classes on web photos: an
+    ImageNet class whose mass, on the studio frames, falls on one family only (strawberry, cauliflower,
+    pineapple ...) names that family when its probability is >= ``tau`` on a photo, the family has no real
+    training photo, and the answer is another family. ``tau`` from a floor, raised until at most ``share``
+    of the real training photos would be overridden."""
+
+    classes: np.ndarray  # ImageNet class indices that map to a family
+    families: np.ndarray  # the family of each
+    offset: int
+    tau: float
+
+    def opinion(self, X) -> tuple[np.ndarray, np.ndarray]:
+        from canestra.answer.rule import imagenet_probabilities
+
+        P = imagenet_probabilities(X, self.offset)[:, self.classes]
+        fams = sorted(set(self.families))
+        if not fams:
+            return np.full(len(X), ""), np.zeros(len(X))
+        F = np.stack([P[:, self.families == f].sum(axis=1) for f in fams], axis=1)
+        return np.array(fams)[F.argmax(axis=1)], F.max(axis=1)
+
+    @classmethod
+    def fit(cls, inner, rule, lv, Xs, sfam, real, drop) -> InetCheck:
+        from canestra.answer.rule import imagenet_probabilities
+
+        off = rule.imagenet_offset
+        groups, means = [], []
+        for f in sorted(set(sfam)):
+            groups.append((f, "studio"))
+            means.append(imagenet_probabilities(Xs[sfam == f], off).mean(axis=0))
+        Xr = np.concatenate([x for x, _ in real])
+        fr = np.concatenate([f for _, f in real])
+        keep = ~np.isin(fr, list(drop))
+        Xr, fr = Xr[keep], fr[keep]
+        for f in sorted(set(fr)):
+            groups.append((f, "real"))
+            means.append(imagenet_probabilities(Xr[fr == f], off).mean(axis=0))
+        G = np.stack(means)
+        gfam = np.array([g[0] for g in groups])
+        real_fams = set(fr)
+        classes, families = [], []
+        for gi, (f, dom) in enumerate(groups):
+            if dom != "studio" or f in real_fams:
+                continue
+            others = G[gfam != f].max(axis=0)
+            for j in np.where((G[gi] >= lv.inet_check_mass) & (G[gi] >= lv.inet_check_ratio * others))[0]:
+                classes.append(int(j))
+                families.append(f)
+        chk = cls(inner, np.array(classes, dtype=int), np.array(families), off, lv.inet_check)
+        g, p = chk.opinion(Xr)
+        score = np.sort(np.where(g != fr, p, 0.0))[::-1]
+        allowed = int(lv.inet_check_share * len(score))
+        if allowed < len(score) and score[allowed] >= chk.tau:
+            chk.tau = float(np.nextafter(score[allowed], np.inf))
+        log(f"  inet check: {len(classes)} ImageNet classes -> {len(set(families))} families "
+            f"({', '.join(sorted(set(families)))}), threshold {chk.tau:.3f}")
+        return chk
+
+    def override(self, X, family: np.ndarray, real_families: set[str]) -> np.ndarray:
+        g, p = self.opinion(X)
+        hit = (family != "") & (g != family) & ~np.isin(g, list(real_families)) & (p >= self.tau) & (g != "")
+        out = family.copy()
+        out[hit] = g[hit]
+        return out
+
+
 class Bench:
     def __init__(self, args):
         from canestra.answer.taxonomy import load_taxonomy
@@ -618,7 +796,20 @@ class Bench:
         rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
                                    0.005, profile_quantile=lv.profile_q, offset=lv.inet_offset,
                                    energy=lv.energy_rule, fruit_min_mass=lv.fruit_min,
-                                   profile_min_mass=lv.profile_min)
+                                   profile_min_mass=lv.profile_min, rescue=lv.profile_rescue)
+        if lv.nn_check is not None:
+            base = probe.inner if isinstance(probe, StudioCheck) else probe
+            is_real = np.array(rows.source) != "studio"
+            cal_real = np.array(cal.source) != "studio"
+            probe = NearestReal.fit(probe, base, X[is_real], np.concatenate(cal.X)[cal_real], lv.nn_check)
+        if lv.rescue_q is not None:
+            cal_real = np.array(cal.source) != "studio"
+            probe = Rescue.fit(probe, rule, np.concatenate(cal.X)[cal_real], lv)
+        if lv.inet_check is not None:
+            probe = InetCheck.fit(probe, rule, lv, Xs[tr], np.array(self.tax.families_of(list(st.folders[tr]))),
+                                  [(self.X(r, lv)[self.sets[r].split == "train"],
+                                    self.sets[r].families[self.sets[r].split == "train"]) for r in real_roots],
+                                  drop_families)
         return probe, rule
 
     def family_folds(self) -> list[set[str]]:
@@ -630,14 +821,27 @@ class Bench:
 
     def answer(self, probe, rule, X: np.ndarray) -> np.ndarray:
         """The family answered per row ("" for unknown)."""
-        d = os_bench.decisions(probe, rule, X)
-        if isinstance(probe, StudioCheck):
-            from canestra.answer.taxonomy import is_family_label
+        from canestra.answer.taxonomy import is_family_label
 
-            real = {f for lb, f in zip(rule.labels, rule.families) if is_family_label(lb)}
+        inet = probe if isinstance(probe, InetCheck) else None
+        probe = inet.inner if inet else probe
+        nn = probe if isinstance(probe, NearestReal) else None
+        probe = nn.inner if nn else probe
+        rescue = probe if isinstance(probe, Rescue) else None
+        probe = rescue.inner if rescue else probe
+        d = os_bench.decisions(probe, rule, X)
+        real = {f for lb, f in zip(rule.labels, rule.families) if is_family_label(lb)}
+        family = np.asarray(d.family)  # "" when unknown (the "none of the families" class included)
+        if rescue:
+            family = rescue.rescued(X, rule, family)
+        if isinstance(probe, StudioCheck):
             main_p = (probe.probabilities(X) @ rule._fam_onehot).max(axis=1)
-            return probe.override(X, np.asarray(d.family), real, main_p)
-        return d.family  # "" when unknown (the "none of the families" class included)
+            family = probe.override(X, family, real, main_p)
+        if inet:
+            family = inet.override(X, family, real)
+        if nn:
+            family = np.where(nn.refuse(X, rule), "", family)
+        return family
 
     @staticmethod
     def scores(answered: np.ndarray, truth: np.ndarray, known: set[str]) -> dict:

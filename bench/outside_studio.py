@@ -544,11 +544,12 @@ def imagenet_offset(sizes) -> int:
 
 def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_train, X_cal, cal_labels, q: float,
                profile_quantile: float | None = None, offset: int | None = None, energy: bool | None = None,
-               fruit_min_mass: float | None = None, profile_min_mass: float | None = None):
+               fruit_min_mass: float | None = None, profile_min_mass: float | None = None, rescue: bool = True):
     """The answer rule as ``canestra.pipeline.train.train`` builds it, from training and held-out rows.
     ``profile_quantile``: the family-level profile check's quantile (default the product's; 0 turns it off);
     ``fruit_min_mass`` / ``profile_min_mass``: the mean mass from which an ImageNet class counts for fruitness /
-    a profile (default the product's)."""
+    a profile (default the product's); ``rescue``: a sure family-level answer passes a failed profile check
+    (the product's ``profile_rescue_energy``)."""
     import pandas as pd
 
     from canestra.answer.rule import (
@@ -584,8 +585,9 @@ def build_rule(probe: Probe, labels: list[str], taxonomy, sizes, X_train, y_trai
     train_rows = pd.DataFrame({"label": np.array(labels)[y_train], "fruitness": t.fruitness})
     te, tf = evaluation.thresholds(rows, q, evaluation.energy_applies(labels) if energy is None else energy,
                                    fruit_rows=train_rows)
-    return AnswerRule(labels, families, te, tf, imagenet_classes, offset, profiles,
-                      {} if profile_quantile == 0 else profile_thr)
+    checked = {} if profile_quantile == 0 else profile_thr
+    return AnswerRule(labels, families, te, tf, imagenet_classes, offset, profiles, checked,
+                      profile_rescue_energy=evaluation.profile_rescue(rows) if rescue and checked else None)
 
 
 def decisions(probe: Probe, rule, X: np.ndarray) -> Decisions:

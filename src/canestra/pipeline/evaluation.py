@@ -22,7 +22,7 @@ from canestra.layout import GALLERY
 
 # perturb_jpeg is a hook for the benches (bench/outside_studio.py).
 __all__ = ["SCORED_COLUMNS", "energy_applies", "held_out_report", "imagenet_class_means", "perturb_jpeg", "perturbed",
-           "profile_thresholds", "shift_report", "thresholds", "training_scores", "write_gallery"]
+           "profile_rescue", "profile_thresholds", "rescued", "shift_report", "thresholds", "training_scores", "write_gallery"]
 
 SCORED_COLUMNS = ["image_id", "label", "predicted_label", "predicted_probability", "family", "family_probability",
                   "energy", "fruitness"]
@@ -125,8 +125,9 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
         "rule": (f"unknown when energy < t_e or fruitness < t_f (thresholds: the {q * 100:g} % quantile of "
                  "held-out images, studio and family-labelled photos each)" if energy else
                  f"unknown when fruitness < t_f (the {q * 100:g} % quantile of held-out images, studio and "
-                 "family-labelled photos each) or a family-level answer fails its profile check; no energy "
-                 "threshold: family-labelled photos were trained on")
+                 "family-labelled photos each) or a family-level answer fails its profile check (unless the "
+                 "classifier is sure of it: family probability >= 0.9 and energy >= the 25 % quantile of the "
+                 "held-out family-labelled photos'); no energy threshold: family-labelled photos were trained on")
                 + (f"; a studio second opinion names a family with no real training photo when it is >= "
                    f"{studio_check:.3f} sure (a threshold that overrides at most {STUDIO_CHECK_SHARE:.0%} of the "
                    "real training photos)" if studio_check else ""),
@@ -311,6 +312,23 @@ def training_scores(df, offset: int, profiles: dict[str, list[int]], fruit_class
 
     return (df.select("label", "view", vector_to_array(col("features"), "float32").alias("f"))
             .mapInPandas(scores, "label string, view int, profile double, fruitness double").toPandas())
+
+
+def profile_rescue(rows: pd.DataFrame) -> float | None:
+    """The energy from which a sure family-level answer passes a failed profile check
+    (``answer.rule.profile_rescue_energy``), from the held-out family-labelled photos' scores."""
+    from canestra.answer.rule import profile_rescue_energy
+
+    fam = rows[rows["label"].map(is_family_label) & (rows["label"] != OTHER_LABEL)]
+    return profile_rescue_energy(fam["energy"].to_numpy()) if len(fam) else None
+
+
+def rescued(rows: pd.DataFrame, energy: float) -> np.ndarray:
+    """Held-out rows refused (by the profile check) that the rescue at ``energy`` answers."""
+    from canestra.answer.rule import PROFILE_RESCUE_PROBABILITY
+
+    return ((rows["predicted_label"] == UNKNOWN) & (rows["family_probability"] >= PROFILE_RESCUE_PROBABILITY)
+            & (rows["energy"] >= energy)).to_numpy()
 
 
 def profile_thresholds(scores: pd.DataFrame, profiles: dict[str, list[int]], q: float) -> dict[str, float]:

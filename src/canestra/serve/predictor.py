@@ -320,7 +320,8 @@ def _answer_rule(model_dir: str, stage_class: str, params: dict[str, Any]) -> An
           and isinstance(raw.get("imagenet_classes", []), list)
           and all(isinstance(j, int) and 0 <= j < 1000 for j in raw.get("imagenet_classes", []))
           and isinstance(raw.get("imagenet_offset", 0), int) and raw.get("imagenet_offset", 0) >= 0
-          and all(raw.get(t) is None or is_num(raw[t]) for t in ("energy_threshold", "fruitness_threshold"))
+          and all(raw.get(t) is None or is_num(raw[t])
+                  for t in ("energy_threshold", "fruitness_threshold", "profile_rescue_energy"))
           and isinstance(raw.get("studio_check", {}), dict))
     if not ok:
         raise InputError(f"{broken} (labels, families, thresholds or ImageNet classes malformed): "
