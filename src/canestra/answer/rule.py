@@ -4,9 +4,11 @@ One numpy function, :func:`decide`, makes the decision; the Spark stage
 :class:`canestra.answer.stage.AnswerModel` (last stage of every trained ``PipelineModel``) and the online
 predictor both call it, so batch and HTTP answers cannot drift apart.
 
-- **variety**: the most probable class that is a variety (family-level classes such as
-  ``"Apple (family)"``, learnt from family-labelled photos, never name a variety);
-- **family** and ``family_probability``: class probabilities summed per family;
+- **family** and ``family_probability``: class probabilities summed per family; the answer is the most
+  probable family;
+- **variety**: the most probable variety *of that family* (family-level classes such as
+  ``"Apple (family)"``, learnt from family-labelled photos, never name a variety; a family the model
+  has no variety of is named by its family);
 - **unknown**: an image that resembles no training class. Two scores, both calibrated at
   training time on held-out images (``calibrate``) and stored in the model:
 
@@ -258,6 +260,7 @@ def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: A
     fams = rule._fam_names
     probability, fam_prob = probs[np.arange(n), best], fam_p[np.arange(n), fam_best]
     second = rule._studio.opinion(features) if rule._studio is not None else None
+    family_variety = _best_variety_of(probs, rule, fam_best)
     prediction, family, top5 = [], [], []
     for i in range(n):
         order = np.argsort(-probs[i], kind="stable")[:TOP_K]
@@ -270,10 +273,26 @@ def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: A
             family.append(str(second[2][i]))
             probability[i], fam_prob[i] = second[1][i], second[3][i]
         else:
-            lb = labels[best[i]]
-            prediction.append(lb if rule._variety.any() else fams[fam_best[i]])
+            # The variety named is one of the answered family's (a real apple photo won by "Apple (family)" is
+            # not called "Pear Red" because that studio variety was the likeliest one); a family the model has
+            # no variety of is named by its family.
+            if family_variety[i] >= 0:
+                prediction.append(labels[family_variety[i]])
+                if family_variety[i] != best[i]:
+                    probability[i] = probs[i, family_variety[i]]
+            else:
+                prediction.append(fams[fam_best[i]])
+                probability[i] = fam_prob[i]
             family.append(fams[fam_best[i]])
     return Answers(prediction, probability, family, fam_prob, en, fr, top5, unknown)
+
+
+def _best_variety_of(probs: np.ndarray, rule: AnswerRule, fam_best: np.ndarray) -> np.ndarray:
+    """Per row: the index of the most probable variety of family ``fam_best`` (index in the rule's
+    family names), -1 where that family has no variety class."""
+    ok = rule._variety[None, :] & (rule._fam_onehot[:, fam_best].T > 0)
+    masked = np.where(ok, probs, -1.0)
+    return np.where(ok.any(axis=1), masked.argmax(axis=1), -1)
 
 
 def _studio_overrides(rule: AnswerRule, family: str, second, i: int) -> bool:
