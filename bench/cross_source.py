@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import benchlib
 import numpy as np
@@ -470,18 +471,13 @@ def fit_mlp(X: np.ndarray, y: np.ndarray, n_classes: int, pca_k: int | None, hid
 
 
 @dataclass
-class StudioCheck:
-    """A second opinion from a probe fitted on the studio frames only (varieties, no real photos): when it
-    names, with probability >= ``tau``, a family that the model has no real photos of and the answer is
-    another family, the answer becomes that family (``name``) or unknown. A real photo of a family learnt
-    only from the studio is otherwise pulled to the real-photo classes of other families."""
+class Wrapped:
+    """A classifier wrapped with an answer-rule lever: margins and probabilities are the inner one's;
+    ``adjust`` changes the families the product's rule answered. Layers apply in ``ORDER`` (lowest first),
+    whatever order ``Bench.train`` wrapped them in: un-refusing, then overriding, then refusing."""
 
+    ORDER: ClassVar[int] = 0
     inner: object
-    studio: object
-    studio_families: np.ndarray  # family of each studio probe class
-    tau: float
-    mode: str
-    main_max: float = 1.0
 
     def margins(self, X):
         return self.inner.margins(X)
@@ -489,7 +485,26 @@ class StudioCheck:
     def probabilities(self, X):
         return self.inner.probabilities(X)
 
-    def override(self, X, family: np.ndarray, real_families: set[str], main_p: np.ndarray) -> np.ndarray:
+    def adjust(self, X, rule, family: np.ndarray, real_families: set[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+@dataclass
+class StudioCheck(Wrapped):
+    """A second opinion from a probe fitted on the studio frames only (varieties, no real photos): when it
+    names, with probability >= ``tau``, a family that the model has no real photos of and the answer is
+    another family, the answer becomes that family (``name``) or unknown. A real photo of a family learnt
+    only from the studio is otherwise pulled to the real-photo classes of other families."""
+
+    ORDER: ClassVar[int] = 1
+    studio: object
+    studio_families: np.ndarray  # family of each studio probe class
+    tau: float
+    mode: str
+    main_max: float = 1.0
+
+    def adjust(self, X, rule, family: np.ndarray, real_families: set[str]) -> np.ndarray:
+        main_p = (self.probabilities(X) @ rule._fam_onehot).max(axis=1)
         P = self.studio.probabilities(X)
         fams = sorted(set(self.studio_families))
         F = np.stack([P[:, self.studio_families == f].sum(axis=1) for f in fams], axis=1)
@@ -499,19 +514,6 @@ class StudioCheck:
         out = family.copy()
         out[hit] = g[hit] if self.mode == "name" else ""
         return out
-
-
-@dataclass
-class Wrapped:
-    """A classifier wrapped with an answer-rule lever: margins and probabilities are the inner one's."""
-
-    inner: object
-
-    def margins(self, X):
-        return self.inner.margins(X)
-
-    def probabilities(self, X):
-        return self.inner.probabilities(X)
 
 
 @dataclass
@@ -531,7 +533,7 @@ class Rescue(Wrapped):
         log(f"  rescue: energy >= {e:.2f} ({lv.rescue_q:.0%} of {len(X_cal)} held-out real photos)")
         return cls(inner, e, lv.rescue_p, lv.rescue_ratio)
 
-    def rescued(self, X, rule, family: np.ndarray) -> np.ndarray:
+    def adjust(self, X, rule, family: np.ndarray, real_families: set[str]) -> np.ndarray:
         from canestra.answer.rule import energy, fruitness, imagenet_probabilities
 
         P = self.probabilities(X)
@@ -553,6 +555,7 @@ class NearestReal(Wrapped):
     """Refuse a family-level answer whose photo is far from every real training photo (cosine in the
     model's PCA space; threshold: a quantile of the held-out real photos' nearest-training similarity)."""
 
+    ORDER: ClassVar[int] = 3
     mean: np.ndarray
     basis: np.ndarray
     train: np.ndarray  # unit rows, PCA space
@@ -574,11 +577,11 @@ class NearestReal(Wrapped):
         log(f"  nearest real photo: {len(X_real)} rows, threshold {nn.thr:.3f} ({q:.0%} of {len(X_cal)} held-out)")
         return nn
 
-    def refuse(self, X, rule) -> np.ndarray:
+    def adjust(self, X, rule, family: np.ndarray, real_families: set[str]) -> np.ndarray:
         from canestra.answer.taxonomy import is_family_label
 
         fam_level = np.array([is_family_label(lb) for lb in rule.labels])[self.probabilities(X).argmax(axis=1)]
-        return fam_level & (self.similarity(X) < self.thr)
+        return np.where(fam_level & (self.similarity(X) < self.thr), "", family)
 
 
 @dataclass
@@ -589,6 +592,7 @@ class InetCheck(Wrapped):
     training photo, and the answer is another family. ``tau`` from a floor, raised until at most ``share``
     of the real training photos would be overridden."""
 
+    ORDER: ClassVar[int] = 2
     classes: np.ndarray  # ImageNet class indices that map to a family
     families: np.ndarray  # the family of each
     offset: int
@@ -641,7 +645,7 @@ class InetCheck(Wrapped):
             f"({', '.join(sorted(set(families)))}), threshold {chk.tau:.3f}")
         return chk
 
-    def override(self, X, family: np.ndarray, real_families: set[str]) -> np.ndarray:
+    def adjust(self, X, rule, family: np.ndarray, real_families: set[str]) -> np.ndarray:
         g, p = self.opinion(X)
         hit = (family != "") & (g != family) & ~np.isin(g, list(real_families)) & (p >= self.tau) & (g != "")
         out = family.copy()
@@ -823,24 +827,15 @@ class Bench:
         """The family answered per row ("" for unknown)."""
         from canestra.answer.taxonomy import is_family_label
 
-        inet = probe if isinstance(probe, InetCheck) else None
-        probe = inet.inner if inet else probe
-        nn = probe if isinstance(probe, NearestReal) else None
-        probe = nn.inner if nn else probe
-        rescue = probe if isinstance(probe, Rescue) else None
-        probe = rescue.inner if rescue else probe
+        layers = []
+        while isinstance(probe, Wrapped):
+            layers.append(probe)
+            probe = probe.inner
         d = os_bench.decisions(probe, rule, X)
         real = {f for lb, f in zip(rule.labels, rule.families) if is_family_label(lb)}
         family = np.asarray(d.family)  # "" when unknown (the "none of the families" class included)
-        if rescue:
-            family = rescue.rescued(X, rule, family)
-        if isinstance(probe, StudioCheck):
-            main_p = (probe.probabilities(X) @ rule._fam_onehot).max(axis=1)
-            family = probe.override(X, family, real, main_p)
-        if inet:
-            family = inet.override(X, family, real)
-        if nn:
-            family = np.where(nn.refuse(X, rule), "", family)
+        for layer in sorted(layers, key=lambda w: w.ORDER):
+            family = layer.adjust(X, rule, family, real)
         return family
 
     @staticmethod

@@ -247,7 +247,7 @@ def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: A
     fr = fruitness(features, rule, inet)
     unknown = profile_mismatch(probs, inet, rule)
     if rule.profile_rescue_energy is not None:
-        unknown &= ~((fam_p.max(axis=1) >= PROFILE_RESCUE_PROBABILITY) & (en >= rule.profile_rescue_energy))
+        unknown &= ~sure_of_family(fam_p.max(axis=1), en, rule.profile_rescue_energy)
     # The trained "none of the families" class (--unknown-images) has the empty family: when the
     # empty family carries the most probability, the photo is of none of the families.
     if "" in rule._fam_names:
@@ -276,13 +276,9 @@ def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: A
             # The variety named is one of the answered family's (a real apple photo won by "Apple (family)" is
             # not called "Pear Red" because that studio variety was the likeliest one); a family the model has
             # no variety of is named by its family.
-            if family_variety[i] >= 0:
-                prediction.append(labels[family_variety[i]])
-                if family_variety[i] != best[i]:
-                    probability[i] = probs[i, family_variety[i]]
-            else:
-                prediction.append(fams[fam_best[i]])
-                probability[i] = fam_prob[i]
+            v = family_variety[i]
+            prediction.append(labels[v] if v >= 0 else fams[fam_best[i]])
+            probability[i] = probs[i, v] if v >= 0 else fam_prob[i]
             family.append(fams[fam_best[i]])
     return Answers(prediction, probability, family, fam_prob, en, fr, top5, unknown)
 
@@ -325,7 +321,7 @@ PROFILE_RESCUE_PROBABILITY = 0.9  # a failed profile check is overruled from thi
 PROFILE_RESCUE_QUANTILE = 0.25  # ... and this quantile of the held-out family-labelled photos' energy (0.05-0.5 measured)
 
 
-def profile_rescue_energy(energies: np.ndarray) -> float | None:
-    """The energy from which a sure family-level answer passes a failed profile check: the
-    ``PROFILE_RESCUE_QUANTILE`` quantile of the held-out family-labelled photos' ``energies`` (None without any)."""
-    return quantile_threshold(energies, PROFILE_RESCUE_QUANTILE)
+def sure_of_family(family_probability, energies, rescue_energy: float):
+    """Where the classifier is sure enough of its family for a failed profile check to be overruled
+    (arrays or pandas Series alike: ``decide`` and the held-out report share this one test)."""
+    return (family_probability >= PROFILE_RESCUE_PROBABILITY) & (energies >= rescue_energy)

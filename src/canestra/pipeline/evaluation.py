@@ -16,7 +16,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from canestra.answer.rule import STUDIO_CHECK_SHARE, quantile_threshold
+from canestra.answer.rule import (
+    PROFILE_RESCUE_PROBABILITY,
+    PROFILE_RESCUE_QUANTILE,
+    STUDIO_CHECK_SHARE,
+    quantile_threshold,
+    sure_of_family,
+)
 from canestra.answer.taxonomy import OTHER_LABEL, UNKNOWN, is_family_label, is_variety_label
 from canestra.layout import GALLERY
 
@@ -126,8 +132,9 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
                  "held-out images, studio and family-labelled photos each)" if energy else
                  f"unknown when fruitness < t_f (the {q * 100:g} % quantile of held-out images, studio and "
                  "family-labelled photos each) or a family-level answer fails its profile check (unless the "
-                 "classifier is sure of it: family probability >= 0.9 and energy >= the 25 % quantile of the "
-                 "held-out family-labelled photos'); no energy threshold: family-labelled photos were trained on")
+                 f"classifier is sure of it: family probability >= {PROFILE_RESCUE_PROBABILITY:g} and energy >= the "
+                 f"{PROFILE_RESCUE_QUANTILE:.0%} quantile of the held-out family-labelled photos'); no energy "
+                 "threshold: family-labelled photos were trained on")
                 + (f"; a studio second opinion names a family with no real training photo when it is >= "
                    f"{studio_check:.3f} sure (a threshold that overrides at most {STUDIO_CHECK_SHARE:.0%} of the "
                    "real training photos)" if studio_check else ""),
@@ -316,19 +323,16 @@ def training_scores(df, offset: int, profiles: dict[str, list[int]], fruit_class
 
 def profile_rescue(rows: pd.DataFrame) -> float | None:
     """The energy from which a sure family-level answer passes a failed profile check
-    (``answer.rule.profile_rescue_energy``), from the held-out family-labelled photos' scores."""
-    from canestra.answer.rule import profile_rescue_energy
-
+    (``AnswerRule.profile_rescue_energy``): a quantile of the held-out family-labelled photos' energy."""
     fam = rows[rows["label"].map(is_family_label) & (rows["label"] != OTHER_LABEL)]
-    return profile_rescue_energy(fam["energy"].to_numpy()) if len(fam) else None
+    return quantile_threshold(fam["energy"].to_numpy(), PROFILE_RESCUE_QUANTILE)
 
 
 def rescued(rows: pd.DataFrame, energy: float) -> np.ndarray:
-    """Held-out rows refused (by the profile check) that the rescue at ``energy`` answers."""
-    from canestra.answer.rule import PROFILE_RESCUE_PROBABILITY
-
-    return ((rows["predicted_label"] == UNKNOWN) & (rows["family_probability"] >= PROFILE_RESCUE_PROBABILITY)
-            & (rows["energy"] >= energy)).to_numpy()
+    """Held-out rows refused that the rescue at ``energy`` may answer (a superset: a refusal by the "none of
+    the families" class stays one)."""
+    return ((rows["predicted_label"] == UNKNOWN)
+            & sure_of_family(rows["family_probability"], rows["energy"], energy)).to_numpy()
 
 
 def profile_thresholds(scores: pd.DataFrame, profiles: dict[str, list[int]], q: float) -> dict[str, float]:

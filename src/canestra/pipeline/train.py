@@ -293,20 +293,22 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     # The family-level profile check (fitted on training photos) stays on: held-out photos it
     # refuses come back as "unknown" and count as such below.
     labels = fit.labels
-    plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, None, None, fit.profiles,
-                                          fit.profile_thr, fit.studio_check).to_json())
+
+    def rule_with(te=None, tf=None, rescue=None):
+        return _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr,
+                            fit.studio_check, rescue)
+
+    plain = AnswerModel(rule=rule_with().to_json())
     rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df, fit.pca)
     rescue = evaluation.profile_rescue(rows) if fit.profile_thr else None
     if rescue is not None and evaluation.rescued(rows, rescue).any():
         # The held-out figures are those of the rule the model ships: score again with the rescue on.
-        plain = AnswerModel(rule=_answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, None, None, fit.profiles,
-                                              fit.profile_thr, fit.studio_check, rescue).to_json())
+        plain = AnswerModel(rule=rule_with(rescue=rescue).to_json())
         rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df, fit.pca)
     energy = evaluation.energy_applies(labels)
     # Fruitness is calibrated on the training photos too (original photos, not their augmented views).
     te, tf = evaluation.thresholds(rows, cfg.unknown_quantile, energy, fruit_rows=fit.train_scores)
-    rule = _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr,
-                        fit.studio_check, rescue)
+    rule = rule_with(te, tf, rescue)
     model = PipelineModel(stages=[featurizer, fit.pca, fit.clf, AnswerModel(rule=rule.to_json())])
     variety_rows = rows[rows["label"].map(is_variety_label)]
     counts = [(t, p, int(n)) for (t, p), n in
