@@ -79,12 +79,18 @@ class Lever:
     inet_offset: int | None = None  # where the ImageNet head's 1,280 inputs start (None: the size nearest 224 px)
     energy_rule: bool | None = None  # the energy threshold: None as the product (off once real photos are trained), or forced
     domain_center: bool = False  # each domain (studio / real photo) centred on its own mean before the probe
+    # project out this many directions that tell studio frames from real photos (iterated linear classifiers,
+    # each fitted on what the previous projections left) before the probe: one linear map, no per-row domain guess
+    domain_null: int = 0
     fruit_min: float | None = None  # fruitness counts ImageNet classes from this mean mass (None: the product's)
     profile_min: float | None = None  # a family-level profile's ImageNet classes from this mean mass (None: the product's)
     studio_check: float | None = None  # a studio-only probe's family, at this probability, overrides (see StudioCheck)
     studio_check_mode: str = "name"  # name: answer the studio probe's family; unknown: refuse
     studio_check_main_max: float = 1.0  # ... only where the model's own family probability is below this
     studio_check_synth: int = 0  # the studio probe also learns this many synthetic scenes per class (scenes.py)
+    # the studio probe reads a photo the domain classifier calls real shifted by (studio mean - real mean), so a
+    # real strawberry reaches it where studio strawberries sit, less the look every real photo shares
+    studio_check_centre: bool = False
     # the threshold rises until the probe would override at most this share of the real training photos (None: fixed)
     studio_check_share: float | None = None
     # an ImageNet second opinion: ImageNet classes specific to one studio-only family (learnt from the studio
@@ -104,6 +110,9 @@ class Lever:
     rescue_p: float = 0.9
     rescue_ratio: float = 0.1
     backbone: str = "lite0"  # lite0 | lite1 | lite2 (their own ImageNet head feeds the answer rule)
+    # every photo that is not a studio frame is centre-squared and shrunk to this many px before the CNN, so it
+    # reaches the network at the studio frames' own resolution (Fruits-360 frames are 100 x 100; None: off)
+    low_res: int | None = None
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
 
 
@@ -177,6 +186,17 @@ LEVERS = {lv.name: lv for lv in [
     *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + nearest real photo {q:g} % (no profile check)",
             sizes=(224,), precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, profile_q=0.0,
             nn_check=q / 100) for q in (5, 10, 20)],
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + photos at {px} px", sizes=(224,),
+            precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, low_res=px) for px in (100, 160)],
+    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 % centred", sizes=(224,), precision="int8", aug=4,
+          studio_check=0.8, studio_check_share=0.05, studio_check_centre=True),
+    Lever("224 int8 + aug 4 + studio check 0.6 calibrated 5 % centred", sizes=(224,), precision="int8", aug=4,
+          studio_check=0.6, studio_check_share=0.05, studio_check_centre=True),
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + domain null {k}", sizes=(224,), precision="int8",
+            aug=4, studio_check=0.8, studio_check_share=0.05, domain_null=k) for k in (1, 4, 16, 64)],
+    *[Lever(f"224 int8 + aug 4 + unknown class + studio check 0.8 calibrated 5 % + domain null {k}", sizes=(224,),
+            precision="int8", aug=4, unknown_class=True, studio_check=0.8, studio_check_share=0.05, domain_null=k)
+      for k in (4, 16)],
     Lever("224 int8 + aug 4 + unknown class + studio check 0.8", sizes=(224,), precision="int8", aug=4,
           unknown_class=True, studio_check=0.8),
     Lever("224 int8 + aug 4 + unknown class + studio check 0.5", sizes=(224,), precision="int8", aug=4,
@@ -239,6 +259,20 @@ def tta_view(rgb: np.ndarray, name: str) -> np.ndarray:
     if name.endswith("mirror"):
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
+
+
+def shrink(rgb: np.ndarray, px: int | None) -> np.ndarray:
+    """The centre square of ``rgb`` shrunk (area-averaged) to ``px`` x ``px``; ``px`` None: unchanged."""
+    if px is None:
+        return rgb
+    from PIL import Image
+
+    from canestra.vision.backbone import square_rgb
+
+    sq = square_rgb(rgb)
+    if sq.shape[0] <= px:
+        return sq
+    return np.asarray(Image.fromarray(np.ascontiguousarray(sq)).resize((px, px), Image.Resampling.BOX))
 
 
 def augment(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -390,6 +424,28 @@ class DomainCentre:
     def __call__(self, X: np.ndarray) -> np.ndarray:
         real = self.domain.margins(X).argmax(axis=1)
         return (X - self.shift[real]).astype(np.float32)
+
+
+def domain_nullspace(X: np.ndarray, studio: np.ndarray, k: int, max_iter: int) -> np.ndarray:
+    """The projection [d, d] that removes ``k`` directions separating studio rows from real ones: a
+    balanced logistic classifier is fitted, its direction projected out, and again on what is left
+    (iterative nullspace projection), so no linear read of the result tells the domains apart as well."""
+    d = X.shape[1]
+    Q = np.zeros((d, 0))
+    y = (~studio).astype(int)
+    w = np.where(studio, 0.5 / studio.sum(), 0.5 / (~studio).sum())
+    Xc = X - X.mean(axis=0)
+    for i in range(k):
+        P = np.eye(d) - Q @ Q.T
+        Xp = (Xc @ P).astype(np.float32)
+        clf = os_bench.fit_probe(Xp, y, 2, None, 1e-4, max_iter, weights=w, dtype="float32")
+        acc = float(((clf.margins(Xp).argmax(axis=1) == y) * w).sum())
+        v = P @ (clf.W[:, 1] - clf.W[:, 0])
+        v -= Q @ (Q.T @ v)
+        Q = np.concatenate([Q, (v / np.linalg.norm(v))[:, None]], axis=1)
+        if i in (0, k - 1):
+            log(f"  domain direction {i + 1}: studio/real balanced accuracy before removing it {acc:.3f}")
+    return (np.eye(d) - Q @ Q.T).astype(np.float32)
 
 
 @dataclass
@@ -664,7 +720,11 @@ class Bench:
         self._nonfruit = None
 
     def X(self, name: str, lv: Lever) -> np.ndarray:
-        return with_inet(self.feats.get(self.sets[name], lv.sizes, lv.precision, net=lv.backbone), lv)
+        s = self.sets[name]
+        if lv.low_res and name != "studio":
+            return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"orig-lr{lv.low_res}",
+                                            rgb_of=lambda i: shrink(s.rgb(i), lv.low_res)), lv)
+        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone), lv)
 
     def test_X(self, name: str, lv: Lever, rows=None) -> np.ndarray:
         """Features of a test set: the photo's embedding, or the mean over ``lv.tta`` test-time views."""
@@ -679,8 +739,9 @@ class Bench:
 
     def aug_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
         s = self.sets[name]
-        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"aug{k}",
-                                        rgb_of=lambda i: augment(s.rgb(i), k, i)), lv)
+        sfx = f"-lr{lv.low_res}" if lv.low_res else ""
+        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"aug{k}{sfx}",
+                                        rgb_of=lambda i: shrink(augment(s.rgb(i), k, i), lv.low_res)), lv)
 
     def synth(self, n: int):
         """``n`` synthetic scenes per studio class (training frames only), on fruit-free crops of
@@ -719,7 +780,9 @@ class Bench:
 
     def nonfruit_X(self, lv: Lever) -> np.ndarray:
         fake = self._nonfruit_set()
-        X = with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, rgb_of=fake.rgb), lv)
+        X = with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone,
+                                     view=f"orig-lr{lv.low_res}" if lv.low_res else "orig",
+                                     rgb_of=lambda i: shrink(fake.rgb(i), lv.low_res)), lv)
         if lv.tta <= 1:
             return X
         views = [X] + [with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, view=v,
@@ -761,7 +824,13 @@ class Bench:
         t0 = time.perf_counter()
         Xp = X[:, : lv.probe_dims] if lv.probe_dims else X
         centre = DomainCentre.fit(Xp, np.array(rows.source) == "studio", self.args.max_iter) if lv.domain_center else None
-        if lv.mlp:
+        if lv.domain_null:
+            # fitted on the projected rows, then folded into the probe's PCA basis: (X - mean) P basis
+            proj = domain_nullspace(Xp, np.array(rows.source) == "studio", lv.domain_null, self.args.max_iter)
+            probe = os_bench.fit_probe(Xp @ proj, y, len(labels), lv.pca_k, lv.reg, self.args.max_iter,
+                                       weights=weights(rows.labels, rows.source, lv), dtype="float32")
+            probe = os_bench.Probe(Xp.mean(axis=0), proj @ probe.basis, probe.W, probe.b)
+        elif lv.mlp:
             probe = fit_mlp(Xp, y, len(labels), lv.pca_k, lv.mlp, 3 * self.args.max_iter)
         else:
             probe = os_bench.fit_probe(centre(Xp) if centre else Xp, y, len(labels), lv.pca_k, lv.reg,
@@ -784,6 +853,11 @@ class Bench:
             sp = os_bench.fit_probe((Xst - probe.mean) @ probe.basis, yst, len(slabels), None, lv.reg,
                                     self.args.max_iter, dtype="float32")
             sp = os_bench.Probe(probe.mean, probe.basis, sp.W, sp.b - sp.mean @ sp.W)
+            if lv.studio_check_centre:
+                studio = np.array(rows.source) == "studio"
+                dom = DomainCentre.fit(Xp, studio, self.args.max_iter)
+                shift = np.stack([np.zeros(Xp.shape[1]), Xp[~studio].mean(axis=0) - Xp[studio].mean(axis=0)])
+                sp = Centred(sp, DomainCentre(shift.astype(np.float32), dom.domain))
             sfam = np.array(self.tax.families_of(slabels))
             tau = lv.studio_check
             if lv.studio_check_share is not None:

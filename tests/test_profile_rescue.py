@@ -52,3 +52,20 @@ def test_the_rescue_energy_is_a_quantile_of_the_held_out_family_photos_only():
     assert energy == np.quantile([10.0, 20.0, 30.0, 40.0], 0.25)  # studio and "none" rows never set it
     assert evaluation.rescued(rows, energy).tolist() == [False, False, True, False, False, False, False]
     assert evaluation.profile_rescue(rows[rows["label"] == "Kiwi"]) is None
+
+
+def test_the_held_out_report_states_the_rescue_only_when_the_model_has_one():
+    from canestra.answer.taxonomy import load_taxonomy
+
+    rows = pd.DataFrame({
+        "image_id": ["a", "b"], "label": ["Apple (family)", "Apple Red 1"], "family": ["Apple", "Apple"],
+        "predicted_label": ["Apple (family)", "Apple Red 1"], "predicted_probability": [0.9, 0.9],
+        "family_probability": [0.9, 0.9], "energy": [20.0, 20.0], "fruitness": [0.9, 0.9],
+    })
+    tax = load_taxonomy(None)
+
+    def rule_text(rescue):
+        return evaluation.held_out_report(rows, tax, 0.005, None, 0.1, energy=False, rescue=rescue)["unknown"]["rule"]
+
+    assert "sure of it" not in rule_text(None) and "profile check" in rule_text(None)
+    assert "energy >= 17.25" in rule_text(17.25)

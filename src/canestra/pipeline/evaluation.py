@@ -99,7 +99,7 @@ def _wrong(rows: pd.DataFrame, true_family: pd.Series) -> np.ndarray:
 
 
 def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf: float | None,
-                    energy: bool = True, studio_check: float | None = None) -> dict:
+                    energy: bool = True, studio_check: float | None = None, rescue: float | None = None) -> dict:
     """families, unknown (coverage/risk + curve), calibration and the worst errors of the held-out rows.
 
     ``rows`` were scored without the unknown rule (``predicted_label`` is always a class).
@@ -131,10 +131,11 @@ def held_out_report(rows: pd.DataFrame, taxonomy, q: float, te: float | None, tf
         "rule": (f"unknown when energy < t_e or fruitness < t_f (thresholds: the {q * 100:g} % quantile of "
                  "held-out images, studio and family-labelled photos each)" if energy else
                  f"unknown when fruitness < t_f (the {q * 100:g} % quantile of held-out images, studio and "
-                 "family-labelled photos each) or a family-level answer fails its profile check (unless the "
-                 f"classifier is sure of it: family probability >= {PROFILE_RESCUE_PROBABILITY:g} and energy >= the "
-                 f"{PROFILE_RESCUE_QUANTILE:.0%} quantile of the held-out family-labelled photos'); no energy "
-                 "threshold: family-labelled photos were trained on")
+                 "family-labelled photos each) or a family-level answer fails its profile check"
+                 + (f" (unless the classifier is sure of it: family probability >= {PROFILE_RESCUE_PROBABILITY:g} "
+                    f"and energy >= {rescue:.2f}, the {PROFILE_RESCUE_QUANTILE:.0%} quantile of the held-out "
+                    "family-labelled photos')" if rescue is not None else "")
+                 + "; no energy threshold: family-labelled photos were trained on")
                 + (f"; a studio second opinion names a family with no real training photo when it is >= "
                    f"{studio_check:.3f} sure (a threshold that overrides at most {STUDIO_CHECK_SHARE:.0%} of the "
                    "real training photos)" if studio_check else ""),

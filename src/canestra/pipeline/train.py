@@ -315,7 +315,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
               variety_rows.groupby(["label", "predicted_label"]).size().items()]
     metrics = classification_metrics(counts, classes=[lb for lb in labels if is_variety_label(lb)])
     metrics.update(evaluation.held_out_report(rows, taxonomy, cfg.unknown_quantile, te, tf, energy,
-                                              fit.studio_check.get("min_probability")))
+                                              fit.studio_check.get("min_probability"), rule.profile_rescue_energy))
     fam_held = metrics.pop("family_roots_held_out", None)
     shift = {"held_out_blocks": {"n": metrics["n"], "accuracy": metrics["accuracy"],
                                  "family_accuracy": (metrics.get("family") or {}).get("accuracy")},
