@@ -69,3 +69,23 @@ def test_training_with_family_images_learns_family_classes(spark, tmp_path, samp
 
     labels = model_labels(load_model(run.model_path))
     assert {"Banana (family)", "Orange (family)", "Banana", "Orange"} <= set(labels)
+
+
+def test_cli_ingest_catalogs_family_and_unknown_roots_as_train_reads_them(spark, tmp_path, sample_dir,
+                                                                         bananas_and_oranges, capsys):
+    """A data engineer ingests first, then trains: the catalog already holds the family-level classes and the
+    "none of the families" rows, and the progress line says how each root was read."""
+    from canestra import cli
+    from canestra.answer.taxonomy import OTHER_LABEL
+
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in sorted((REAL / "Apple").glob("*.jpg"))[:3]:
+        shutil.copy(p, other / p.name)
+    out = tmp_path / "cat"
+    assert cli.main(["ingest", "--images", str(sample_dir), "--family-images", str(bananas_and_oranges),
+                     "--unknown-images", str(other), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "family-level (2 families)" in err and "none of the families (3 files, answered unknown)" in err
+    labels = {r["label"] for r in spark.read.parquet(str(out / "catalog")).select("label").distinct().collect()}
+    assert {"Banana (family)", "Orange (family)", OTHER_LABEL} <= labels

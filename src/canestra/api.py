@@ -326,6 +326,14 @@ def _joined(images: str | list[str] | None, more: str | list[str] | None) -> lis
     return roots + [r for r in as_uris(more) if r not in roots]
 
 
+def _with_family_roots(images: str | list[str], family_images: str | list[str] | None) -> tuple[Any, list[str]]:
+    """(``images`` with the ``family_images`` roots joined, those roots): they are training roots too."""
+    from canestra.pipeline.ingest import as_uris
+
+    family = list(as_uris(family_images))
+    return (_joined(images, family) if family else images), family
+
+
 def _ready(cfg: Settings, spark: SparkSession | None, images: str | list[str] | None, labelled: bool,
            cnn: bool = True, out: str | None = None, listing: Listing | None = None, families: bool = False,
            unknown_images: str | list[str] | None = None,
@@ -373,9 +381,11 @@ def _eval_counts(metrics: dict) -> dict[str, Any]:
 def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = None,
            settings: Settings | None = None, reuse: bool = False, quiet: bool = False,
            progress: Progress | None = None, listing: Listing | None = None,
+           family_images: str | list[str] | None = None, unknown_images: str | list[str] | None = None,
            **overrides: Unpack[IngestOptions]) -> IngestRun:
     """Scan ``<root>/<Class>/<image>`` folders into ``out/catalog`` (Parquet, metadata stripped) and
-    ``out/quarantine.csv``.
+    ``out/quarantine.csv``. ``family_images`` and ``unknown_images`` are read as ``train`` reads them:
+    roots of family folders whatever their names, and photos of none of the families.
 
     Settings keywords (``IngestOptions``; any other raises ``InputError``): Spark ``master``,
     ``driver_memory``, ``arrow_batch``; data ``test_fraction``, ``seed``, ``taxonomy``; storage
@@ -388,11 +398,14 @@ def ingest(images: str | list[str], out: str, *, spark: SparkSession | None = No
         from canestra.pipeline.ingest import ingest as _ingest
         from canestra.storage.files import ensure_output_dir
 
-        spark, listing = _ready(cfg, spark, images, True, cnn=False, out=out, listing=listing, families=True)
+        images, family = _with_family_roots(images, family_images)
+        spark, listing = _ready(cfg, spark, images, True, cnn=False, out=out, listing=listing, families=True,
+                                unknown_images=unknown_images, family_images=family)
         with _progress(progress, quiet).stage("ingest") as st:
             res = _ingest(spark, images, ensure_output_dir(out, spark), test_fraction=cfg.test_fraction,
-                          seed=cfg.seed, reuse=reuse, taxonomy=load_taxonomy(cfg.taxonomy), listing=listing)
-            st.note(res.note())
+                          seed=cfg.seed, reuse=reuse, taxonomy=load_taxonomy(cfg.taxonomy), listing=listing,
+                          unknown_images=unknown_images or (), family_images=family)
+            st.note(res.note() + res.roots_note())
         audit.note(images=res.images, classes=res.classes, quarantined=res.quarantined,
                    outputs=[res.catalog_path, res.quarantine_csv])
         return IngestRun(res.catalog_path, res.images, res.classes, res.quarantined, res.quarantine_csv, res.reused,
@@ -437,11 +450,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
             raise InputError("register_model needs MLflow tracking: drop mlflow=False, or register_model")
         track = tracking.train_option(mlflow, register_model)
         tracking.require(track)  # a missing mlflow fails here, before Spark starts
-        from canestra.pipeline.ingest import as_uris
-
-        family = list(as_uris(family_images))
-        if family:
-            images = _joined(images, family)
+        images, family = _with_family_roots(images, family_images)
         if feedback:  # the store's corrections join the run as labelled roots (feedback/training.py)
             from canestra.answer.taxonomy import load_taxonomy
             from canestra.feedback.training import with_feedback

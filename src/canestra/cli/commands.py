@@ -28,6 +28,18 @@ def _command(sub, name: str, help_text: str, examples: tuple[str, ...], parents:
                           parents=parents, formatter_class=opt.HelpFormatter, epilog=opt.example(*examples))
 
 
+def _training_roots(p: argparse.ArgumentParser) -> None:
+    """ingest and train: roots read at family level, and roots of none of the families (the catalog holds them)."""
+    g = next(g for g in p._action_groups if g.title == "input and output")
+    g.add_argument("--family-images", action="append", metavar="DIR",
+                   help="root of family folders (Banana/, Orange/) trained at family level whatever their names: a "
+                        "root whose folders are all also Fruits-360 class names would otherwise read as studio "
+                        "varieties; repeatable")
+    g.add_argument("--unknown-images", action="append", metavar="DIR",
+                   help="photos of things that are none of the families (e.g. other produce, any folder layout), "
+                        "trained as a class the model answers 'unknown' for; repeat it for several roots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="canestra", formatter_class=opt.HelpFormatter,
@@ -41,9 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     spark = opt.spark_parent()
     debug, audit_log, storage = opt.debug_parent(), opt.audit_parent(), opt.storage_parent()
 
-    _command(sub, "ingest", "scan an image tree into a curated catalog table (metadata stripped)",
-             ("canestra ingest --images sample/fruits-360 --out runs/catalog",),
-             [opt.labelled_input_parent(), spark])
+    p = _command(sub, "ingest", "scan an image tree into a curated catalog table (metadata stripped)",
+                 ("canestra ingest --images sample/fruits-360 --out runs/catalog",
+                  "canestra ingest --images sample/fruits-360 --family-images photos/shop --out runs/catalog"),
+                 [opt.labelled_input_parent(), spark])
+    _training_roots(p)
 
     p = _command(sub, "train", "ingest, featurize, fit PCA + classifier, evaluate, save the model",
                  ("canestra train --images sample/fruits-360 --out runs/demo",
@@ -55,14 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-images", action="append", metavar="DIR",
         help="labelled root (<Family or Class>/<image>) never trained on, scored by the final model into "
              "metrics.json by_source and the report; repeat it for several roots")
-    next(g for g in p._action_groups if g.title == "input and output").add_argument(
-        "--family-images", action="append", metavar="DIR",
-        help="root of family folders (Banana/, Orange/) trained at family level whatever their names: a root whose "
-             "folders are all also Fruits-360 class names would otherwise read as studio varieties; repeatable")
-    next(g for g in p._action_groups if g.title == "input and output").add_argument(
-        "--unknown-images", action="append", metavar="DIR",
-        help="photos of things that are none of the families (e.g. other produce, any folder layout), trained "
-             "as a class the model answers 'unknown' for; repeat it for several roots")
+    _training_roots(p)
     next(g for g in p._action_groups if g.title == "input and output").add_argument(
         "--feedback", metavar="STORE",
         help="also train on the corrections users sent with consent: " + feedback_cli.STORE_HELP)
@@ -376,7 +383,7 @@ def _run_job(args: argparse.Namespace, cfg: Settings, progress: Progress, log: _
     if args.command == "ingest":
         # The library functions (canestra.api) do the work and write the audit counts.
         cat = api.ingest(args.images, args.out, spark=log.spark(cfg, args.out), settings=cfg, progress=progress,
-                         listing=listing)
+                         listing=listing, family_images=args.family_images, unknown_images=args.unknown_images)
         print(json.dumps({"catalog": cat.catalog_path, "images": cat.images, "quarantined": cat.quarantined,
                           "quarantine_csv": cat.quarantine_csv}))
     elif args.command == "train":

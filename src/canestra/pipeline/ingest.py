@@ -56,6 +56,13 @@ class IngestResult:
                 f" ({self.read} files read, {self.unchanged} unchanged since the last catalog)" if self.unchanged else "")
         return f"{self.images} images, {self.classes} classes, {self.quarantined} quarantined{done}"
 
+    def roots_note(self) -> str:
+        """How the family-level and "none of the families" roots were read (empty when there are none)."""
+        return ("".join(f"; {storage.display(r['uri'])}: family-level ({r['folders']} families)"
+                        for r in self.roots if r["level"] == "family")
+                + "".join(f"; {storage.display(r['uri'])}: none of the families ({r['files']} files, answered unknown)"
+                          for r in self.roots if r["level"] == "unknown"))
+
 
 def _clean_partition(max_pixels: int, s3_options=None):
     # s3_options travels in the closure: executors must not depend on the driver's env.

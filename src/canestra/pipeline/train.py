@@ -187,13 +187,7 @@ def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unkno
                  family_images=()):
     res = ingest(spark, images, out_dir, test_fraction=cfg.test_fraction, seed=cfg.seed, taxonomy=taxonomy,
                  unknown_images=unknown_images or (), listing=listing, family_images=family_images or ())
-    fam_roots = [r for r in res.roots if r["level"] == "family"]
-    st.note(
-        res.note()
-        + "".join(f"; {storage.display(r['uri'])}: family-level ({r['folders']} families)" for r in fam_roots)
-        + "".join(f"; {storage.display(r['uri'])}: none of the families ({r['files']} files, answered unknown)"
-                  for r in res.roots if r["level"] == "unknown")
-    )
+    st.note(res.note() + res.roots_note())
     return res
 
 
