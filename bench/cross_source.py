@@ -116,6 +116,9 @@ class Lever:
     # subtracted from the margins of the family-level (real-photo) classes: a real photo of a family learnt only
     # from the studio is pulled to the real-photo classes of other families by the look all real photos share
     real_bias: float = 0.0
+    # extra views per real training photo: the photo shrunk to 45-75 % and pasted on a white canvas (stock photos
+    # show the fruit alone on white; no shop photo does)
+    pad_views: int = 0
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
 
 
@@ -191,6 +194,8 @@ LEVERS = {lv.name: lv for lv in [
             nn_check=q / 100) for q in (5, 10, 20)],
     *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + real classes -{b:g}", sizes=(224,),
             precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, real_bias=b) for b in (0.5, 1, 2, 3)],
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {n} views on white", sizes=(224,),
+            precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, pad_views=n) for n in (1, 2)],
     Lever("Lite1 240 int8 + aug 4 + studio check 0.8 calibrated 5 %", sizes=(240,), precision="int8", aug=4,
           backbone="lite1", studio_check=0.8, studio_check_share=0.05),
     *[Lever(f"{px} int8 + aug 4 + studio check 0.8 calibrated 5 %", sizes=(px,), precision="int8", aug=4,
@@ -282,6 +287,23 @@ def shrink(rgb: np.ndarray, px: int | None) -> np.ndarray:
     if sq.shape[0] <= px:
         return sq
     return np.asarray(Image.fromarray(np.ascontiguousarray(sq)).resize((px, px), Image.Resampling.BOX))
+
+
+def padded(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The centre square of ``rgb`` shrunk to 45-75 % of a near-white square canvas, at a random place."""
+    from PIL import Image
+
+    from canestra.vision.backbone import square_rgb
+
+    rng = np.random.default_rng(seed * 977 + k)
+    sq = square_rgb(rgb)
+    n = max(sq.shape[0], 224)
+    side = int(n * rng.uniform(0.45, 0.75))
+    canvas = np.full((n, n, 3), int(rng.integers(235, 256)), np.uint8)
+    small = np.asarray(Image.fromarray(np.ascontiguousarray(sq)).resize((side, side), Image.Resampling.BOX))
+    y, x = int(rng.integers(0, n - side + 1)), int(rng.integers(0, n - side + 1))
+    canvas[y : y + side, x : x + side] = small
+    return canvas
 
 
 def augment(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -768,6 +790,11 @@ class Bench:
         return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"aug{k}{sfx}",
                                         rgb_of=lambda i: shrink(augment(s.rgb(i), k, i), lv.low_res)), lv)
 
+    def pad_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
+        s = self.sets[name]
+        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"pad{k}",
+                                        rgb_of=lambda i: padded(s.rgb(i), k, i)), lv)
+
     def synth(self, n: int):
         """``n`` synthetic scenes per studio class (training frames only), on fruit-free crops of
         ``real-photos`` (``real-photos-boxes``): (labels, RGB maker)."""
@@ -835,6 +862,8 @@ class Bench:
             cal.add(Xr[c], lab[c], r)
             for k in range(lv.aug):
                 rows.add(self.aug_X(r, lv, k)[t], lab[t], r)
+            for k in range(lv.pad_views):
+                rows.add(self.pad_X(r, lv, k)[t], lab[t], r)
         if lv.synth:
             Xsyn, lab = self.synth_X(lv, lv.synth)
             rows.add(Xsyn, lab, "synth")
