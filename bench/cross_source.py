@@ -2,7 +2,7 @@
 
 A random split of one source's photos flatters (the same items in the same shops); this bench
 only ever tests a model on a source it did not train on, and is what each lever of
-docs/outside-the-studio.md section 6 is judged by:
+docs/outside-the-studio.md section 7 is judged by:
 
 * ``real->grocery``: train studio + ``real-photos``; test ``grocery-photos`` Apple/Banana/Orange
   (family top-1, ``unknown`` counts wrong) and the other 30 grocery families, which that model
