@@ -124,15 +124,21 @@ class _StudioProbe:
     def opinion(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per row: the probe's best variety (index in the rule's labels) and its probability, its best
         family and that family's probability."""
-        m = np.asarray(features, np.float64)[:, : self.W.shape[0]] @ self.W + self.b
-        m -= m.max(axis=1, keepdims=True)
-        p = np.exp(m)
-        p /= p.sum(axis=1, keepdims=True)
+        p = _softmax(np.asarray(features, np.float64)[:, : self.W.shape[0]] @ self.W + self.b)
         fam, fam_p = _best_family(p, self.families)
-        # Its variety is the best one of its family.
-        masked = np.where(self.families[None, :] == fam[:, None], p, -1.0)
-        best = masked.argmax(axis=1)
+        best = _best_where(p, self.families[None, :] == fam[:, None])  # its variety is the best one of its family
         return self.label_index[best], p[np.arange(len(p)), best], fam, fam_p
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _best_where(p: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Per row of ``p``: the index of the most probable class among those ``ok`` marks (``ok`` broadcasts
+    against ``p``; ties -> lowest index, as Spark's argmax), -1 where it marks none."""
+    return np.where(ok.any(axis=1), np.where(ok, p, -1.0).argmax(axis=1), -1)
 
 
 def _best_family(p: np.ndarray, families: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,10 +188,7 @@ def imagenet_probabilities(features: np.ndarray, offset: int = 0) -> np.ndarray:
     from canestra.vision.backbone import FEATURE_DIM
 
     w, b = imagenet_head()
-    logits = np.asarray(features, dtype=np.float64)[:, offset : offset + FEATURE_DIM] @ w + b
-    logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
+    return _softmax(np.asarray(features, dtype=np.float64)[:, offset : offset + FEATURE_DIM] @ w + b)
 
 
 def energy(margins: np.ndarray) -> np.ndarray:
@@ -235,11 +238,7 @@ def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: A
         return Answers([], np.zeros(0), [], np.zeros(0), np.zeros(0), np.zeros(0), [], np.zeros(0, bool))
     # Variety: best variety class (ties -> lowest index, as Spark's argmax); a model trained on
     # family-level images only answers with the family.
-    if rule._variety.any():
-        masked = np.where(rule._variety[None, :], probs, -1.0)
-        best = masked.argmax(axis=1)
-    else:
-        best = probs.argmax(axis=1)
+    best = _best_where(probs, rule._variety[None, :]) if rule._variety.any() else probs.argmax(axis=1)
     fam_p = probs @ rule._fam_onehot
     fam_best = fam_p.argmax(axis=1)
     en = energy(margins)
@@ -286,9 +285,7 @@ def decide(probs: np.ndarray, margins: np.ndarray, features: np.ndarray, rule: A
 def _best_variety_of(probs: np.ndarray, rule: AnswerRule, fam_best: np.ndarray) -> np.ndarray:
     """Per row: the index of the most probable variety of family ``fam_best`` (index in the rule's
     family names), -1 where that family has no variety class."""
-    ok = rule._variety[None, :] & (rule._fam_onehot[:, fam_best].T > 0)
-    masked = np.where(ok, probs, -1.0)
-    return np.where(ok.any(axis=1), masked.argmax(axis=1), -1)
+    return _best_where(probs, rule._variety[None, :] & (rule._fam_onehot[:, fam_best].T > 0))
 
 
 def _studio_overrides(rule: AnswerRule, family: str, second, i: int) -> bool:

@@ -325,7 +325,7 @@ def training_scores(df, offset: int, profiles: dict[str, list[int]], fruit_class
 def profile_rescue(rows: pd.DataFrame) -> float | None:
     """The energy from which a sure family-level answer passes a failed profile check
     (``AnswerRule.profile_rescue_energy``): a quantile of the held-out family-labelled photos' energy."""
-    fam = rows[rows["label"].map(is_family_label) & (rows["label"] != OTHER_LABEL)]
+    fam = rows[rows["label"].map(is_family_label)]  # not "(none of the families)": it is no family label
     return quantile_threshold(fam["energy"].to_numpy(), PROFILE_RESCUE_QUANTILE)
 
 
