@@ -275,32 +275,33 @@ def tta_view(rgb: np.ndarray, name: str) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def shrink(rgb: np.ndarray, px: int | None) -> np.ndarray:
-    """The centre square of ``rgb`` shrunk (area-averaged) to ``px`` x ``px``; ``px`` None: unchanged."""
-    if px is None:
-        return rgb
+def _square_at(rgb: np.ndarray, px: int) -> np.ndarray:
+    """The centre square of ``rgb`` resized (area-averaged) to ``px`` x ``px``."""
     from PIL import Image
 
     from canestra.vision.backbone import square_rgb
 
-    sq = square_rgb(rgb)
-    if sq.shape[0] <= px:
-        return sq
-    return np.asarray(Image.fromarray(np.ascontiguousarray(sq)).resize((px, px), Image.Resampling.BOX))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(square_rgb(rgb))).resize((px, px), Image.Resampling.BOX))
+
+
+def shrink(rgb: np.ndarray, px: int | None) -> np.ndarray:
+    """The centre square of ``rgb`` shrunk to ``px`` x ``px`` (never enlarged); ``px`` None: unchanged."""
+    if px is None:
+        return rgb
+    if min(rgb.shape[:2]) <= px:
+        from canestra.vision.backbone import square_rgb
+
+        return square_rgb(rgb)
+    return _square_at(rgb, px)
 
 
 def padded(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
     """The centre square of ``rgb`` shrunk to 45-75 % of a near-white square canvas, at a random place."""
-    from PIL import Image
-
-    from canestra.vision.backbone import square_rgb
-
     rng = np.random.default_rng(seed * 977 + k)
-    sq = square_rgb(rgb)
-    n = max(sq.shape[0], 224)
+    n = max(min(rgb.shape[:2]), 224)
     side = int(n * rng.uniform(0.45, 0.75))
     canvas = np.full((n, n, 3), int(rng.integers(235, 256)), np.uint8)
-    small = np.asarray(Image.fromarray(np.ascontiguousarray(sq)).resize((side, side), Image.Resampling.BOX))
+    small = _square_at(rgb, side)
     y, x = int(rng.integers(0, n - side + 1)), int(rng.integers(0, n - side + 1))
     canvas[y : y + side, x : x + side] = small
     return canvas
@@ -446,8 +447,9 @@ class DomainCentre:
     domain: object  # probe: margins -> [n, 2]
 
     @classmethod
-    def fit(cls, X: np.ndarray, studio: np.ndarray, max_iter: int) -> DomainCentre:
-        mu = X.mean(axis=0)
+    def fit(cls, X: np.ndarray, studio: np.ndarray, max_iter: int, onto_studio: bool = False) -> DomainCentre:
+        """Each domain shifted onto the mean of both, or (``onto_studio``) real rows onto the studio mean."""
+        mu = X[studio].mean(axis=0) if onto_studio else X.mean(axis=0)
         shift = np.stack([X[studio].mean(axis=0) - mu, X[~studio].mean(axis=0) - mu])
         dom = os_bench.fit_probe(X, (~studio).astype(int), 2, 64, 1e-4, max_iter, dtype="float32")
         return cls(shift.astype(np.float32), dom)
@@ -489,10 +491,7 @@ class Biased:
     def margins(self, X):
         return self.inner.margins(X) + self.bias
 
-    def probabilities(self, X):
-        m = self.margins(X)
-        e = np.exp(m - m.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+    probabilities = os_bench.Probe.probabilities
 
 
 @dataclass
@@ -908,10 +907,8 @@ class Bench:
                                     self.args.max_iter, dtype="float32")
             sp = os_bench.Probe(probe.mean, probe.basis, sp.W, sp.b - sp.mean @ sp.W)
             if lv.studio_check_centre:
-                studio = np.array(rows.source) == "studio"
-                dom = DomainCentre.fit(Xp, studio, self.args.max_iter)
-                shift = np.stack([np.zeros(Xp.shape[1]), Xp[~studio].mean(axis=0) - Xp[studio].mean(axis=0)])
-                sp = Centred(sp, DomainCentre(shift.astype(np.float32), dom.domain))
+                sp = Centred(sp, DomainCentre.fit(Xp, np.array(rows.source) == "studio", self.args.max_iter,
+                                                  onto_studio=True))
             sfam = np.array(self.tax.families_of(slabels))
             tau = lv.studio_check
             if lv.studio_check_share is not None:
