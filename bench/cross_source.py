@@ -240,6 +240,8 @@ LEVERS = {lv.name: lv for lv in [
       for pool in ("avg", "max", "gem", "pre", "max+avg", "gem+avg", "pre+avg")],
     *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {k} studio views", sizes=(224,), precision="int8",
             aug=4, studio_check=0.8, studio_check_share=0.05, studio_views=k) for k in (1, 2, 4)],
+    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 % + int8 calibrated on real photos", sizes=(224,),
+          precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, backbone="lite0-realcal"),
     Lever("default + source balance", balance="source"),
     Lever("default + class balance", balance="class"),
     Lever("default + unknown class", unknown_class=True),
@@ -376,6 +378,8 @@ class Features:
         if net == "lite0":
             return backbone.model_path(precision)
         fp32 = self.work / f"{net}-fp32.onnx"
+        if net == "lite0-realcal":  # the product's fp32 graph, int8-calibrated on real photos too
+            return lite0_realcal(self.work)
         if not fp32.exists() and net == "lite0-pools":
             fp32.write_bytes(with_pools(backbone.build_onnx(load_state_dict(backbone.weights_path())))
                              .SerializeToString())
@@ -411,6 +415,44 @@ class Features:
                 log(f"  {n / (time.perf_counter() - t0):.1f} img/s (decode included)")
             parts.append(np.load(path))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+
+def lite0_realcal(work: Path) -> str:
+    """The product's int8 recipe, calibrated on its 40 studio frames plus every ``grocery-other`` photo (real shop
+    photos that no protocol tests: activations of real photos reach ranges studio frames never do)."""
+    import shutil
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from canestra.vision import backbone
+
+    target = work / "lite0-realcal-int8.onnx"
+    if target.exists():
+        return str(target)
+    extra = [os_bench.read_rgb(str(SETS["gother"] / i)) for i in os_bench.list_labelled(str(SETS["gother"]))]
+
+    def batches():
+        yield from backbone._calibration_batches()
+        for size in backbone._CALIBRATION_SIZES:
+            for i in range(0, len(extra), 8):
+                yield {"image": np.stack([backbone.resize_rgb(backbone.square_rgb(im), size)
+                                          for im in extra[i : i + 8]])}
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = batches()
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        private = os.path.join(tmp, "fp32.onnx")
+        shutil.copyfile(backbone.default_model_path(), private)
+        quantize_static(private, str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8 if backbone.has_vnni() else QuantType.QUInt8)
+    return str(target)
 
 
 def with_pools(model):
