@@ -420,11 +420,6 @@ class Features:
 def lite0_realcal(work: Path) -> str:
     """The product's int8 recipe, calibrated on its 40 studio frames plus every ``grocery-other`` photo (real shop
     photos that no protocol tests: activations of real photos reach ranges studio frames never do)."""
-    import shutil
-    import tempfile
-
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     from canestra.vision import backbone
 
     target = work / "lite0-realcal-int8.onnx"
@@ -439,19 +434,7 @@ def lite0_realcal(work: Path) -> str:
                 yield {"image": np.stack([backbone.resize_rgb(backbone.square_rgb(im), size)
                                           for im in extra[i : i + 8]])}
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = batches()
-
-        def get_next(self):
-            return next(self._it, None)
-
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        private = os.path.join(tmp, "fp32.onnx")
-        shutil.copyfile(backbone.default_model_path(), private)
-        quantize_static(private, str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8 if backbone.has_vnni() else QuantType.QUInt8)
+    backbone.quantize(backbone.default_model_path(), target, backbone.has_vnni(), batches)
     return str(target)
 
 

@@ -20,6 +20,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -387,15 +388,17 @@ def int8_model_path() -> str:
     return str(target)
 
 
-def quantize(fp32: str, target: Path, vnni: bool) -> None:
-    """Write the static int8 version of the graph ``fp32`` to ``target`` (and its digest)."""
+def quantize(fp32: str, target: Path, vnni: bool, batches: Callable[[], Iterator[dict]] | None = None) -> None:
+    """Write the static int8 version of the graph ``fp32`` to ``target`` (and its digest), its activation
+    ranges calibrated on ``batches()`` (default: the fixed inputs shipped with the package; the benches
+    pass others)."""
     import shutil
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = _calibration_batches()
+            self._it = (batches or _calibration_batches)()
 
         def get_next(self):
             return next(self._it, None)
