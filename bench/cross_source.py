@@ -426,15 +426,7 @@ def lite0_realcal(work: Path) -> str:
     if target.exists():
         return str(target)
     extra = [os_bench.read_rgb(str(SETS["gother"] / i)) for i in os_bench.list_labelled(str(SETS["gother"]))]
-
-    def batches():
-        yield from backbone._calibration_batches()
-        for size in backbone._CALIBRATION_SIZES:
-            for i in range(0, len(extra), 8):
-                yield {"image": np.stack([backbone.resize_rgb(backbone.square_rgb(im), size)
-                                          for im in extra[i : i + 8]])}
-
-    backbone.quantize(backbone.default_model_path(), target, backbone.has_vnni(), batches)
+    backbone.quantize(backbone.default_model_path(), target, backbone.has_vnni(), extra_calibration=extra)
     return str(target)
 
 

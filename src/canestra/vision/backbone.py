@@ -20,7 +20,7 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -319,15 +319,16 @@ def model_path(precision: str = "fp32") -> str:
     raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
-def _calibration_batches():
-    """Fixed inputs shipped with the package (canestra/calibration/*.jpg) at the usual sizes."""
+def _calibration_batches(extra: Sequence[np.ndarray] = ()):
+    """Fixed inputs shipped with the package (canestra/calibration/*.jpg), then ``extra`` RGB images
+    (centre-squared), at the usual sizes."""
     from importlib import resources
 
     from canestra.vision.images import decode_rgb
 
     folder = resources.files("canestra").joinpath("calibration")
     imgs = [decode_rgb(f.read_bytes()) for f in sorted(folder.iterdir(), key=lambda f: f.name)
-            if f.name.endswith(".jpg")]
+            if f.name.endswith(".jpg")] + [square_rgb(im) for im in extra]
     for size in _CALIBRATION_SIZES:
         for i in range(0, len(imgs), 8):
             yield {"image": np.stack([resize_rgb(im, size) for im in imgs[i : i + 8]])}
@@ -388,17 +389,17 @@ def int8_model_path() -> str:
     return str(target)
 
 
-def quantize(fp32: str, target: Path, vnni: bool, batches: Callable[[], Iterator[dict]] | None = None) -> None:
+def quantize(fp32: str, target: Path, vnni: bool, extra_calibration: Sequence[np.ndarray] = ()) -> None:
     """Write the static int8 version of the graph ``fp32`` to ``target`` (and its digest), its activation
-    ranges calibrated on ``batches()`` (default: the fixed inputs shipped with the package; the benches
-    pass others)."""
+    ranges calibrated on the fixed inputs shipped with the package plus ``extra_calibration`` RGB images
+    (none in the product; the benches try others)."""
     import shutil
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = (batches or _calibration_batches)()
+            self._it = _calibration_batches(extra_calibration)
 
         def get_next(self):
             return next(self._it, None)
