@@ -131,12 +131,23 @@ class Lever:
     # extra views per studio training frame: mirrored, rotated +-25 deg, scaled 0.8-1.1 on white, light and colour
     # +-20 % (another capture session turns and lights the fruit otherwise; ``studio_view``)
     studio_views: int = 0
+    # --studio-rule only: the rule (energy and its threshold, ImageNet checks) from a second probe on this pool,
+    # the answer's probabilities from this lever's probe (two heads on one CNN pass)
+    energy_pool: str | None = None
 
 
 POOL_COLUMNS = {"max": (0, 1280), "gem": (1280, 2560), "avg": (2560, 3840), "pre": (3840, 4160)}
 # Beside the average pool, a block is scaled to the average pool's spread (std over 32 real photos, int8: max
 # 1.76, GeM 0.80, last block 1.76, average 0.337), so that PCA (no whitening) weighs both blocks.
 POOL_SCALE = {"max": 0.337 / 1.76, "gem": 0.337 / 0.80, "pre": 0.337 / 1.76}
+
+
+def pool_lever(lv: Lever, pool: str) -> Lever:
+    """``lv`` reading ``pool`` of the four-pool graph: the probe's columns, then the ImageNet head's (average)."""
+    width = {n: POOL_COLUMNS[n][1] - POOL_COLUMNS[n][0] for n in POOL_COLUMNS}
+    return dataclasses.replace(lv, name=f"{lv.name} [{pool} pool]", backbone="lite0-pools", pool=pool,
+                               probe_dims=None if "+" in pool or pool == "avg" else width[pool],
+                               inet_offset=sum(width[n] for n in pool.split("+") if n != "avg"), energy_pool=None)
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -234,19 +245,18 @@ LEVERS = {lv.name: lv for lv in [
           unknown_class=True, studio_check=0.5),
     Lever("224 int8 + aug 4 + tta 4", sizes=(224,), precision="int8", aug=4, tta=4),
     Lever("224 int8 + aug 4 + MLP 256", sizes=(224,), precision="int8", aug=4, mlp=(256,)),
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {pool} pool", sizes=(224,), precision="int8",
-            aug=4, studio_check=0.8, studio_check_share=0.05, backbone="lite0-pools", pool=pool,
-            probe_dims=None if "+" in pool or pool == "avg" else POOL_COLUMNS[pool][1] - POOL_COLUMNS[pool][0],
-            inet_offset=sum(POOL_COLUMNS[n][1] - POOL_COLUMNS[n][0] for n in pool.split("+") if n != "avg"))
+    *[dataclasses.replace(pool_lever(Lever("", sizes=(224,), precision="int8", aug=4, studio_check=0.8,
+                                           studio_check_share=0.05), pool),
+                          name=f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {pool} pool")
       for pool in ("avg", "max", "gem", "pre", "max+avg", "gem+avg", "pre+avg")],
     *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {k} studio views", sizes=(224,), precision="int8",
             aug=4, studio_check=0.8, studio_check_share=0.05, studio_views=k) for k in (1, 2, 4)],
     Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 % + int8 calibrated on real photos", sizes=(224,),
           precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, backbone="lite0-realcal"),
-    *[Lever(f"224 int8 + {pool} pool", sizes=(224,), precision="int8", backbone="lite0-pools", pool=pool,
-            probe_dims=None if "+" in pool or pool == "avg" else POOL_COLUMNS[pool][1] - POOL_COLUMNS[pool][0],
-            inet_offset=sum(POOL_COLUMNS[n][1] - POOL_COLUMNS[n][0] for n in pool.split("+") if n != "avg"))
+    *[dataclasses.replace(pool_lever(Lever("", sizes=(224,), precision="int8"), pool), name=f"224 int8 + {pool} pool")
       for pool in ("avg", "pre", "pre+avg")],
+    dataclasses.replace(pool_lever(Lever("", sizes=(224,), precision="int8"), "pre"), energy_pool="avg",
+                        name="224 int8 + pre pool + rule from the average pool"),
     *[Lever(f"224 int8 + {k} studio views", sizes=(224,), precision="int8", studio_views=k) for k in (1, 2)],
     Lever("default + source balance", balance="source"),
     Lever("default + class balance", balance="class"),
@@ -1240,15 +1250,20 @@ def studio_rule(b: Bench, lv: Lever) -> dict:
         for seed in (42, 7, 3):
             st.split = np.where(os_bench.block_test(list(st.folders), names, seed, 5), "test", "train")
             probe, rule = b.train(lv, [])
+            judge, lj = (probe, lv) if lv.energy_pool is None else (None, pool_lever(lv, lv.energy_pool))
+            if judge is None:
+                judge, rule = b.train(lj, [])
             te = st.split == "test"
-            X = b.X("studio", lv)[te]
-            a = decide(probe.probabilities(X), probe.margins(X), X, rule)
+
+            def answers(X, Xj, probe=probe, judge=judge, rule=rule):
+                return decide(probe.probabilities(X), judge.margins(Xj), Xj, rule)
+
+            a = answers(b.X("studio", lv)[te], b.X("studio", lj)[te])
             unk = np.asarray(a.unknown, bool)
             out["top1 (unknown wrong)"].append(float(((np.array(a.prediction) == st.folders[te]) & ~unk).mean()))
             out["unknown"].append(float(unk.mean()))
-            Xn = b.nonfruit_X(lv)
-            out["non-fruit unknown"].append(float(np.asarray(decide(probe.probabilities(Xn), probe.margins(Xn), Xn,
-                                                                    rule).unknown, bool).mean()))
+            out["non-fruit unknown"].append(float(np.asarray(answers(b.nonfruit_X(lv), b.nonfruit_X(lj)).unknown,
+                                                             bool).mean()))
     finally:
         st.split = saved
     return out
