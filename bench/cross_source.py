@@ -124,9 +124,9 @@ class Lever:
     # show the fruit alone on white; no shop photo does)
     pad_views: int = 0
     mlp: tuple[int, ...] = ()  # hidden layers of a non-linear head (Spark ML MultilayerPerceptronClassifier's shape)
-    # how the head convolution's 7 x 7 map becomes the probe's features (backbone "lite0-pools", whose graph outputs
-    # max | GeM (p 3) | average pools): "max", "gem", "max+avg", "gem+avg"; the answer rule's ImageNet head always
-    # reads the average pool, as the network was trained (None: the product's average pool alone)
+    # which pooled blocks of the "lite0-pools" graph (``with_pools``) the probe reads: "avg", "max", "gem", "pre" (the
+    # last block's output), or one of them "+avg"; the answer rule's ImageNet head always reads the average pool, as
+    # the network was trained (None: the product's graph and its average pool; see ``pool_lever``)
     pool: str | None = None
     # extra views per studio training frame: mirrored, rotated +-25 deg, scaled 0.8-1.1 on white, light and colour
     # +-20 % (another capture session turns and lights the fruit otherwise; ``studio_view``)
@@ -1311,7 +1311,8 @@ def main() -> None:
             print(f"{lv.name}\n" + "\n".join(
                 f"  {k}: {np.mean(v) * 100:.2f}% ({' '.join(f'{a * 100:.2f}' for a in v)})" if isinstance(v, list)
                 else f"  {k}: {v * 100:.2f}%" for k, v in res.items() if k != "lever"), flush=True)
-            benchlib.record("cross_source_studio" if args.studio_sessions else "cross_source_studio_rule", {"lever_settings": dataclasses.asdict(lv), **res}, False)
+            bench = "cross_source_studio" if args.studio_sessions else "cross_source_studio_rule"
+            benchlib.record(bench, {"lever_settings": dataclasses.asdict(lv), **res}, False)
             results.append(res)
             continue
         with imagenet_head_of(lv.backbone):
