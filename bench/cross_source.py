@@ -142,12 +142,24 @@ POOL_COLUMNS = {"max": (0, 1280), "gem": (1280, 2560), "avg": (2560, 3840), "pre
 POOL_SCALE = {"max": 0.337 / 1.76, "gem": 0.337 / 0.80, "pre": 0.337 / 1.76}
 
 
-def pool_lever(lv: Lever, pool: str) -> Lever:
-    """``lv`` reading ``pool`` of the four-pool graph: the probe's columns, then the ImageNet head's (average)."""
+def pool_lever(lv: Lever, pool: str, **changes) -> Lever:
+    """``lv`` (and ``changes``) reading ``pool`` of the four-pool graph: the probe's columns, then the ImageNet
+    head's (average)."""
     width = {n: POOL_COLUMNS[n][1] - POOL_COLUMNS[n][0] for n in POOL_COLUMNS}
-    return dataclasses.replace(lv, name=f"{lv.name} [{pool} pool]", backbone="lite0-pools", pool=pool,
-                               probe_dims=None if "+" in pool or pool == "avg" else width[pool],
-                               inet_offset=sum(width[n] for n in pool.split("+") if n != "avg"), energy_pool=None)
+    return dataclasses.replace(lv, **{"backbone": "lite0-pools", "pool": pool,
+                                      "probe_dims": None if "+" in pool or pool == "avg" else width[pool],
+                                      "inet_offset": sum(width[n] for n in pool.split("+") if n != "avg"),
+                                      "energy_pool": None, **changes})
+
+
+# The default's settings (224 px int8, 4 views per real photo, the studio second opinion calibrated to 5 %): the
+# sixth and seventh turns' levers change one thing each.
+DEFAULT_NAME = "224 int8 + aug 4 + studio check 0.8 calibrated 5 %"
+DEFAULT_RULE = {"sizes": (224,), "precision": "int8", "aug": 4, "studio_check": 0.8, "studio_check_share": 0.05}
+
+
+def on_default(suffix: str, **changes) -> Lever:
+    return Lever(DEFAULT_NAME + suffix, **{**DEFAULT_RULE, **changes})
 
 
 LEVERS = {lv.name: lv for lv in [
@@ -210,34 +222,26 @@ LEVERS = {lv.name: lv for lv in [
             sizes=(224,), precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, inet_check=t,
             inet_check_mass=m, inet_check_ratio=r)
       for t, m, r in ((0.5, 0.05, 3.0), (0.3, 0.05, 3.0), (0.5, 0.02, 2.0), (0.3, 0.02, 2.0), (0.2, 0.02, 2.0))],
-    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 % + no profile rescue", sizes=(224,), precision="int8",
-          aug=4, studio_check=0.8, studio_check_share=0.05, profile_rescue=False),
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + sure answers past the profile check q {q:g} p {p:g}"
-            f" ratio {r:g}", sizes=(224,), precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05,
-            rescue_q=q, rescue_p=p, rescue_ratio=r, profile_rescue=False)
+    on_default(" + no profile rescue", profile_rescue=False),
+    *[on_default(f" + sure answers past the profile check q {q:g} p {p:g} ratio {r:g}", rescue_q=q, rescue_p=p,
+                 rescue_ratio=r, profile_rescue=False)
       for q, p, r in ((0.05, 0.9, 0.1), (0.1, 0.9, 0.1), (0.25, 0.9, 0.1), (0.5, 0.9, 0.1), (0.25, 0.9, 0.0),
                       (0.25, 0.8, 0.1), (0.1, 0.0, 0.1))],
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + nearest real photo {q:g} % (no profile check)",
-            sizes=(224,), precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, profile_q=0.0,
-            nn_check=q / 100) for q in (5, 10, 20)],
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + real classes -{b:g}", sizes=(224,),
-            precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, real_bias=b) for b in (0.5, 1, 2, 3)],
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {n} views on white", sizes=(224,),
-            precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, pad_views=n) for n in (1, 2)],
-    Lever("Lite1 240 int8 + aug 4 + studio check 0.8 calibrated 5 %", sizes=(240,), precision="int8", aug=4,
-          backbone="lite1", studio_check=0.8, studio_check_share=0.05),
-    *[Lever(f"{px} int8 + aug 4 + studio check 0.8 calibrated 5 %", sizes=(px,), precision="int8", aug=4,
-            studio_check=0.8, studio_check_share=0.05) for px in (256, 288)],
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + photos at {px} px", sizes=(224,),
-            precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, low_res=px) for px in (100, 160)],
-    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 % centred", sizes=(224,), precision="int8", aug=4,
-          studio_check=0.8, studio_check_share=0.05, studio_check_centre=True),
-    Lever("224 int8 + aug 4 + studio check 0.6 calibrated 5 % centred", sizes=(224,), precision="int8", aug=4,
-          studio_check=0.6, studio_check_share=0.05, studio_check_centre=True),
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + domain null {k}", sizes=(224,), precision="int8",
-            aug=4, studio_check=0.8, studio_check_share=0.05, domain_null=k) for k in (1, 4, 16, 64)],
-    *[Lever(f"224 int8 + aug 4 + unknown class + studio check 0.8 calibrated 5 % + domain null {k}", sizes=(224,),
-            precision="int8", aug=4, unknown_class=True, studio_check=0.8, studio_check_share=0.05, domain_null=k)
+    *[on_default(f" + nearest real photo {q:g} % (no profile check)", profile_q=0.0, nn_check=q / 100)
+      for q in (5, 10, 20)],
+    *[on_default(f" + real classes -{b:g}", real_bias=b) for b in (0.5, 1, 2, 3)],
+    *[on_default(f" + {n} views on white", pad_views=n) for n in (1, 2)],
+    Lever("Lite1 240 int8 + aug 4 + studio check 0.8 calibrated 5 %", **{**DEFAULT_RULE, "sizes": (240,)},
+          backbone="lite1"),
+    *[Lever(f"{px} int8 + aug 4 + studio check 0.8 calibrated 5 %", **{**DEFAULT_RULE, "sizes": (px,)})
+      for px in (256, 288)],
+    *[on_default(f" + photos at {px} px", low_res=px) for px in (100, 160)],
+    on_default(" centred", studio_check_centre=True),
+    Lever("224 int8 + aug 4 + studio check 0.6 calibrated 5 % centred", **{**DEFAULT_RULE, "studio_check": 0.6},
+          studio_check_centre=True),
+    *[on_default(f" + domain null {k}", domain_null=k) for k in (1, 4, 16, 64)],
+    *[Lever(f"224 int8 + aug 4 + unknown class + studio check 0.8 calibrated 5 % + domain null {k}", **DEFAULT_RULE,
+            unknown_class=True, domain_null=k)
       for k in (4, 16)],
     Lever("224 int8 + aug 4 + unknown class + studio check 0.8", sizes=(224,), precision="int8", aug=4,
           unknown_class=True, studio_check=0.8),
@@ -245,18 +249,14 @@ LEVERS = {lv.name: lv for lv in [
           unknown_class=True, studio_check=0.5),
     Lever("224 int8 + aug 4 + tta 4", sizes=(224,), precision="int8", aug=4, tta=4),
     Lever("224 int8 + aug 4 + MLP 256", sizes=(224,), precision="int8", aug=4, mlp=(256,)),
-    *[dataclasses.replace(pool_lever(Lever("", sizes=(224,), precision="int8", aug=4, studio_check=0.8,
-                                           studio_check_share=0.05), pool),
-                          name=f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {pool} pool")
-      for pool in ("avg", "max", "gem", "pre", "max+avg", "gem+avg", "pre+avg")],
-    *[Lever(f"224 int8 + aug 4 + studio check 0.8 calibrated 5 % + {k} studio views", sizes=(224,), precision="int8",
-            aug=4, studio_check=0.8, studio_check_share=0.05, studio_views=k) for k in (1, 2, 4)],
-    Lever("224 int8 + aug 4 + studio check 0.8 calibrated 5 % + int8 calibrated on real photos", sizes=(224,),
-          precision="int8", aug=4, studio_check=0.8, studio_check_share=0.05, backbone="lite0-realcal"),
-    *[dataclasses.replace(pool_lever(Lever("", sizes=(224,), precision="int8"), pool), name=f"224 int8 + {pool} pool")
+    *[pool_lever(on_default(f" + {pool} pool"), pool) for pool in ("avg", "max", "gem", "pre", "max+avg", "gem+avg",
+                                                                      "pre+avg")],
+    *[on_default(f" + {k} studio views", studio_views=k) for k in (1, 2, 4)],
+    on_default(" + int8 calibrated on real photos", backbone="lite0-realcal"),
+    *[pool_lever(Lever(f"224 int8 + {pool} pool", sizes=(224,), precision="int8"), pool)
       for pool in ("avg", "pre", "pre+avg")],
-    dataclasses.replace(pool_lever(Lever("", sizes=(224,), precision="int8"), "pre"), energy_pool="avg",
-                        name="224 int8 + pre pool + rule from the average pool"),
+    pool_lever(Lever("224 int8 + pre pool + rule from the average pool", sizes=(224,), precision="int8"), "pre",
+               energy_pool="avg"),
     *[Lever(f"224 int8 + {k} studio views", sizes=(224,), precision="int8", studio_views=k) for k in (1, 2)],
     Lever("default + source balance", balance="source"),
     Lever("default + class balance", balance="class"),
@@ -388,24 +388,29 @@ class Features:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def model(self, net: str, precision: str) -> str:
-        """The product's graph for Lite0; Lite1/Lite2 built by the product's builder into the work folder."""
+        """The product's graph for Lite0; the others from the product's builder and int8 recipe, in the work
+        folder: Lite1/Lite2, the four-pool Lite0 (``with_pools``), and Lite0 int8-calibrated on real shop
+        photos too (``lite0-realcal``: the product's fp32 graph, the 73 ``grocery-other`` photos added to the
+        calibration; real photos reach activation ranges studio frames never do, and no protocol tests those)."""
         from canestra.vision import backbone
 
         if net == "lite0":
             return backbone.model_path(precision)
-        fp32 = self.work / f"{net}-fp32.onnx"
-        if net == "lite0-realcal":  # the product's fp32 graph, int8-calibrated on real photos too
-            return lite0_realcal(self.work)
-        if not fp32.exists() and net == "lite0-pools":
-            fp32.write_bytes(with_pools(backbone.build_onnx(load_state_dict(backbone.weights_path())))
-                             .SerializeToString())
-        elif not fp32.exists():
-            fp32.write_bytes(backbone.build_onnx(load_state_dict(lite_weights(net))).SerializeToString())
+        if net == "lite0-realcal":
+            fp32 = Path(backbone.default_model_path())
+        else:
+            fp32 = self.work / f"{net}-fp32.onnx"
+            if not fp32.exists():
+                graph = (with_pools(backbone.build_onnx(load_state_dict(backbone.weights_path())))
+                         if net == "lite0-pools" else backbone.build_onnx(load_state_dict(lite_weights(net))))
+                fp32.write_bytes(graph.SerializeToString())
         if precision == "fp32":
             return str(fp32)
         int8 = self.work / f"{net}-int8.onnx"
         if not int8.exists():
-            backbone.quantize(str(fp32), int8, backbone.has_vnni())
+            extra = ([os_bench.read_rgb(str(SETS["gother"] / i)) for i in os_bench.list_labelled(str(SETS["gother"]))]
+                     if net == "lite0-realcal" else [])
+            backbone.quantize(str(fp32), int8, backbone.has_vnni(), extra_calibration=extra)
         return str(int8)
 
     def get(self, s: ImageSet, sizes, precision: str, view: str = "orig", rgb_of=None, n=None,
@@ -431,19 +436,6 @@ class Features:
                 log(f"  {n / (time.perf_counter() - t0):.1f} img/s (decode included)")
             parts.append(np.load(path))
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-
-
-def lite0_realcal(work: Path) -> str:
-    """The product's int8 recipe, calibrated on its 40 studio frames plus every ``grocery-other`` photo (real shop
-    photos that no protocol tests: activations of real photos reach ranges studio frames never do)."""
-    from canestra.vision import backbone
-
-    target = work / "lite0-realcal-int8.onnx"
-    if target.exists():
-        return str(target)
-    extra = [os_bench.read_rgb(str(SETS["gother"] / i)) for i in os_bench.list_labelled(str(SETS["gother"]))]
-    backbone.quantize(backbone.default_model_path(), target, backbone.has_vnni(), extra_calibration=extra)
-    return str(target)
 
 
 def with_pools(model):
@@ -551,10 +543,10 @@ def weights(labels: list[str], source: list[str], lv: Lever) -> np.ndarray:
     return w / w.mean()
 
 
-def with_inet(X: np.ndarray, lv: Lever) -> np.ndarray:
-    """``X`` with the ImageNet head's log-probabilities (of the block nearest 224 px) appended, scaled
-    to the embedding's spread so that PCA weighs both; the answer rule reads the embedding part only.
-    (A pooling lever's blocks are picked first: every feature path passes through here.)"""
+def lever_columns(X: np.ndarray, lv: Lever) -> np.ndarray:
+    """The columns a lever reads (every feature path passes through here): its pooled blocks (``pool``), then,
+    with ``inet``, the ImageNet head's log-probabilities (of the block nearest 224 px) appended, scaled to the
+    embedding's spread so that PCA weighs both; the answer rule reads the embedding part only."""
     X = pools(X, lv)
     if not lv.inet:
         return X
@@ -896,9 +888,9 @@ class Bench:
     def X(self, name: str, lv: Lever) -> np.ndarray:
         s = self.sets[name]
         if lv.low_res and name != "studio":
-            return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"orig-lr{lv.low_res}",
+            return lever_columns(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"orig-lr{lv.low_res}",
                                             rgb_of=lambda i: shrink(s.rgb(i), lv.low_res)), lv)
-        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone), lv)
+        return lever_columns(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone), lv)
 
     def test_X(self, name: str, lv: Lever, rows=None) -> np.ndarray:
         """Features of a test set: the photo's embedding, or the mean over ``lv.tta`` test-time views."""
@@ -906,7 +898,7 @@ class Bench:
         if lv.tta <= 1:
             return X
         s = self.sets[name]
-        views = [X] + [with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=v,
+        views = [X] + [lever_columns(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=v,
                                                 rgb_of=lambda i, v=v: tta_view(s.rgb(i), v)), lv)
                        for v in TTA_VIEWS[: lv.tta - 1]]
         return np.mean(views, axis=0)
@@ -914,17 +906,17 @@ class Bench:
     def aug_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
         s = self.sets[name]
         sfx = f"-lr{lv.low_res}" if lv.low_res else ""
-        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"aug{k}{sfx}",
+        return lever_columns(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"aug{k}{sfx}",
                                         rgb_of=lambda i: shrink(augment(s.rgb(i), k, i), lv.low_res)), lv)
 
     def studio_view_X(self, lv: Lever, k: int) -> np.ndarray:
         s = self.sets["studio"]
-        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"studio-g{k}",
+        return lever_columns(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"studio-g{k}",
                                         rgb_of=lambda i: studio_view(s.rgb(i), k, i)), lv)
 
     def pad_X(self, name: str, lv: Lever, k: int) -> np.ndarray:
         s = self.sets[name]
-        return with_inet(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"pad{k}",
+        return lever_columns(self.feats.get(s, lv.sizes, lv.precision, net=lv.backbone, view=f"pad{k}",
                                         rgb_of=lambda i: padded(s.rgb(i), k, i)), lv)
 
     def synth(self, n: int):
@@ -952,7 +944,7 @@ class Bench:
     def synth_X(self, lv: Lever, n: int):
         labels, make = self.synth(n)
         fake = ImageSet(f"synth{n}", labels, np.array([]), np.array([]), np.array([]))
-        return with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, rgb_of=make), lv), labels
+        return lever_columns(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, rgb_of=make), lv), labels
 
     def _nonfruit_set(self) -> ImageSet:
         if self._nonfruit is None:
@@ -964,23 +956,25 @@ class Bench:
 
     def nonfruit_X(self, lv: Lever) -> np.ndarray:
         fake = self._nonfruit_set()
-        X = with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone,
+        X = lever_columns(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone,
                                      view=f"orig-lr{lv.low_res}" if lv.low_res else "orig",
                                      rgb_of=lambda i: shrink(fake.rgb(i), lv.low_res)), lv)
         if lv.tta <= 1:
             return X
-        views = [X] + [with_inet(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, view=v,
+        views = [X] + [lever_columns(self.feats.get(fake, lv.sizes, lv.precision, net=lv.backbone, view=v,
                                                 rgb_of=lambda i, v=v: tta_view(fake.rgb(i), v)), lv)
                        for v in TTA_VIEWS[: lv.tta - 1]]
         return np.mean(views, axis=0)
 
-    def train(self, lv: Lever, real_roots: list[str], drop_families: set[str] = frozenset()):
-        """Fit the probe + the product's answer rule on studio (train split) + ``real_roots``."""
+    def train(self, lv: Lever, real_roots: list[str], drop_families: set[str] = frozenset(),
+              studio_train: np.ndarray | None = None):
+        """Fit the probe + the product's answer rule on studio (train split, or the ``studio_train`` rows; the
+        other studio rows calibrate) + ``real_roots``."""
         from canestra.answer.taxonomy import family_label
 
         st = self.sets["studio"]
         Xs = self.X("studio", lv)
-        tr = st.split == "train"
+        tr = st.split == "train" if studio_train is None else studio_train
         rows, cal = Rows(), Rows()
         rows.add(Xs[tr], st.folders[tr], "studio")
         for k in range(lv.studio_views):
@@ -1220,7 +1214,7 @@ def studio_sessions(b: Bench, lv: Lever) -> dict:
 
     perturbed_set = ImageSet("studio-perturbed", [st.items[i] for i in rows], st.folders[rows], st.families[rows],
                              st.split[rows])
-    XP = with_inet(b.feats.get(perturbed_set, lv.sizes, lv.precision, net=lv.backbone, rgb_of=perturbed), lv)
+    XP = lever_columns(b.feats.get(perturbed_set, lv.sizes, lv.precision, net=lv.backbone, rgb_of=perturbed), lv)
 
     def fit(test: np.ndarray):
         tr = ~test
@@ -1243,29 +1237,24 @@ def studio_rule(b: Bench, lv: Lever) -> dict:
     from canestra.answer.rule import decide
 
     st = b.sets["studio"]
-    saved = st.split
     names = [os.path.basename(i) for i in st.items]
     out: dict = {"lever": lv.name, "top1 (unknown wrong)": [], "unknown": [], "non-fruit unknown": []}
-    try:
-        for seed in (42, 7, 3):
-            st.split = np.where(os_bench.block_test(list(st.folders), names, seed, 5), "test", "train")
-            probe, rule = b.train(lv, [])
-            judge, lj = (probe, lv) if lv.energy_pool is None else (None, pool_lever(lv, lv.energy_pool))
-            if judge is None:
-                judge, rule = b.train(lj, [])
-            te = st.split == "test"
+    # the rule (energy, its threshold, the ImageNet checks) from a second head on another pool, or the lever's own
+    lj = lv if lv.energy_pool is None else pool_lever(lv, lv.energy_pool)
+    for seed in (42, 7, 3):
+        te = os_bench.block_test(list(st.folders), names, seed, 5)
+        probe, rule = b.train(lv, [], studio_train=~te)
+        judge, rule = (probe, rule) if lj is lv else b.train(lj, [], studio_train=~te)
 
-            def answers(X, Xj, probe=probe, judge=judge, rule=rule):
-                return decide(probe.probabilities(X), judge.margins(Xj), Xj, rule)
+        def answers(X, Xj, probe=probe, judge=judge, rule=rule):
+            return decide(probe.probabilities(X), judge.margins(Xj), Xj, rule)
 
-            a = answers(b.X("studio", lv)[te], b.X("studio", lj)[te])
-            unk = np.asarray(a.unknown, bool)
-            out["top1 (unknown wrong)"].append(float(((np.array(a.prediction) == st.folders[te]) & ~unk).mean()))
-            out["unknown"].append(float(unk.mean()))
-            out["non-fruit unknown"].append(float(np.asarray(answers(b.nonfruit_X(lv), b.nonfruit_X(lj)).unknown,
-                                                             bool).mean()))
-    finally:
-        st.split = saved
+        a = answers(b.X("studio", lv)[te], b.X("studio", lj)[te])
+        unk = np.asarray(a.unknown, bool)
+        out["top1 (unknown wrong)"].append(float(((np.array(a.prediction) == st.folders[te]) & ~unk).mean()))
+        out["unknown"].append(float(unk.mean()))
+        out["non-fruit unknown"].append(float(np.asarray(answers(b.nonfruit_X(lv), b.nonfruit_X(lj)).unknown,
+                                                         bool).mean()))
     return out
 
 
