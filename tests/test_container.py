@@ -114,6 +114,35 @@ def test_s3_prefix_without_a_model_is_refused_plainly(moto):
         load_model_spec(uri)
 
 
+def _fake_tools(bin_dir: Path, log: Path) -> dict[str, str]:
+    """podman with no base image, apt-get naming this machine's mirrors, mmdebstrap that fails without a word."""
+    scripts = {
+        "podman": "exit 1\n",  # `podman image exists` -> no base image yet
+        "apt-get": "printf 'http://mirror.test/debian/\\nhttp://mirror.test/debian-security/\\n'\n",
+        "mmdebstrap": f'echo "$@" > {log}\nexit 1\n',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable}
+
+
+def test_base_image_comes_from_apts_own_mirror_and_a_silent_failure_is_named(tmp_path):
+    """The base is bootstrapped from the mirror apt uses (a commented snapshot URL in the sources, or a missing
+    /etc/apt/sources.list, once made build.sh exit 1 with nothing printed); any step that fails silently is named."""
+    log = tmp_path / "mmdebstrap-args"
+    (tmp_path / "bin").mkdir()
+    env = _fake_tools(tmp_path / "bin", log)
+    env.pop("MIRROR", None)
+    got = subprocess.run([str(RECIPE / "build.sh"), "--tag", "localhost/none:test"], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert got.returncode != 0
+    args = log.read_text()
+    assert "deb http://mirror.test/debian bookworm main" in args
+    assert "deb http://mirror.test/debian-security bookworm-security main" in args
+    assert "build.sh: line" in got.stderr and "mmdebstrap" in got.stderr, got.stderr
+
+
 # --------------------------------------------------------------------------- the image (slow)
 
 

@@ -14,6 +14,8 @@
 # and image timestamps; default: the last commit's time), CONTAINERS_CONF (default containers.conf here:
 # runc and ulimits these VMs accept).
 set -euo pipefail
+# A step that fails without a word (a pipeline under pipefail, say) still says which one it was.
+trap 'echo "build.sh: line $LINENO failed (exit $?): $BASH_COMMAND" >&2' ERR
 
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -41,9 +43,9 @@ if [ -z "$base" ]; then
   base="localhost/canestra-base:bookworm"
   if ! podman image exists "$base"; then
     command -v mmdebstrap >/dev/null || { echo "build.sh: mmdebstrap not found (apt-get install mmdebstrap)" >&2; exit 2; }
-    # The machine's own Debian mirror (deb822 or one-line sources), its security suite beside it.
-    mirror="${MIRROR:-$(cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
-      | grep -oE 'https?://[^ ]+/debian/?' | grep -v security | head -1)}"
+    # The machine's own Debian mirror as apt itself reads it (deb822 or one-line sources, comments skipped: a
+    # commented snapshot URL was once taken for the mirror), its security suite beside it.
+    mirror="${MIRROR:-$(apt-get indextargets --format '$(REPO_URI)' 2>/dev/null | grep -v security | head -1 || true)}"
     mirror="${mirror:-http://deb.debian.org/debian}"
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
