@@ -1230,19 +1230,26 @@ def studio_sessions(b: Bench, lv: Lever) -> dict:
     return out
 
 
-def studio_rule(b: Bench, lv: Lever) -> dict:
+def studio_rule(b: Bench, lv: Lever, session_out: bool = False) -> dict:
     """A studio-only model (the default model on the studio sample: probe + the product's answer rule, calibrated
     on the held-out frames as ``train``) on the 5-block split, seeds 42 / 7 / 3: variety top-1 with ``unknown``
-    counted wrong, the share refused, and non-fruit photos answered ``unknown``."""
+    counted wrong, the share refused, and non-fruit photos answered ``unknown``; with ``session_out``, also
+    top-1 and refusals with one capture session per class left out of training (seeds 0 / 1 / 2)."""
     from canestra.answer.rule import decide
 
     st = b.sets["studio"]
     names = [os.path.basename(i) for i in st.items]
-    out: dict = {"lever": lv.name, "top1 (unknown wrong)": [], "unknown": [], "non-fruit unknown": []}
+    labels = sorted(set(st.folders))
+    y = np.array([labels.index(f) for f in st.folders])
+    sessions = np.array([os_bench.session_of(n) for n in names])
+    out: dict = {"lever": lv.name, "top1 (unknown wrong)": [], "unknown": [], "non-fruit unknown": [],
+                 "session out top1 (unknown wrong)": [], "session out unknown": []}
     # the rule (energy, its threshold, the ImageNet checks) from a second head on another pool, or the lever's own
     lj = lv if lv.energy_pool is None else pool_lever(lv, lv.energy_pool)
-    for seed in (42, 7, 3):
-        te = os_bench.block_test(list(st.folders), names, seed, 5)
+    tests = [("", os_bench.block_test(list(st.folders), names, seed, 5)) for seed in (42, 7, 3)]
+    if session_out:  # one capture session per class left out of training (bench/outside_studio.py)
+        tests += [("session out ", os_bench.session_test(y, sessions, seed)) for seed in (0, 1, 2)]
+    for key, te in tests:
         probe, rule = b.train(lv, [], studio_train=~te)
         judge, rule = (probe, rule) if lj is lv else b.train(lj, [], studio_train=~te)
 
@@ -1251,11 +1258,12 @@ def studio_rule(b: Bench, lv: Lever) -> dict:
 
         a = answers(b.X("studio", lv)[te], b.X("studio", lj)[te])
         unk = np.asarray(a.unknown, bool)
-        out["top1 (unknown wrong)"].append(float(((np.array(a.prediction) == st.folders[te]) & ~unk).mean()))
-        out["unknown"].append(float(unk.mean()))
-        out["non-fruit unknown"].append(float(np.asarray(answers(b.nonfruit_X(lv), b.nonfruit_X(lj)).unknown,
-                                                         bool).mean()))
-    return out
+        out[f"{key}top1 (unknown wrong)"].append(float(((np.array(a.prediction) == st.folders[te]) & ~unk).mean()))
+        out[f"{key}unknown"].append(float(unk.mean()))
+        if not key:
+            out["non-fruit unknown"].append(float(np.asarray(answers(b.nonfruit_X(lv), b.nonfruit_X(lj)).unknown,
+                                                             bool).mean()))
+    return {k: v for k, v in out.items() if v != []}
 
 
 def fmt(res: dict) -> str:
@@ -1282,6 +1290,8 @@ def main() -> None:
     ap.add_argument("--studio-rule", action="store_true",
                     help="instead of the cross-source protocols: a studio-only model with the answer rule (5-block, "
                          "3 seeds: top-1 with unknown wrong, unknown, non-fruit unknown)")
+    ap.add_argument("--session-out", action="store_true",
+                    help="with --studio-rule: also leave one capture session per class out of training (3 seeds)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     b = Bench(args)
@@ -1296,7 +1306,7 @@ def main() -> None:
     for name in [n.strip() for n in args.levers.split(",") if n.strip()]:
         lv = LEVERS.get(name) or Lever(name)
         if args.studio_sessions or args.studio_rule:
-            res = (studio_sessions if args.studio_sessions else studio_rule)(b, lv)
+            res = studio_sessions(b, lv) if args.studio_sessions else studio_rule(b, lv, args.session_out)
             print(f"{lv.name}\n" + "\n".join(
                 f"  {k}: {np.mean(v) * 100:.2f}% ({' '.join(f'{a * 100:.2f}' for a in v)})" if isinstance(v, list)
                 else f"  {k}: {v * 100:.2f}%" for k, v in res.items() if k != "lever"), flush=True)

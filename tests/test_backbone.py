@@ -112,10 +112,18 @@ def test_a_deeper_and_wider_lite_builds_and_matches_torch():
     assert [b[0] for b in backbone.blocks_of(sd)] == [1, 3, 3, 4, 4, 5, 1]
     sess = onnxruntime.InferenceSession(backbone.build_onnx(sd).SerializeToString())
     x = np.random.default_rng(0).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
-    _, logits = sess.run(None, {"image": x})
+    logits, block = sess.run(["logits", "block"], {"image": x})
+    inp = torch.from_numpy(((x.astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2))
     with torch.no_grad():
-        ref = net(torch.from_numpy(((x.astype(np.float32) - 127) / 128).transpose(0, 3, 1, 2))).numpy()
+        ref = net(inp).numpy()
+        # the block output: the last block's output, before the head convolution, average-pooled
+        h = net._swish(net._bn0(net._conv_stem(inp)))
+        for b in net._blocks:
+            h = b(h)
+        ref_block = h.mean(dim=(2, 3)).numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-3)
+    assert block.shape == (2, sd["_conv_head.weight"].shape[1])  # Lite2's last block: 352 channels
+    np.testing.assert_allclose(block, ref_block, atol=1e-3)
 
 
 def test_int8_graph_is_cached_close_to_fp32_and_still_knows_fruit(sample_dir, tmp_path, monkeypatch):

@@ -136,7 +136,7 @@ def test_shared_outputs_carry_image_id_not_source_paths(gps_run):
         assert all(f.startswith("catalog/") or f in allowed for f in files), (name, sorted(files))
     assert any(f.startswith("catalog/") for f in where[str(images)]), "the catalog keeps source_path"
     assert pq.read_schema(out / "features" / next(p.name for p in (out / "features").glob("*.parquet"))).names \
-        == ["image_id", "label", "split", "view", "features"]
+        == ["image_id", "label", "split", "view", "features", "block"]
     # energy, fruitness, pca_head (16 PCA components) and predicted_at: what `canestra monitor` reads; scores of
     # the answer, not of the person or the photo's origin.
     assert pq.read_table(out / "pred" / "predictions").column_names == \

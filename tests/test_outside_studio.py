@@ -56,8 +56,12 @@ def test_multi_root_training_learns_families_from_a_family_level_root(mixed, spa
 
     m = mixed.metrics
     assert [r["level"] for r in m["roots"]] == ["variety", "family"]
-    labels = model_labels(load_model(str(Path(mixed.out_dir) / "model")))
+    model = load_model(str(Path(mixed.out_dir) / "model"))
+    labels = model_labels(model)
     assert {"Apple (family)", "Banana (family)", "Orange (family)"} <= set(labels)
+    # one classifier: the answer head is for studio-only models (tests/test_answer_head.py)
+    assert [type(s).__name__ for s in model.stages].count("LogisticRegressionModel") == 1
+    assert m["model"]["answer_head"] is None
     assert "Apple Granny Smith" in labels
     # The studio second opinion (answer.rule) knows the studio varieties only.
     check = load_model(str(Path(mixed.out_dir) / "model")).stages[-1].getRule().studio_check

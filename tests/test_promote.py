@@ -29,18 +29,19 @@ def worse_copy(model_dir: str, dest: Path) -> str:
     """The model with its classifier's classes rolled by one (class i's weights answer for class i+1): a
     genuinely different model, wrong on nearly every studio image, made without Spark."""
     shutil.copytree(model_dir, dest)
-    [part] = glob.glob(str(dest / "stages" / "*_LogisticRegression*" / "data" / "*.parquet"))
-    table = pq.read_table(part)
-    row = table.to_pylist()[0]
-    m = row["coefficientMatrix"]
-    assert m["type"] == 1, "a dense coefficient matrix"
-    rows, cols = m["numRows"], m["numCols"]
-    w = np.asarray(m["values"]).reshape(rows, cols) if m["isTransposed"] else \
-        np.asarray(m["values"]).reshape(cols, rows).T
-    w = np.roll(w, 1, axis=0)
-    m["values"] = (w.reshape(-1) if m["isTransposed"] else w.T.reshape(-1)).tolist()
-    row["interceptVector"]["values"] = np.roll(row["interceptVector"]["values"], 1).tolist()
-    pq.write_table(pa.Table.from_pylist([row], schema=table.schema), part)
+    # every classifier of the model: the main head, and the answer head of a studio-only model
+    for part in glob.glob(str(dest / "stages" / "*_LogisticRegression*" / "data" / "*.parquet")):
+        table = pq.read_table(part)
+        row = table.to_pylist()[0]
+        m = row["coefficientMatrix"]
+        assert m["type"] == 1, "a dense coefficient matrix"
+        rows, cols = m["numRows"], m["numCols"]
+        w = np.asarray(m["values"]).reshape(rows, cols) if m["isTransposed"] else \
+            np.asarray(m["values"]).reshape(cols, rows).T
+        w = np.roll(w, 1, axis=0)
+        m["values"] = (w.reshape(-1) if m["isTransposed"] else w.T.reshape(-1)).tolist()
+        row["interceptVector"]["values"] = np.roll(row["interceptVector"]["values"], 1).tolist()
+        pq.write_table(pa.Table.from_pylist([row], schema=table.schema), part)
     for crc in glob.glob(str(dest / "stages" / "*_LogisticRegression*" / "data" / ".*.crc")):
         os.remove(crc)
     return str(dest)

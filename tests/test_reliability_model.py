@@ -105,12 +105,18 @@ def test_info_file_round_trip_and_current_format_accepted(model):
     class ImageFeaturizer:  # stand-ins: only their class names are recorded
         pass
 
-    path = model_dir.write_model_info(str(model), [ImageFeaturizer()])
-    info = json.loads(Path(path).read_text())
-    assert info["canestra_version"] == __version__ and info["model_format"] == MODEL_FORMAT
-    assert info["stages"][0].endswith(".ImageFeaturizer")
-    assert check_model_dir(str(model)) == str(model)
-    assert model_dir.model_info(str(model))["model_format"] == MODEL_FORMAT
+    class LogisticRegressionModel:
+        pass
+
+    # One classifier: format 1, which older canestra versions read; with the answer head: the current format.
+    for stages, fmt in (([ImageFeaturizer(), LogisticRegressionModel()], 1),
+                        ([ImageFeaturizer(), LogisticRegressionModel(), LogisticRegressionModel()], MODEL_FORMAT)):
+        path = model_dir.write_model_info(str(model), stages)
+        info = json.loads(Path(path).read_text())
+        assert info["canestra_version"] == __version__ and info["model_format"] == fmt
+        assert info["stages"][0].endswith(".ImageFeaturizer")
+        assert check_model_dir(str(model)) == str(model)
+        assert model_dir.model_info(str(model))["model_format"] == fmt
 
 
 def test_serve_refuses_remote_model():

@@ -57,7 +57,7 @@ def test_train_and_predict_print_only_canestra_lines(tmp_path, sample_dir):
 
     assert info["canestra_version"] == __version__ and info["model_format"] == MODEL_FORMAT
     assert [c.rsplit(".", 1)[-1] for c in info["stages"]] == [
-        "ImageFeaturizer", "PCAModel", "LogisticRegressionModel", "AnswerModel"]
+        "ImageFeaturizer", "PCAModel", "LogisticRegressionModel", "LogisticRegressionModel", "AnswerModel"]
 
     pred = _run(env, "predict", "--model", str(out / "model"), "--images", str(sample_dir),
                 "--out", str(tmp_path / "pred"), "--master", "local[2]")

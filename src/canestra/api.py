@@ -435,7 +435,7 @@ def train(images: str | list[str], out: str, *, spark: SparkSession | None = Non
     image_sizes=100``: Spark ``master``, ``driver_memory``, ``arrow_batch``; featurizer
     ``image_sizes``, ``batch_size``, ``threads``, ``precision``; data ``test_fraction``, ``seed``,
     ``taxonomy``; model ``pca_k``, ``pca_variance``, ``reg_param``, ``elastic_net``, ``max_iter``,
-    ``augment_views``, ``unknown_quantile``, ``shift_eval``; storage ``s3_endpoint_url``,
+    ``augment_views``, ``unknown_quantile``, ``shift_eval``, ``answer_head``; storage ``s3_endpoint_url``,
     ``allow_http_endpoint``, ``allow_non_eu_region``, ``sse_kms_key_id``, ``s3_max_attempts``;
     output ``debug``, ``audit_log``.
     """

@@ -37,7 +37,7 @@ REGISTRY_PREFIX = "models:/"
 
 # Settings logged as run parameters: what shapes the model, never paths to images.
 PARAMS = ("image_sizes", "precision", "batch_size", "pca_k", "pca_variance", "test_fraction", "seed", "reg_param",
-          "elastic_net", "max_iter", "unknown_quantile", "shift_eval", "taxonomy")
+          "elastic_net", "max_iter", "unknown_quantile", "shift_eval", "answer_head", "taxonomy")
 _METRIC_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 

@@ -159,7 +159,6 @@ def _answers(predictors: list, files: list[tuple[str, str | None]]
              ) -> tuple[list[str | None], list[list[tuple[str, str]]], int]:
     """The truths of the readable files, each predictor's (prediction, family) of them, and how many files
     were no usable image (left out). The CNN runs once per distinct featurizer (same graph, sizes, fit)."""
-    from canestra.answer.rule import decide
     from canestra.vision.images import DEFAULT_MAX_BYTES, BadImage
 
     truths: list[str | None] = []
@@ -175,14 +174,12 @@ def _answers(predictors: list, files: list[tuple[str, str | None]]
                 unreadable += 1
         if not rgbs:
             continue
-        features: dict[tuple, Any] = {}
+        embedded: dict[tuple, Any] = {}
         for i, p in enumerate(predictors):
-            key = (p.onnx_path, tuple(p.spec.image_sizes), p.spec.input_fit)
-            if key not in features:
-                features[key] = p.features(rgbs)
-            feats = features[key]
-            margins = p.margins(feats)
-            a = decide(p.probabilities_from_margins(margins), margins, feats, p.spec.rule)
+            key = (p.onnx_path, tuple(p.spec.image_sizes), p.spec.input_fit, p.spec.answer_coefficients is not None)
+            if key not in embedded:
+                embedded[key] = p.embed(rgbs)
+            a = p.answers(*embedded[key])[2]
             out[i] += list(zip(a.prediction, a.family))
     return truths, out, unreadable
 

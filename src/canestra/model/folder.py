@@ -22,8 +22,9 @@ from canestra.errors import InputError
 from canestra.layout import MODEL_INFO, TRAINING_IDS
 from canestra.storage import files as storage
 
-# Bump when a saved model stops being readable by older canestra versions.
-MODEL_FORMAT = 1
+# Bump when a saved model stops being readable by older canestra versions. 2: a studio-only model's answer head
+# (a second LogisticRegressionModel, on the graph's block output); models without one are still written as 1.
+MODEL_FORMAT = 2
 # Inside a model folder: its held-out answers in summary and the drift thresholds (canestra.drift.stats);
 # aggregates only, no image id. Models trained before it have none (canestra monitor says so).
 DRIFT_REFERENCE = "canestra_drift_reference.json"
@@ -34,9 +35,10 @@ _WITH_DATA = ("PCAModel", "LogisticRegressionModel")
 
 def write_model_info(model_dir: str, stages: list[Any]) -> str:
     """Write ``canestra_model.json`` into a (staging) model folder; returns its path."""
+    heads = sum(type(s).__name__ == "LogisticRegressionModel" for s in stages)
     info = {
         "canestra_version": __version__,
-        "model_format": MODEL_FORMAT,
+        "model_format": MODEL_FORMAT if heads > 1 else 1,  # older canestra versions still read one-head models
         "stages": [f"{type(s).__module__}.{type(s).__name__}" for s in stages],
     }
     path = os.path.join(model_dir, MODEL_INFO)

@@ -5,8 +5,12 @@ pixels and on the featurizer. So embeddings are keyed by ``image_id`` (the SHA-2
 pixels, the catalog's id) inside a folder named after the featurizer's identity (network,
 weights, graph version, image sizes, precision, input fit: a short hash):
 
-    OUT/feature_store/<featurizer-key>/part-<utc>-<uuid>/   Parquet (image_id, features)
+    OUT/feature_store/<featurizer-key>/part-<utc>-<uuid>/   Parquet (image_id, features, block)
                                                      /_canestra.json   manifest (created_at, rows, identity)
+
+``block`` is the graph's second pooled output (``backbone``), kept for every image whatever model is
+trained (it costs no extra CNN pass): a studio-only model's answer head reads it, and a store shared by
+both kinds of model then never re-embeds. A custom ONNX graph without that output stores none.
 
 Each run featurizes only the ids not stored yet and appends them as one new part. A part is
 written under ``_staging/`` and renamed into place with its manifest already inside (locally
@@ -34,9 +38,10 @@ from typing import Any
 from canestra.layout import MANIFEST
 from canestra.storage import files as storage
 
-__all__ = ["PART_PREFIX", "STORE", "store_of", "update_store", "update_views"]
+__all__ = ["BLOCK", "PART_PREFIX", "STORE", "store_of", "update_store", "update_views"]
 
 STORE = "feature_store"
+BLOCK = "block"  # the column of the graph's ``block`` output
 PART_PREFIX = "part-"
 KEY_CHARS = 16  # 64 bits of the identity hash: collisions between featurizers are not a concern
 
@@ -103,6 +108,15 @@ def read_store(spark, store: str, columns=("image_id", "features")):
     return spark.read.parquet(*parts).select(*columns) if parts else None
 
 
+def stores_block(featurizer) -> bool:
+    """Whether the store keeps the ``block`` output beside the embedding: the built-in graphs have it, a custom
+    ONNX file may not."""
+    from canestra.vision import backbone
+
+    custom = featurizer.getOrDefault(featurizer.modelPath)
+    return not custom or backbone.has_block(custom)
+
+
 @dataclass
 class StoreUpdate:
     store: str
@@ -116,12 +130,16 @@ class StoreUpdate:
 
 def update_store(spark, images, out_dir: str, featurizer) -> tuple[Any, StoreUpdate]:
     """Embed the images of ``images`` (columns image_id, content) that the store lacks, append
-    them as one part, and return (the whole store as a DataFrame of image_id, features; counts)."""
+    them as one part, and return (the whole store as a DataFrame of image_id, features[, block]; counts)."""
     from pyspark.sql import functions as F
 
     from canestra.pipeline.ingest import balanced_partitions
 
     store = store_dir(out_dir, featurizer)
+    block = stores_block(featurizer)
+    columns = ("image_id", "features", BLOCK) if block else ("image_id", "features")
+    # The store's rows are the same whatever the caller's featurizer writes besides the embedding.
+    featurizer = featurizer.copy({featurizer.blockCol: BLOCK if block else ""})
     ids = images.select("image_id").where("image_id IS NOT NULL").distinct()
     stored = read_store(spark, store)
     # One pass over the ids tells both how many are stored and which are new (Spark jobs, not
@@ -140,11 +158,10 @@ def update_store(spark, images, out_dir: str, featurizer) -> tuple[Any, StoreUpd
                     .dropDuplicates(["image_id"])
                     # Equal partitions in full waves keep every core busy on the CNN to the end.
                     .repartition(balanced_partitions(spark, n_new)))
-            part = _append_part(store, featurizer.transform(todo).select("image_id", "features"), n_new,
-                                featurizer)
+            part = _append_part(store, featurizer.transform(todo).select(*columns), n_new, featurizer)
     finally:
         ids.unpersist()
-    return read_store(spark, store), StoreUpdate(store, n_new, n_reused, part)
+    return read_store(spark, store, columns), StoreUpdate(store, n_new, n_reused, part)
 
 
 def _append_part(store: str, rows, n: int, featurizer) -> str:

@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # pandas loads with Spark, not at import
 __all__ = ["featurize_table", "make_classifier", "make_featurizer", "train"]
 
 PREDICTION_COL = "predicted_label"  # written by the AnswerModel stage
+# The answer head's output columns (``_fit_answer_head``); its margins stay apart from the main head's rawPrediction.
+ANSWER_COLUMNS = {"rawPredictionCol": "answer_raw", "probabilityCol": "answer_probability",
+                  "predictionCol": "answer_prediction"}
 
 
 @dataclass
@@ -140,6 +143,23 @@ def _fit_studio_check(projected, pca, labels: list[str], cfg: Settings, taxonomy
 _STUDIO_CHECK_ROWS = 20_000  # real photos the studio check's threshold is calibrated on, at most
 
 
+def _fit_answer_head(train_idx, labels: list[str], cfg: Settings):
+    """The answer head of a studio-only model: a logistic regression on the CNN's last block, pooled (``block``,
+    320-d: no PCA, which would only rotate it). The answer's probabilities come from it, the "unknown" rule's
+    energy and ImageNet checks from the main head (the ImageNet head reads the embedding the network was trained
+    with). Measured on the studio sample (bench/cross_source.py --studio-rule --session-out, 3 seeds each):
+    capture sessions left out of training 73.5 -> 76.5 % top-1 with unknown wrong, 5-block 98.37 -> 98.62 %,
+    refusals and non-fruit unchanged; a model with real photos keeps one head (the last block reads other
+    sources' photos worse: grocery -> real-photos 73.1 -> 48.4 %). None when off or not applicable."""
+    from canestra.pipeline.features import BLOCK
+
+    if not cfg.answer_head or BLOCK not in train_idx.columns or len(labels) < 2 \
+            or any(is_family_label(lb) for lb in labels):
+        return None
+    rows = train_idx.where(f"{BLOCK} IS NOT NULL").select(BLOCK, "label_index").localCheckpoint(eager=True)
+    return make_classifier(cfg, BLOCK).setParams(**ANSWER_COLUMNS).fit(rows)
+
+
 def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=(), te=None, tf=None,
                  profiles=None, profile_thresholds=None, studio_check=None, profile_rescue_energy=None):
     from canestra.answer.rule import AnswerRule
@@ -181,6 +201,17 @@ class _Fitted:
     profile_thr: dict
     train_scores: Any  # training photos (not their views): label, fruitness (evaluation.training_scores)
     studio_check: dict  # the studio second opinion (answer.rule), {} when the model has no use for one
+    answer_clf: Any = None  # the answer head (_fit_answer_head), None: the answer comes from ``clf``
+
+    def heads(self) -> list:
+        """The stages between the featurizer and the answer stage."""
+        return [self.pca, self.clf] + ([self.answer_clf] if self.answer_clf is not None else [])
+
+    def answer_stage(self, rule):
+        from canestra.answer.stage import AnswerModel
+
+        probs = ANSWER_COLUMNS["probabilityCol"] if self.answer_clf is not None else "probability"
+        return AnswerModel(rule=rule.to_json(), probabilityCol=probs)
 
 
 def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=(), listing=None,
@@ -199,11 +230,12 @@ def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFea
     (image_id, label, split, view, features) from the catalog's labels and the store's vectors;
     with ``cfg.augment_views``, each family-labelled training photo adds that many augmented views
     (``view`` 1..N; 0 is the photo itself)."""
+    from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import functions as F
     from pyspark.sql.functions import broadcast
 
     from canestra.answer.taxonomy import FAMILY_SUFFIX
-    from canestra.pipeline.features import update_store, update_views
+    from canestra.pipeline.features import BLOCK, update_store, update_views
 
     catalog = spark.read.parquet(catalog_path)
     store_df, update = update_store(spark, catalog, out_dir, featurizer)
@@ -213,8 +245,9 @@ def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFea
     small = update.featurized + update.reused <= _BROADCAST_MAX_IMAGES
     if small:
         labels = broadcast(labels)  # the vectors then stay where they are: no shuffle of the big side
+    block = [BLOCK] if BLOCK in store_df.columns else []  # the answer head's input (features.py)
     table = store_df.join(labels, "image_id", "inner").select("image_id", "label", "split", F.lit(0).alias("view"),
-                                                              "features")
+                                                              "features", *block)
     note = ""
     if cfg.augment_views:
         photos = catalog.where((F.col("split") == "train") & F.col("label").endswith(FAMILY_SUFFIX))
@@ -222,8 +255,10 @@ def _featurize_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFea
                                          cfg.augment_views)
         if vupdate.featurized + vupdate.reused:  # none when no family-labelled photo is trained on
             plabels = photos.select("image_id", "label", "split")
+            # Views exist for family-labelled photos only, whose models have no answer head: no block.
+            no_block = [F.lit(None).cast(VectorUDT()).alias(BLOCK)] if block else []
             table = table.unionByName(views_df.join(broadcast(plabels) if small else plabels, "image_id", "inner")
-                                      .select("image_id", "label", "split", "view", "features"))
+                                      .select("image_id", "label", "split", "view", "features", *no_block))
             note = (f"; {cfg.augment_views} augmented views of each family-labelled training photo "
                     f"({vupdate.featurized} embedded, {vupdate.reused} reused)")
     table.write.mode("overwrite").parquet(staging)
@@ -264,13 +299,15 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
     # One pass gives the profile checks' thresholds and the training photos' fruitness (calibration, below).
     scores = evaluation.training_scores(train_df, rule0.imagenet_offset, profiles, fruit_classes)
     studio_check, check_note = _fit_studio_check(projected, pca, labels, cfg, taxonomy)
+    answer_clf = _fit_answer_head(train_idx, labels, cfg)
     fitted = _Fitted(feats, train_idx, feats.where("split = 'test'"), n_train, pca, clf, labels,
                      fruit_classes, profiles, evaluation.profile_thresholds(scores, profiles, PROFILE_QUANTILE),
-                     scores[scores["view"] == 0], studio_check)
+                     scores[scores["view"] == 0], studio_check, answer_clf)
     capped = " (capped at training images - 1)" if cfg.pca_variance is None and pca.getK() < min(
         cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
     st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images"
-            + (f"; {check_note}" if check_note else ""))
+            + (f"; {check_note}" if check_note else "")
+            + (f"; the answer from a second one on the last block ({backbone.BLOCK_DIM}-d)" if answer_clf else ""))
     return fitted
 
 
@@ -279,7 +316,6 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     """Score the held-out rows, calibrate the unknown rule on them; (model, rule, scored rows, metrics)."""
     from pyspark.ml import PipelineModel
 
-    from canestra.answer.stage import AnswerModel
     from canestra.pipeline import evaluation
 
     # Held-out rows scored from the cached features (the same stages minus the CNN), without
@@ -292,18 +328,22 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
         return _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr,
                             fit.studio_check, rescue)
 
-    plain = AnswerModel(rule=rule_with().to_json())
-    rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df, fit.pca)
+    plain = fit.answer_stage(rule_with())
+    rows = _scored_rows([*fit.heads(), plain], fit.test_df, fit.pca)
     rescue = evaluation.profile_rescue(rows) if fit.profile_thr else None
     if rescue is not None and evaluation.rescued(rows, rescue).any():
         # The held-out figures are those of the rule the model ships: score again with the rescue on.
-        plain = AnswerModel(rule=rule_with(rescue=rescue).to_json())
-        rows = _scored_rows([fit.pca, fit.clf, plain], fit.test_df, fit.pca)
+        plain = fit.answer_stage(rule_with(rescue=rescue))
+        rows = _scored_rows([*fit.heads(), plain], fit.test_df, fit.pca)
     energy = evaluation.energy_applies(labels)
     # Fruitness is calibrated on the training photos too (original photos, not their augmented views).
     te, tf = evaluation.thresholds(rows, cfg.unknown_quantile, energy, fruit_rows=fit.train_scores)
     rule = rule_with(te, tf, rescue)
-    model = PipelineModel(stages=[featurizer, fit.pca, fit.clf, AnswerModel(rule=rule.to_json())])
+    if fit.answer_clf is not None:  # the model's own featurizer also writes the answer head's input
+        from canestra.pipeline.features import BLOCK
+
+        featurizer = featurizer.copy({featurizer.blockCol: BLOCK})
+    model = PipelineModel(stages=[featurizer, *fit.heads(), fit.answer_stage(rule)])
     variety_rows = rows[rows["label"].map(is_variety_label)]
     counts = [(t, p, int(n)) for (t, p), n in
               variety_rows.groupby(["label", "predicted_label"]).size().items()]
@@ -321,7 +361,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
         shifted = evaluation.perturbed(catalog_test)
         # One CNN pass over the perturbed copies serves both this report and the drift reference's
         # second calibration (pca_head: the PCA components the drift statistics read).
-        benign = _scored_rows([featurizer, fit.pca, fit.clf, plain], shifted, fit.pca)
+        benign = _scored_rows([featurizer, *fit.heads(), plain], shifted, fit.pca)
         shift["perturbed_held_out"] = evaluation.shift_report(benign[evaluation.SCORED_COLUMNS], taxonomy, te, tf)
     metrics["shift"] = shift
     evaluation.write_gallery(spark, catalog_path, out_dir, metrics.get("worst_errors") or [])
@@ -396,6 +436,9 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
             "precision": backbone.resolve_precision(cfg.precision),
             "input_fit": "crop",
             "classifier": "multinomial logistic regression (Spark ML)",
+            # the answer's probabilities from a second one on the CNN's last block (studio-only models)
+            "answer_head": (f"multinomial logistic regression on the last block ({backbone.BLOCK_DIM}-d)"
+                            if fit.answer_clf is not None else None),
             "reg_param": cfg.reg_param,
             "max_iter": cfg.max_iter,
             "taxonomy": cfg.taxonomy or "shipped Fruits-360 table",

@@ -1,8 +1,9 @@
 """Online prediction without Spark: a saved PipelineModel read as plain files.
 
-``canestra train`` saves ``PipelineModel[ImageFeaturizer -> PCA -> LR -> AnswerModel]``
-(models saved before the answer stage existed end with ``IndexToString`` instead; they
-are still served). Its stage parameters are JSON (``stages/*/metadata/part-*``) and the
+``canestra train`` saves ``PipelineModel[ImageFeaturizer -> PCA -> LR -> AnswerModel]``, or for a
+studio-only model ``[ImageFeaturizer -> PCA -> LR -> LR on the block -> AnswerModel]`` (the answer head,
+``train._fit_answer_head``) (models saved before the answer stage existed end with ``IndexToString``
+instead; they are still served). Its stage parameters are JSON (``stages/*/metadata/part-*``) and the
 fitted matrices are Parquet (``stages/*/data/*.parquet``), so this module reads them with
 ``json`` and ``pyarrow`` and replays the pipeline in numpy:
 
@@ -10,7 +11,8 @@ fitted matrices are Parquet (``stages/*/data/*.parquet``), so this module reads 
   (the very functions the Spark UDF calls, so pixels and embeddings are the same);
 - PCA: Spark's ``PCAModel`` computes ``pc^T x`` (no centring) in float64;
 - LR: margins ``W x + b`` (Spark's ``rawPrediction``; binomial: ``[-m, m]``),
-  probabilities = softmax(margins) (binomial: sigmoid), as in Spark;
+  probabilities = softmax(margins) (binomial: sigmoid), as in Spark; with an answer head, the
+  probabilities are its own (softmax of its margins on the graph's ``block`` output);
 - answer: :func:`canestra.answer.rule.decide` with the ``AnswerModel`` stage's rule (variety,
   family, ``unknown``), the function that stage itself calls in Spark. Old models: a
   rule built from the ``IndexToString`` labels and the shipped taxonomy, without
@@ -159,6 +161,10 @@ class ModelSpec:
     spark_version: str | None
     version: str  # sha256 of the model files
     metrics: dict[str, Any] | None = field(default=None, compare=False)
+    # the answer head (studio-only models): (n_classes, block dim) coefficients and intercepts on the graph's
+    # ``block`` output, whose softmax gives the answer's probabilities; None: they come from the main head
+    answer_coefficients: np.ndarray | None = field(default=None, compare=False)
+    answer_intercepts: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def model_version(self) -> str:
@@ -247,14 +253,18 @@ def load_model_spec(path: str) -> ModelSpec:
         raise InputError(f"{model_dir} lists stages it does not hold ({', '.join(missing) or 'none listed'}): "
                          "re-run `canestra train`")
     by_class: dict[str, tuple[str, dict]] = {}
+    answer_lr: tuple[str, dict] | None = None  # the answer head: a second LR, on the block (train._fit_answer_head)
     for uid in uids:
         meta = _read_metadata(stage_dirs[uid])
-        cls = meta.get("class", "")
-        by_class.setdefault(_MOVED.get(cls, cls), (stage_dirs[uid], meta))
+        cls = _MOVED.get(meta.get("class", ""), meta.get("class", ""))
+        if cls == _LR and _params(meta).get("featuresCol") == "block":
+            answer_lr = answer_lr or (stage_dirs[uid], meta)
+        else:
+            by_class.setdefault(cls, (stage_dirs[uid], meta))
     last = _ANSWER if _ANSWER in by_class else _LABELS
     need = {_FEATURIZER: "ImageFeaturizer", _PCA: "PCA", _LR: "LogisticRegression", last: "AnswerModel"}
     absent = [name for cls, name in need.items() if cls not in by_class]
-    if absent or len(uids) != 4:
+    if absent or len(uids) != 4 + (answer_lr is not None):
         raise InputError(f"{model_dir} is not a canestra model (expected ImageFeaturizer, PCA, LogisticRegression, "
                          f"AnswerModel; missing {', '.join(absent) or 'none'}): serve a model from `canestra train`")
 
@@ -281,11 +291,23 @@ def load_model_spec(path: str) -> ModelSpec:
     labels = list(rule.labels)
 
     n_classes = coef.shape[0] if multinomial else 2
+    answer_coef = answer_b = None
+    if answer_lr is not None:
+        head = _read_data_row(answer_lr[0])
+        answer_coef, answer_b = spark_matrix(head["coefficientMatrix"]), spark_vector(head["interceptVector"])
+    # The answer stage reads the answer head's probabilities exactly when there is one.
+    probs_col = str(_params(by_class[last][1]).get("probabilityCol") or "probability")
+    head_col = str(_params(answer_lr[1]).get("probabilityCol")) if answer_lr is not None else "probability"
     if pc.shape[0] != backbone.FEATURE_DIM * len(sizes) or coef.shape[1] != pc.shape[1] or len(labels) != n_classes \
             or intercepts.shape[0] != coef.shape[0] \
-            or (bool(rule.imagenet_classes) and rule.imagenet_offset + backbone.FEATURE_DIM > pc.shape[0]):
+            or (bool(rule.imagenet_classes) and rule.imagenet_offset + backbone.FEATURE_DIM > pc.shape[0]) \
+            or (last == _ANSWER and probs_col != head_col) \
+            or (answer_coef is not None and (not multinomial or answer_coef.shape != (n_classes, backbone.BLOCK_DIM)
+                                             or answer_b is None or answer_b.shape != (n_classes,))):
         raise InputError(f"{model_dir}: the stages do not fit together (PCA {pc.shape}, coefficients {coef.shape}, "
-                         f"{len(labels)} labels): re-run `canestra train`")
+                         f"{len(labels)} labels"
+                         + (f", answer head {answer_coef.shape}" if answer_coef is not None else "")
+                         + "): re-run `canestra train`")
 
     ts = top.get("timestamp")
     created = dt.datetime.fromtimestamp(ts / 1000, dt.timezone.utc).isoformat(timespec="seconds") if ts else None
@@ -294,7 +316,7 @@ def load_model_spec(path: str) -> ModelSpec:
         precision=precision, pca=pc,
         coefficients=coef, intercepts=intercepts, multinomial=multinomial, created_at=created,
         spark_version=top.get("sparkVersion"), version=model_files_sha256(model_dir),
-        metrics=_read_metrics(model_dir),
+        metrics=_read_metrics(model_dir), answer_coefficients=answer_coef, answer_intercepts=answer_b,
     )
 
 
@@ -387,6 +409,10 @@ class OnlinePredictor:
         # the float64 results then differ from Spark's by rounding noise only.
         self._pc = np.ascontiguousarray(spec.pca)
         self._coef_t = np.ascontiguousarray(spec.coefficients.T)
+        self._answer_t = None if spec.answer_coefficients is None else np.ascontiguousarray(spec.answer_coefficients.T)
+        if self._answer_t is not None and not backbone.has_block(self.onnx_path):
+            raise InputError(f"the model's answer head reads the graph's block output, which {self.onnx_path} lacks: "
+                             "re-run `canestra train`")
 
     @classmethod
     def from_model_dir(cls, path: str, threads: int | None = None, **limits: int) -> OnlinePredictor:
@@ -403,6 +429,13 @@ class OnlinePredictor:
     def features(self, rgbs: list[np.ndarray]) -> np.ndarray:
         """CNN embeddings (float32, as the Spark featurizer produces them)."""
         return backbone.embed(rgbs, self.spec.image_sizes, self.onnx_path, self.threads, fit=self.spec.input_fit)
+
+    def embed(self, rgbs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(embeddings, the graph's block output where the model has an answer head, else None): one CNN pass."""
+        if self._answer_t is None:
+            return self.features(rgbs), None
+        return backbone.embed(rgbs, self.spec.image_sizes, self.onnx_path, self.threads, fit=self.spec.input_fit,
+                              with_block=True)
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """The PCA projection, as Spark's ``PCAModel`` (row i = pc^T x_i, no centring)."""
@@ -424,18 +457,29 @@ class OnlinePredictor:
         e = np.exp(shifted)
         return e / e.sum(axis=1, keepdims=True)
 
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities from embeddings, computed as Spark's PCAModel + LogisticRegressionModel do."""
-        return self.probabilities_from_margins(self.margins(features))
+    def probabilities(self, features: np.ndarray, block: np.ndarray | None = None) -> np.ndarray:
+        """The answer's class probabilities, computed as the Spark stages do: from the embeddings (PCA + LR), or
+        where the model has an answer head, from the block output (``embed``)."""
+        if self._answer_t is None:
+            return self.probabilities_from_margins(self.margins(features))
+        if block is None:
+            raise ValueError("this model answers from the graph's block output: pass embed()'s second value")
+        return self.probabilities_from_margins(np.asarray(block, np.float64) @ self._answer_t
+                                               + self.spec.answer_intercepts)
+
+    def answers(self, features: np.ndarray, block: np.ndarray | None = None):
+        """(PCA projection, class probabilities, ``answer.Answers``) of ``embed``'s output: the decision the Spark
+        AnswerModel makes."""
+        projected = self.project(features)
+        margins = self.margins(features, projected)
+        probs = self.probabilities_from_margins(margins) if self._answer_t is None else \
+            self.probabilities(features, block)
+        return projected, probs, answer.decide(probs, margins, features, self.spec.rule)
 
     def predict_rgb(self, rgbs: list[np.ndarray]) -> list[Prediction]:
         if not rgbs:
             return []
-        feats = self.features(rgbs)
-        projected = self.project(feats)
-        margins = self.margins(feats, projected)
-        probs = self.probabilities_from_margins(margins)
-        a = answer.decide(probs, margins, feats, self.spec.rule)  # the decision the Spark AnswerModel makes
+        projected, probs, a = self.answers(*self.embed(rgbs))
         return [
             Prediction(image_id=pixel_id(rgb), label=a.prediction[i], probability=float(a.probability[i]),
                        top5=[(str(c), float(p)) for c, p in a.top5[i]], probabilities=probs[i],

@@ -9,7 +9,9 @@ Pinned preprocessing (the one the weights were trained with, TF EfficientNet-Lit
 RGB uint8 -> (x - 127) / 128, NCHW. It lives *inside* the graph: the graph input
 is ``image`` uint8 [N, H, W, 3], so every caller feeds raw decoded pixels and
 cannot get the normalisation wrong. Outputs: ``features`` [N, 1280] (global
-average pool of the last conv block) and ``logits`` [N, 1000] (ImageNet).
+average pool of the head convolution), ``logits`` [N, 1000] (ImageNet) and
+``block`` [N, 320] (global average pool of the last block's output, before the
+head convolution: what a studio-only model's answer head reads, ``BLOCK_DIM``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from canestra.errors import EnvironmentProblem, InputError
 
 # resize_rgb, square_rgb, BLOCKS, build_onnx and quantize are hooks for the benches (serve_latency.py, cross_source.py,
 # finetune.py: Lite1/Lite2 graphs).
-__all__ = ["BLOCKS", "FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION", "blocks_of", "build_onnx",
-           "cache_dir", "cpu_flags", "default_model_path", "embed", "has_vnni", "model_path", "model_sha256", "quantize",
-           "resize_rgb", "resolve_precision", "session", "square_rgb", "weights_path"]
+__all__ = ["BLOCKS", "BLOCK_DIM", "FEATURE_DIM", "GRAPH_VERSION", "INPUT_FITS", "MODEL_NAME", "QUANT_VERSION",
+           "blocks_of", "build_onnx", "cache_dir", "cpu_flags", "default_model_path", "embed", "has_block", "has_vnni",
+           "model_path", "model_sha256", "native_size", "quantize", "resize_rgb", "resolve_precision", "session",
+           "square_rgb", "weights_path"]
 
 MODEL_NAME = "efficientnet_lite0"
 FEATURE_DIM = 1280
@@ -47,8 +50,9 @@ BLOCKS = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
-# Bump when the graph layout changes, so stale caches are rebuilt.
-GRAPH_VERSION = "2"
+BLOCK_DIM = BLOCKS[-1][5]  # channels of the last block's output (the ``block`` output)
+# Bump when the graph layout changes, so stale caches are rebuilt (3: the ``block`` output).
+GRAPH_VERSION = "3"
 _OPSET = 17
 
 
@@ -166,12 +170,16 @@ def build_onnx(state_dict: dict[str, np.ndarray]):
                 nodes.append(helper.make_node("Add", [x, block_in], [out]))
                 x = out
             idx += 1
+    last_block, block_dim = x, cout
     x = conv(x, "_conv_head", "_bn1", stride=1)
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["pooled"]))
     nodes.append(helper.make_node("Flatten", ["pooled"], ["features"], axis=1))
     fc_w = const(state_dict["_fc.weight"].T.astype(np.float32), "fc.w")
     fc_b = const(state_dict["_fc.bias"].astype(np.float32), "fc.b")
     nodes.append(helper.make_node("Gemm", ["features", fc_w, fc_b], ["logits"]))
+    # Last, so the nodes above (and the int8 graph's features) are those of graph version 2.
+    nodes.append(helper.make_node("GlobalAveragePool", [last_block], ["block_pooled"]))
+    nodes.append(helper.make_node("Flatten", ["block_pooled"], ["block"], axis=1))
 
     graph = helper.make_graph(
         nodes,
@@ -180,6 +188,7 @@ def build_onnx(state_dict: dict[str, np.ndarray]):
         [
             helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", FEATURE_DIM]),
             helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000]),
+            helper.make_tensor_value_info("block", TensorProto.FLOAT, ["N", block_dim]),
         ],
         inits,
     )
@@ -482,16 +491,33 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
 
 
+def native_size(sizes) -> int:
+    """Index of the size closest to the network's native 224 px: the block of a multi-size embedding that the
+    ImageNet head reads, and the size the ``block`` output is taken at."""
+    return min(range(len(sizes)), key=lambda i: abs(sizes[i] - 224))
+
+
+def has_block(model_path: str | None = None) -> bool:
+    """True when the graph has the ``block`` output (the built-in graphs do; a custom ONNX file may not)."""
+    return any(o.name == "block" for o in session(model_path).get_outputs())
+
+
 def embed(batch_rgb: list[np.ndarray], sizes: tuple[int, ...] = (100,), model_path: str | None = None,
-          threads: int = 1, with_logits: bool = False, fit: str = "crop"):
-    """Features for a batch of decoded RGB images; several sizes are concatenated."""
+          threads: int = 1, with_logits: bool = False, fit: str = "crop", with_block: bool = False):
+    """Features for a batch of decoded RGB images; several sizes are concatenated. ``with_logits`` adds the
+    ImageNet logits (last size), ``with_block`` the ``block`` output (at ``native_size``): (features, extra)."""
     sess = session(model_path, threads)
-    feats, logits = [], []
+    feats, extra = [], None
     batch_rgb = [square_rgb(im, fit) for im in batch_rgb]
-    for size in sizes:
+    native = native_size(sizes)
+    for i, size in enumerate(sizes):
         x = np.stack([resize_rgb(im, size) for im in batch_rgb])
-        f, lg = sess.run(["features", "logits"], {"image": x})
+        if with_block and i == native:
+            f, extra = sess.run(["features", "block"], {"image": x})
+        elif with_logits:
+            f, extra = sess.run(["features", "logits"], {"image": x})
+        else:
+            (f,) = sess.run(["features"], {"image": x})
         feats.append(f)
-        logits.append(lg)
     out = np.concatenate(feats, axis=1) if len(feats) > 1 else feats[0]
-    return (out, logits[-1]) if with_logits else out
+    return (out, extra) if with_logits or with_block else out

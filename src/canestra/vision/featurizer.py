@@ -28,7 +28,9 @@ DEFAULT_BATCH_SIZE = 64
 
 
 def _embed_series_factory(sizes, batch_size: int, threads: int, model_path, precision: str = "fp32",
-                          fit: str = "crop"):
+                          fit: str = "crop", with_block: bool = False):
+    """The UDF's body: each image's embedding, then (``with_block``) the graph's ``block`` output appended."""
+
     def embed_batches(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
         from canestra.vision.images import BadImage, decode_rgb
 
@@ -41,7 +43,9 @@ def _embed_series_factory(sizes, batch_size: int, threads: int, model_path, prec
 
             def flush(out=out, pending_idx=pending_idx, pending_img=pending_img) -> None:  # this batch's lists
                 if pending_img:
-                    feats = backbone.embed(pending_img, sizes, path, threads, fit=fit)
+                    feats = backbone.embed(pending_img, sizes, path, threads, fit=fit, with_block=with_block)
+                    if with_block:
+                        feats = np.concatenate(feats, axis=1)
                     for j, i in enumerate(pending_idx):
                         out[i] = feats[j]
                     pending_idx.clear()
@@ -84,6 +88,8 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
     precision = Param(Params._dummy(), "precision", "fp32, or int8 (static quantization, faster)", TypeConverters.toString)
     inputFit = Param(Params._dummy(), "inputFit", "non-square photos: crop (centre square) or squash",
                      TypeConverters.toString)
+    blockCol = Param(Params._dummy(), "blockCol", "column for the last block's pooled output (the answer head's "
+                     "input); empty = none", TypeConverters.toString)
 
     @keyword_only
     def __init__(
@@ -98,6 +104,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         backboneName: str = backbone.MODEL_NAME,
         precision: str = "fp32",
         inputFit: str = "crop",
+        blockCol: str = "",
     ):
         super().__init__()
         self._setDefault(
@@ -110,6 +117,7 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             backboneName=backbone.MODEL_NAME,
             precision="fp32",
             inputFit="crop",
+            blockCol="",
         )
         kwargs = dict(self._input_kwargs)  # type: ignore[attr-defined]  # set by @keyword_only
         if kwargs.get("imageSizes") is None:
@@ -121,9 +129,10 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
 
     def _transform(self, dataset):
         from pyspark.ml.functions import array_to_vector
-        from pyspark.sql.functions import col, pandas_udf
+        from pyspark.sql import functions as F
         from pyspark.sql.types import ArrayType, FloatType
 
+        block_col = self.getOrDefault(self.blockCol)
         fn = _embed_series_factory(
             tuple(self.getOrDefault(self.imageSizes)),
             self.getOrDefault(self.batchSize),
@@ -131,8 +140,16 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
             self.getOrDefault(self.modelPath) or None,
             self.getOrDefault(self.precision),
             self.getOrDefault(self.inputFit),
+            with_block=bool(block_col),
         )
-        udf = pandas_udf(fn, returnType=ArrayType(FloatType()))
-        return dataset.withColumn(
-            self.getOutputCol(), array_to_vector(udf(col(self.getInputCol())))
-        )
+        udf = F.pandas_udf(fn, returnType=ArrayType(FloatType()))
+        embedded = udf(F.col(self.getInputCol()))
+        if not block_col:
+            return dataset.withColumn(self.getOutputCol(), array_to_vector(embedded))
+        # One CNN pass for both columns: the UDF's array is [embedding | block], split here.
+        n = self.featureDim()
+        tmp = "_canestra_embedding"
+        return (dataset.withColumn(tmp, embedded)
+                .withColumn(self.getOutputCol(), array_to_vector(F.slice(F.col(tmp), 1, n)))
+                .withColumn(block_col, array_to_vector(F.slice(F.col(tmp), n + 1, backbone.BLOCK_DIM)))
+                .drop(tmp))
