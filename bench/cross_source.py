@@ -134,6 +134,15 @@ class Lever:
     # --studio-rule only: the rule (energy and its threshold, ImageNet checks) from a second probe on this pool,
     # the answer's probabilities from this lever's probe (two heads on one CNN pass)
     energy_pool: str | None = None
+    # --studio-rule with energy_pool: the answer's probabilities are this share of the lever's probe's plus the
+    # rest of the rule's probe's (1: the lever's probe alone)
+    answer_mix: float = 1.0
+    # --studio-rule with energy_pool: the lever's probe answers only where its family is the rule's probe's (the
+    # rule's probe answers elsewhere)
+    answer_gate: bool = False
+    # --studio-rule with energy_pool: the lever's probe answers only where the rule's probe's energy is at least
+    # this quantile of its energy on the training frames (looks like a studio frame); 0: everywhere
+    answer_energy_q: float = 0.0
 
 
 POOL_COLUMNS = {"max": (0, 1280), "gem": (1280, 2560), "avg": (2560, 3840), "pre": (3840, 4160)}
@@ -257,6 +266,13 @@ LEVERS = {lv.name: lv for lv in [
       for pool in ("avg", "pre", "pre+avg")],
     pool_lever(Lever("224 int8 + pre pool + rule from the average pool", sizes=(224,), precision="int8"), "pre",
                energy_pool="avg"),
+    *(pool_lever(Lever(f"224 int8 + pre pool {mix:g} mixed with the average pool + rule from it", sizes=(224,),
+                       precision="int8"), "pre", energy_pool="avg", answer_mix=mix) for mix in (0.5, 0.7)),
+    pool_lever(Lever("224 int8 + pre pool where its family is the average pool's + rule from it", sizes=(224,),
+                     precision="int8"), "pre", energy_pool="avg", answer_gate=True),
+    *(pool_lever(Lever(f"224 int8 + pre pool above the {q:g} energy quantile + rule from the average pool",
+                       sizes=(224,), precision="int8"), "pre", energy_pool="avg", answer_energy_q=q)
+      for q in (0.01, 0.05, 0.2)),
     *[Lever(f"224 int8 + {k} studio views", sizes=(224,), precision="int8", studio_views=k) for k in (1, 2)],
     Lever("default + source balance", balance="source"),
     Lever("default + class balance", balance="class"),
@@ -1235,7 +1251,7 @@ def studio_rule(b: Bench, lv: Lever, session_out: bool = False) -> dict:
     on the held-out frames as ``train``) on the 5-block split, seeds 42 / 7 / 3: variety top-1 with ``unknown``
     counted wrong, the share refused, and non-fruit photos answered ``unknown``; with ``session_out``, also
     top-1 and refusals with one capture session per class left out of training (seeds 0 / 1 / 2)."""
-    from canestra.answer.rule import decide
+    from canestra.answer.rule import decide, energy
 
     st = b.sets["studio"]
     names = [os.path.basename(i) for i in st.items]
@@ -1253,8 +1269,21 @@ def studio_rule(b: Bench, lv: Lever, session_out: bool = False) -> dict:
         probe, rule = b.train(lv, [], studio_train=~te)
         judge, rule = (probe, rule) if lj is lv else b.train(lj, [], studio_train=~te)
 
-        def answers(X, Xj, probe=probe, judge=judge, rule=rule):
-            return decide(probe.probabilities(X), judge.margins(Xj), Xj, rule)
+        floor = (float(np.quantile(energy(judge.margins(b.X("studio", lj)[~te])), lv.answer_energy_q))
+                 if lv.answer_energy_q else -np.inf)
+
+        def answers(X, Xj, probe=probe, judge=judge, rule=rule, floor=floor):
+            probs = probe.probabilities(X)
+            if floor > -np.inf:
+                probs = np.where((energy(judge.margins(Xj)) >= floor)[:, None], probs, judge.probabilities(Xj))
+            if lv.answer_mix < 1:
+                probs = lv.answer_mix * probs + (1 - lv.answer_mix) * judge.probabilities(Xj)
+            if lv.answer_gate:
+                main = judge.probabilities(Xj)
+                fams = np.array(rule.families)
+                same = fams[probs.argmax(axis=1)] == fams[main.argmax(axis=1)]
+                probs = np.where(same[:, None], probs, main)
+            return decide(probs, judge.margins(Xj), Xj, rule)
 
         a = answers(b.X("studio", lv)[te], b.X("studio", lj)[te])
         unk = np.asarray(a.unknown, bool)
@@ -1263,6 +1292,15 @@ def studio_rule(b: Bench, lv: Lever, session_out: bool = False) -> dict:
         if not key:
             out["non-fruit unknown"].append(float(np.asarray(answers(b.nonfruit_X(lv), b.nonfruit_X(lj)).unknown,
                                                              bool).mean()))
+            # real photos of the families the studio sample has (none trained on): family right, unknown wrong
+            for name in ("real", "gval"):
+                s = b.sets[name]
+                known = np.isin(s.families, list(set(rule.families)))
+                a = answers(b.X(name, lv)[known], b.X(name, lj)[known])
+                fam = np.array(a.family)
+                out.setdefault(f"{name} family right", []).append(float((fam == s.families[known]).mean()))
+                out.setdefault(f"{name} confidently wrong", []).append(
+                    float(((fam != s.families[known]) & (fam != "")).mean()))
     return {k: v for k, v in out.items() if v != []}
 
 

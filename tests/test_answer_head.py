@@ -29,7 +29,8 @@ def test_studio_only_model_answers_from_the_block_head_in_spark_and_online(spark
     model_dir = str(Path(trained.out_dir) / "model")
     model = PipelineModel.load(model_dir)
     assert [c.getFeaturesCol() for c in _classifiers(model_dir)] == ["pca", "block"]
-    assert model.stages[-1].getOrDefault("probabilityCol") == "answer_probability"
+    assert model.stages[-1].getOrDefault("headProbabilityCol") == "answer_probability"
+    assert model.stages[-1].getRule().head_weight == 0.5
     assert "last block" in trained.metrics["model"]["answer_head"]
     assert json.loads((Path(model_dir) / "canestra_model.json").read_text())["model_format"] == 2
 
@@ -39,10 +40,11 @@ def test_studio_only_model_answers_from_the_block_head_in_spark_and_online(spark
                                       "probability").collect()
     answered = [r for r in rows if r.predicted_label != "unknown"]
     assert len(answered) >= 0.9 * len(rows)
-    # The answer is the answer head's most probable variety, with its probability (every class is a variety).
-    for r in answered:
-        assert r.predicted_probability == pytest.approx(float(np.max(r.answer_probability.toArray())), abs=1e-12)
-    # ... which is not the main head's: the two heads differ.
+    # The answer is the most probable variety of the two heads' probabilities averaged (every class is a variety)
+    # ... which are not the main head's alone: the two heads differ.
+    mixed = [(r.answer_probability.toArray() + r.probability.toArray()) / 2 for r in answered]
+    for r, p in zip(answered, mixed):
+        assert r.predicted_probability == pytest.approx(float(p.max()), abs=1e-12)
     assert any(abs(r.predicted_probability - float(np.max(r.probability.toArray()))) > 1e-6 for r in answered)
     assert sum(Path(r.path).parent.name == r.predicted_label for r in rows) >= 0.9 * len(rows)
 
@@ -71,3 +73,17 @@ def test_without_the_answer_head_one_classifier_and_the_same_feature_store(spark
     assert json.loads((Path(model_dir) / "canestra_model.json").read_text())["model_format"] == 1
     image = sorted((sample_dir / "Lemon").glob("*.jpg"))[0].read_bytes()
     assert OnlinePredictor.from_model_dir(model_dir, threads=1).predict_bytes(image).label == "Lemon"
+
+
+def test_an_answer_stage_that_does_not_read_the_head_is_refused_plainly(trained, tmp_path):
+    from canestra.errors import InputError
+    from canestra.serve.predictor import load_model_spec
+
+    model = tmp_path / "model"
+    shutil.copytree(Path(trained.out_dir) / "model", model)
+    meta = next(next((model / "stages").glob("4_AnswerModel*")).glob("metadata/part-*"))
+    doc = json.loads(meta.read_text())
+    doc["paramMap"]["headProbabilityCol"] = ""  # the head is there, the answer stage no longer mixes it in
+    meta.write_text(json.dumps(doc) + "\n")
+    with pytest.raises(InputError, match="the stages do not fit together .*answer head"):
+        load_model_spec(str(model))

@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-shift-eval", dest="shift_eval", action="store_false", default=None,
                    help="skip the evaluation on perturbed held-out images (saves ~15 s)")
     g.add_argument("--no-answer-head", dest="answer_head", action="store_false", default=None,
-                   help="a studio-only model answers from its main classifier, not from the second one on the "
-                        "CNN's last block (which reads other capture sessions better)")
+                   help="a studio-only model answers from its main classifier alone, without the second one on "
+                        "the CNN's last block (which reads other capture sessions better, real photos worse)")
     g = p.add_argument_group("experiment tracking (MLflow)")
     g.add_argument("--mlflow", nargs="?", const=True, default=None, metavar="URI",
                    help="log the run to MLflow (params, metrics, report, model): this tracking URI or folder, "

@@ -145,12 +145,11 @@ _STUDIO_CHECK_ROWS = 20_000  # real photos the studio check's threshold is calib
 
 def _fit_answer_head(train_idx, labels: list[str], cfg: Settings):
     """The answer head of a studio-only model: a logistic regression on the CNN's last block, pooled (``block``,
-    320-d: no PCA, which would only rotate it). The answer's probabilities come from it, the "unknown" rule's
-    energy and ImageNet checks from the main head (the ImageNet head reads the embedding the network was trained
-    with). Measured on the studio sample (bench/cross_source.py --studio-rule --session-out, 3 seeds each):
-    capture sessions left out of training 73.5 -> 76.5 % top-1 with unknown wrong, 5-block 98.37 -> 98.62 %,
-    refusals and non-fruit unchanged; a model with real photos keeps one head (the last block reads other
-    sources' photos worse: grocery -> real-photos 73.1 -> 48.4 %). None when off or not applicable."""
+    320-d: no PCA, which would only rotate it). Half the answer's probabilities come from it
+    (``answer.rule.answer_probabilities``, figures there), the "unknown" rule's energy and ImageNet checks from the
+    main head (the ImageNet head reads the embedding the network was trained with). A model with real photos keeps
+    one head (the last block reads other sources' photos worse: grocery -> real-photos 73.1 -> 48.4 % on the
+    cross-source bench). None when off or not applicable."""
     from canestra.pipeline.features import BLOCK
 
     if not cfg.answer_head or BLOCK not in train_idx.columns or len(labels) < 2 \
@@ -161,7 +160,8 @@ def _fit_answer_head(train_idx, labels: list[str], cfg: Settings):
 
 
 def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=(), te=None, tf=None,
-                 profiles=None, profile_thresholds=None, studio_check=None, profile_rescue_energy=None):
+                 profiles=None, profile_thresholds=None, studio_check=None, profile_rescue_energy=None,
+                 head_weight=0.0):
     from canestra.answer.rule import AnswerRule
 
     sizes = list(cfg.image_sizes)
@@ -171,7 +171,7 @@ def _answer_rule(labels: list[str], taxonomy, cfg: Settings, imagenet_classes=()
                       fruitness_threshold=tf, imagenet_classes=list(imagenet_classes),
                       imagenet_offset=block * backbone.FEATURE_DIM, profiles=dict(profiles or {}),
                       profile_thresholds=dict(profile_thresholds or {}), studio_check=dict(studio_check or {}),
-                      profile_rescue_energy=profile_rescue_energy)
+                      profile_rescue_energy=profile_rescue_energy, head_weight=head_weight)
 
 
 def _scored_rows(stages, df, pca) -> pd.DataFrame:
@@ -210,8 +210,8 @@ class _Fitted:
     def answer_stage(self, rule):
         from canestra.answer.stage import AnswerModel
 
-        probs = ANSWER_COLUMNS["probabilityCol"] if self.answer_clf is not None else "probability"
-        return AnswerModel(rule=rule.to_json(), probabilityCol=probs)
+        head = ANSWER_COLUMNS["probabilityCol"] if self.answer_clf is not None else ""
+        return AnswerModel(rule=rule.to_json(), headProbabilityCol=head)
 
 
 def _ingest_step(spark, images, out_dir: str, cfg: Settings, taxonomy, st, unknown_images=(), listing=None,
@@ -307,7 +307,7 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
         cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
     st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images"
             + (f"; {check_note}" if check_note else "")
-            + (f"; the answer from a second one on the last block ({backbone.BLOCK_DIM}-d)" if answer_clf else ""))
+            + (f"; the answer mixed with a second one on the last block ({backbone.BLOCK_DIM}-d)" if answer_clf else ""))
     return fitted
 
 
@@ -316,6 +316,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
     """Score the held-out rows, calibrate the unknown rule on them; (model, rule, scored rows, metrics)."""
     from pyspark.ml import PipelineModel
 
+    from canestra.answer.rule import HEAD_WEIGHT
     from canestra.pipeline import evaluation
 
     # Held-out rows scored from the cached features (the same stages minus the CNN), without
@@ -326,7 +327,7 @@ def _evaluate_step(spark, catalog_path: str, out_dir: str, featurizer: ImageFeat
 
     def rule_with(te=None, tf=None, rescue=None):
         return _answer_rule(labels, taxonomy, cfg, fit.imagenet_classes, te, tf, fit.profiles, fit.profile_thr,
-                            fit.studio_check, rescue)
+                            fit.studio_check, rescue, HEAD_WEIGHT if fit.answer_clf is not None else 0.0)
 
     plain = fit.answer_stage(rule_with())
     rows = _scored_rows([*fit.heads(), plain], fit.test_df, fit.pca)
@@ -436,9 +437,9 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
             "precision": backbone.resolve_precision(cfg.precision),
             "input_fit": "crop",
             "classifier": "multinomial logistic regression (Spark ML)",
-            # the answer's probabilities from a second one on the CNN's last block (studio-only models)
-            "answer_head": (f"multinomial logistic regression on the last block ({backbone.BLOCK_DIM}-d)"
-                            if fit.answer_clf is not None else None),
+            # half the answer's probabilities from a second one on the CNN's last block (studio-only models)
+            "answer_head": (f"multinomial logistic regression on the last block ({backbone.BLOCK_DIM}-d), "
+                            f"weight {rule.head_weight:g}" if fit.answer_clf is not None else None),
             "reg_param": cfg.reg_param,
             "max_iter": cfg.max_iter,
             "taxonomy": cfg.taxonomy or "shipped Fruits-360 table",

@@ -11,8 +11,8 @@ fitted matrices are Parquet (``stages/*/data/*.parquet``), so this module reads 
   (the very functions the Spark UDF calls, so pixels and embeddings are the same);
 - PCA: Spark's ``PCAModel`` computes ``pc^T x`` (no centring) in float64;
 - LR: margins ``W x + b`` (Spark's ``rawPrediction``; binomial: ``[-m, m]``),
-  probabilities = softmax(margins) (binomial: sigmoid), as in Spark; with an answer head, the
-  probabilities are its own (softmax of its margins on the graph's ``block`` output);
+  probabilities = softmax(margins) (binomial: sigmoid), as in Spark; with an answer head, mixed with
+  its own (softmax of its margins on the graph's ``block`` output) by ``answer.answer_probabilities``;
 - answer: :func:`canestra.answer.rule.decide` with the ``AnswerModel`` stage's rule (variety,
   family, ``unknown``), the function that stage itself calls in Spark. Old models: a
   rule built from the ``IndexToString`` labels and the shipped taxonomy, without
@@ -295,13 +295,13 @@ def load_model_spec(path: str) -> ModelSpec:
     if answer_lr is not None:
         head = _read_data_row(answer_lr[0])
         answer_coef, answer_b = spark_matrix(head["coefficientMatrix"]), spark_vector(head["interceptVector"])
-    # The answer stage reads the answer head's probabilities exactly when there is one.
-    probs_col = str(_params(by_class[last][1]).get("probabilityCol") or "probability")
-    head_col = str(_params(answer_lr[1]).get("probabilityCol")) if answer_lr is not None else "probability"
+    # The answer stage reads the answer head's probabilities exactly when there is one, and mixes them in.
+    reads = str(_params(by_class[last][1]).get("headProbabilityCol") or "")
+    head_col = str(_params(answer_lr[1]).get("probabilityCol")) if answer_lr is not None else ""
     if pc.shape[0] != backbone.FEATURE_DIM * len(sizes) or coef.shape[1] != pc.shape[1] or len(labels) != n_classes \
             or intercepts.shape[0] != coef.shape[0] \
             or (bool(rule.imagenet_classes) and rule.imagenet_offset + backbone.FEATURE_DIM > pc.shape[0]) \
-            or (last == _ANSWER and probs_col != head_col) \
+            or (last == _ANSWER and (reads != head_col or bool(rule.head_weight) != bool(head_col))) \
             or (answer_coef is not None and (not multinomial or answer_coef.shape != (n_classes, backbone.BLOCK_DIM)
                                              or answer_b is None or answer_b.shape != (n_classes,))):
         raise InputError(f"{model_dir}: the stages do not fit together (PCA {pc.shape}, coefficients {coef.shape}, "
@@ -344,6 +344,7 @@ def _answer_rule(model_dir: str, stage_class: str, params: dict[str, Any]) -> An
           and isinstance(raw.get("imagenet_offset", 0), int) and raw.get("imagenet_offset", 0) >= 0
           and all(raw.get(t) is None or is_num(raw[t])
                   for t in ("energy_threshold", "fruitness_threshold", "profile_rescue_energy"))
+          and is_num(raw.get("head_weight", 0.0)) and 0.0 <= raw.get("head_weight", 0.0) <= 1.0
           and isinstance(raw.get("studio_check", {}), dict))
     if not ok:
         raise InputError(f"{broken} (labels, families, thresholds or ImageNet classes malformed): "
@@ -458,22 +459,26 @@ class OnlinePredictor:
         return e / e.sum(axis=1, keepdims=True)
 
     def probabilities(self, features: np.ndarray, block: np.ndarray | None = None) -> np.ndarray:
-        """The answer's class probabilities, computed as the Spark stages do: from the embeddings (PCA + LR), or
-        where the model has an answer head, from the block output (``embed``)."""
+        """The answer's class probabilities, computed as the Spark stages do: from the embeddings (PCA + LR),
+        where the model has an answer head mixed with its own on the block output (``embed``'s second value)."""
+        return self._answer_probabilities(self.margins(features), block)
+
+    def _answer_probabilities(self, margins: np.ndarray, block: np.ndarray | None) -> np.ndarray:
+        probs = self.probabilities_from_margins(margins)
         if self._answer_t is None:
-            return self.probabilities_from_margins(self.margins(features))
+            return probs
         if block is None:
-            raise ValueError("this model answers from the graph's block output: pass embed()'s second value")
-        return self.probabilities_from_margins(np.asarray(block, np.float64) @ self._answer_t
+            raise ValueError("this model's answer head reads the graph's block output: pass embed()'s second value")
+        head = self.probabilities_from_margins(np.asarray(block, np.float64) @ self._answer_t
                                                + self.spec.answer_intercepts)
+        return answer.answer_probabilities(probs, head, self.spec.rule)
 
     def answers(self, features: np.ndarray, block: np.ndarray | None = None):
         """(PCA projection, class probabilities, ``answer.Answers``) of ``embed``'s output: the decision the Spark
         AnswerModel makes."""
         projected = self.project(features)
         margins = self.margins(features, projected)
-        probs = self.probabilities_from_margins(margins) if self._answer_t is None else \
-            self.probabilities(features, block)
+        probs = self._answer_probabilities(margins, block)
         return projected, probs, answer.decide(probs, margins, features, self.spec.rule)
 
     def predict_rgb(self, rgbs: list[np.ndarray]) -> list[Prediction]:
