@@ -143,6 +143,7 @@ class Lever:
     # --studio-rule with energy_pool: the lever's probe answers only where the rule's probe's energy is at least
     # this quantile of its energy on the training frames (looks like a studio frame); 0: everywhere
     answer_energy_q: float = 0.0
+    unknown_q: float = 0.005  # the product's --unknown-quantile: share of held-out images the rule may refuse
 
 
 POOL_COLUMNS = {"max": (0, 1280), "gem": (1280, 2560), "avg": (2560, 3840), "pre": (3840, 4160)}
@@ -268,6 +269,9 @@ LEVERS = {lv.name: lv for lv in [
                energy_pool="avg"),
     *(pool_lever(Lever(f"224 int8 + pre pool {mix:g} mixed with the average pool + rule from it", sizes=(224,),
                        precision="int8"), "pre", energy_pool="avg", answer_mix=mix) for mix in (0.5, 0.7)),
+    *(pool_lever(Lever(f"224 int8 + pre pool 0.5 mixed with the average pool + rule from it + unknown quantile "
+                       f"{q:g}", sizes=(224,), precision="int8"), "pre", energy_pool="avg", answer_mix=0.5,
+                 unknown_q=q) for q in (0.0025, 0.001)),
     pool_lever(Lever("224 int8 + pre pool where its family is the average pool's + rule from it", sizes=(224,),
                      precision="int8"), "pre", energy_pool="avg", answer_gate=True),
     *(pool_lever(Lever(f"224 int8 + pre pool above the {q:g} energy quantile + rule from the average pool",
@@ -1079,7 +1083,7 @@ class Bench:
                 probe = Biased(probe, bias)
         log(f"  fit {lv.name} on {'+'.join(real_roots)} ({len(X)} rows): {time.perf_counter() - t0:.0f} s")
         rule = os_bench.build_rule(probe, labels, self.tax, lv.sizes, X, y, np.concatenate(cal.X), cal.labels,
-                                   0.005, profile_quantile=lv.profile_q, offset=lv.inet_offset,
+                                   lv.unknown_q, profile_quantile=lv.profile_q, offset=lv.inet_offset,
                                    energy=lv.energy_rule, fruit_min_mass=lv.fruit_min,
                                    profile_min_mass=lv.profile_min, rescue=lv.profile_rescue)
         if lv.nn_check is not None:
