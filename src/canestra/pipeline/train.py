@@ -307,7 +307,8 @@ def _fit_step(spark, out_dir: str, featurizer: ImageFeaturizer, cfg: Settings, t
         cfg.pca_k or featurizer.featureDim(), featurizer.featureDim()) else ""
     st.note(f"PCA {featurizer.featureDim()} -> {pca.getK()} dims{capped}, logistic regression on {n_train} images"
             + (f"; {check_note}" if check_note else "")
-            + (f"; the answer mixed with a second one on the last block ({backbone.BLOCK_DIM}-d)" if answer_clf else ""))
+            + (f"; the answer mixed with a second one on the last block ({answer_clf.numFeatures}-d)"
+               if answer_clf else ""))
     return fitted
 
 
@@ -438,7 +439,7 @@ def _run_metrics(res, cfg: Settings, featurizer: ImageFeaturizer, fit: _Fitted, 
             "input_fit": "crop",
             "classifier": "multinomial logistic regression (Spark ML)",
             # half the answer's probabilities from a second one on the CNN's last block (studio-only models)
-            "answer_head": (f"multinomial logistic regression on the last block ({backbone.BLOCK_DIM}-d), "
+            "answer_head": (f"multinomial logistic regression on the last block ({fit.answer_clf.numFeatures}-d), "
                             f"weight {rule.head_weight:g}" if fit.answer_clf is not None else None),
             "reg_param": cfg.reg_param,
             "max_iter": cfg.max_iter,

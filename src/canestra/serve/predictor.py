@@ -162,7 +162,7 @@ class ModelSpec:
     version: str  # sha256 of the model files
     metrics: dict[str, Any] | None = field(default=None, compare=False)
     # the answer head (studio-only models): (n_classes, block dim) coefficients and intercepts on the graph's
-    # ``block`` output, whose softmax gives the answer's probabilities; None: they come from the main head
+    # ``block`` output; its softmax is mixed into the answer's probabilities (rule.head_weight); None: no head
     answer_coefficients: np.ndarray | None = field(default=None, compare=False)
     answer_intercepts: np.ndarray | None = field(default=None, compare=False)
 
@@ -302,7 +302,7 @@ def load_model_spec(path: str) -> ModelSpec:
             or intercepts.shape[0] != coef.shape[0] \
             or (bool(rule.imagenet_classes) and rule.imagenet_offset + backbone.FEATURE_DIM > pc.shape[0]) \
             or (last == _ANSWER and (reads != head_col or bool(rule.head_weight) != bool(head_col))) \
-            or (answer_coef is not None and (not multinomial or answer_coef.shape != (n_classes, backbone.BLOCK_DIM)
+            or (answer_coef is not None and (not multinomial or answer_coef.shape[0] != n_classes
                                              or answer_b is None or answer_b.shape != (n_classes,))):
         raise InputError(f"{model_dir}: the stages do not fit together (PCA {pc.shape}, coefficients {coef.shape}, "
                          f"{len(labels)} labels"
@@ -411,7 +411,8 @@ class OnlinePredictor:
         self._pc = np.ascontiguousarray(spec.pca)
         self._coef_t = np.ascontiguousarray(spec.coefficients.T)
         self._answer_t = None if spec.answer_coefficients is None else np.ascontiguousarray(spec.answer_coefficients.T)
-        if self._answer_t is not None and not backbone.has_block(self.onnx_path):
+        if self._answer_t is not None and self._answer_t.shape[0] not in [
+                o.shape[1] for o in self._session.get_outputs() if o.name == "block"]:
             raise InputError(f"the model's answer head reads the graph's block output, which {self.onnx_path} lacks: "
                              "re-run `canestra train`")
 

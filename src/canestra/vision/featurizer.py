@@ -151,5 +151,5 @@ class ImageFeaturizer(Transformer, HasInputCol, HasOutputCol, DefaultParamsReada
         tmp = "_canestra_embedding"
         return (dataset.withColumn(tmp, embedded)
                 .withColumn(self.getOutputCol(), array_to_vector(F.slice(F.col(tmp), 1, n)))
-                .withColumn(block_col, array_to_vector(F.slice(F.col(tmp), n + 1, backbone.BLOCK_DIM)))
+                .withColumn(block_col, array_to_vector(F.slice(F.col(tmp), F.lit(n + 1), F.size(tmp) - n)))
                 .drop(tmp))
