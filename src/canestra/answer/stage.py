@@ -1,7 +1,7 @@
 """AnswerModel: the last stage of a trained PipelineModel (Spark side of ``answer.decide``).
 
 Reads the CNN embedding, the classifier's margins and probabilities (mixed with the answer head's, where the
-model has one: ``rule.answer_probabilities``), and adds
+model has one: ``answer.rule.answer_probabilities``), and adds
 ``predicted_label`` (a variety or ``unknown``), ``predicted_probability``, ``family``,
 ``family_probability``, ``energy``, ``fruitness`` and ``top5`` (JSON). Its whole
 decision rule is one JSON Param, so the saved model carries it and the online
