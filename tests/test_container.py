@@ -118,7 +118,9 @@ def _fake_tools(bin_dir: Path, log: Path) -> dict[str, str]:
     """podman with no base image, apt-get naming this machine's mirrors, mmdebstrap that fails without a word."""
     scripts = {
         "podman": "exit 1\n",  # `podman image exists` -> no base image yet
-        "apt-get": "printf 'http://mirror.test/debian/\\nhttp://mirror.test/debian-security/\\n'\n",
+        # a third-party repository first: not a Debian mirror
+        "apt-get": "printf 'Nodesource https://deb.nodesource.com/node_20.x/\\nDebian http://mirror.test/debian/\\n"
+                   "Debian http://mirror.test/debian-security/\\n'\n",
         "mmdebstrap": f'echo "$@" > {log}\nexit 1\n',
     }
     for name, body in scripts.items():

@@ -45,7 +45,9 @@ if [ -z "$base" ]; then
     command -v mmdebstrap >/dev/null || { echo "build.sh: mmdebstrap not found (apt-get install mmdebstrap)" >&2; exit 2; }
     # The machine's own Debian mirror as apt itself reads it (deb822 or one-line sources, comments skipped: a
     # commented snapshot URL was once taken for the mirror), its security suite beside it.
-    mirror="${MIRROR:-$(apt-get indextargets --format '$(REPO_URI)' 2>/dev/null | grep -v security | head -1 || true)}"
+    # Debian's own archive only (a third-party repository, such as nodesource, is not a Debian mirror).
+    mirror="${MIRROR:-$(apt-get indextargets --format '$(ORIGIN) $(REPO_URI)' 2>/dev/null \
+      | awk '$1 == "Debian" && $2 !~ /security/ {print $2; exit}' || true)}"
     mirror="${mirror:-http://deb.debian.org/debian}"
     work="$(mktemp -d)"
     trap 'rm -rf "$work"' EXIT
